@@ -1,0 +1,1 @@
+"""Adapter methods (one file each) behind one small interface; see lorakit.adapters.base."""

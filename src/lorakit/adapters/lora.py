@@ -1,0 +1,198 @@
+"""LoRA: low-rank adaptation (Hu et al. 2021, https://arxiv.org/abs/2106.09685).
+
+    h = W0 x + (alpha / r) * B A x,   A: (r, k), B: (d, r), B = 0 at init so h = W0 x at the start.
+
+rsLoRA (Kalajdzievski 2023, https://arxiv.org/abs/2312.03732) scales by alpha / sqrt(r) instead.
+Adapter parameters are kept in fp32 (by default) whatever the base dtype; inputs are cast to the
+adapter dtype and the update is cast back to the base output's dtype.
+
+Tensor names follow PEFT: ``lora_A.weight``/``lora_B.weight`` for Linear, GPT-2 Conv1D and Conv, and
+``lora_embedding_A``/``lora_embedding_B`` for Embedding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.adapters.base import check_shapes, register_method
+from lorakit.config import AdapterConfig, ConfigError
+from lorakit.weights import WeightAccess
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class LoraLinear(nn.Module):
+    """LoRA on a linear map (nn.Linear, GPT-2 Conv1D, or a quantized linear).
+
+    Args:
+        in_features, out_features: k and d of the base weight W0 (d, k).
+        r: rank. alpha: scaling numerator. dropout: dropout on the adapter input.
+        use_rslora: scale alpha/sqrt(r). init: "default" | "gaussian" (B = 0 either way).
+        dtype, device: of the adapter parameters (fp32 by default).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "default",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.r, self.alpha = r, alpha
+        self.scaling = lora_scaling(alpha, r, use_rslora)
+        self.lora_A = nn.Linear(in_features, r, bias=False, dtype=dtype, device=device)  # (r, k)
+        self.lora_B = nn.Linear(r, out_features, bias=False, dtype=dtype, device=device)  # (d, r)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        reset_lora(self.lora_A.weight, self.lora_B.weight, r, init)
+
+    def lora_out(self, x: torch.Tensor) -> torch.Tensor:
+        """scale * B A dropout(x), in the adapter dtype. x: (..., k) -> (..., d)."""
+        x = self.dropout(x.to(self.lora_A.weight.dtype))
+        return F.linear(F.linear(x, self.lora_A.weight), self.lora_B.weight) * self.scaling
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, access: WeightAccess) -> torch.Tensor:
+        return base_out + self.lora_out(x).to(base_out.dtype)
+
+    def delta_weight(self, access: WeightAccess) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (d, k)
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+
+    @torch.no_grad()
+    def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.peft_state()
+        check_shapes("lora", state, own)
+        for key, t in own.items():
+            t.copy_(state[key].to(t.dtype))
+
+
+class LoraEmbedding(nn.Module):
+    """LoRA on an embedding table: E' = E + scale * (B A)^T, rows looked up by token id.
+
+    A: (r, num_embeddings), B: (embedding_dim, r). As in PEFT, A starts at zero and B Gaussian
+    (the lookup reads columns of A, so the zero factor is the one indexed by the token).
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        r: int,
+        alpha: float,
+        use_rslora: bool = False,
+        init: str = "default",
+        padding_idx: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.r, self.alpha = r, alpha
+        self.scaling = lora_scaling(alpha, r, use_rslora)
+        self.padding_idx = padding_idx
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, num_embeddings, dtype=dtype, device=device))
+        self.lora_embedding_B = nn.Parameter(torch.empty(embedding_dim, r, dtype=dtype, device=device))
+        nn.init.normal_(self.lora_embedding_B)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, access: WeightAccess) -> torch.Tensor:
+        rows = F.embedding(x, self.lora_embedding_A.t(), padding_idx=self.padding_idx)  # (..., r)
+        return base_out + (rows @ self.lora_embedding_B.t() * self.scaling).to(base_out.dtype)
+
+    def delta_weight(self, access: WeightAccess) -> torch.Tensor:
+        return (self.lora_embedding_B @ self.lora_embedding_A).t() * self.scaling  # (num_embeddings, dim)
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        return {"lora_embedding_A": self.lora_embedding_A, "lora_embedding_B": self.lora_embedding_B}
+
+    @torch.no_grad()
+    def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.peft_state()
+        check_shapes("lora", state, own)
+        for key, t in own.items():
+            t.copy_(state[key].to(t.dtype))
+
+
+class LoraConv(nn.Module):
+    """LoRA on Conv1d/Conv2d: A is a conv with the base's kernel/stride/padding into r channels,
+    B a 1x1 conv back to the output channels, so delta W = B @ A reshaped to the kernel."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 init: str = "default", dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if base.groups != 1:
+            raise ConfigError(f"LoRA on grouped convolutions (groups={base.groups}) is not supported")
+        conv = type(base)
+        self.r, self.alpha = r, alpha
+        self.scaling = lora_scaling(alpha, r, use_rslora)
+        device = base.weight.device
+        self.lora_A = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
+                           bias=False, dtype=dtype, device=device)
+        self.lora_B = conv(r, base.out_channels, 1, bias=False, dtype=dtype, device=device)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        reset_lora(self.lora_A.weight, self.lora_B.weight, r, init)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, access: WeightAccess) -> torch.Tensor:
+        y = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        return base_out + (y * self.scaling).to(base_out.dtype)
+
+    def delta_weight(self, access: WeightAccess) -> torch.Tensor:
+        a, b = self.lora_A.weight, self.lora_B.weight  # (r, in, *k), (out, r, 1..)
+        return (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:]) * self.scaling
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+
+    load_peft_state = LoraLinear.load_peft_state
+
+
+@torch.no_grad()
+def reset_lora(a: torch.Tensor, b: torch.Tensor, r: int, init: str) -> None:
+    """B = 0 so the adapted model starts equal to the base; A per ``init`` (PEFT's defaults)."""
+    if init == "gaussian":
+        nn.init.normal_(a, std=1.0 / r)
+    else:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    nn.init.zeros_(b)
+
+
+@torch.no_grad()
+def pissa_init(adapter: LoraLinear, access: WeightAccess, module_name: str) -> None:
+    """PiSSA (Meng et al. 2024, https://arxiv.org/abs/2404.02948): A, B from the top-r singular
+    triplets of W, W replaced by the residual, so scale * B A + W_res = W and outputs are unchanged."""
+    if access.kind != "linear" or access.quantized:
+        raise ConfigError(f"init='pissa' needs a dense linear base; {module_name!r} is {access.kind}"
+                          + (" (quantized)" if access.quantized else ""))
+    w = access.dense_weight(torch.float32)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    r, root_scale = adapter.r, math.sqrt(adapter.scaling)
+    sqrt_s = s[:r].sqrt()
+    adapter.lora_A.weight.copy_(sqrt_s[:, None] * vh[:r] / root_scale)
+    adapter.lora_B.weight.copy_(u[:, :r] * sqrt_s[None, :] / root_scale)
+    access.set_dense_weight(w - adapter.delta_weight(access))
+
+
+@register_method("lora")
+def build_lora(access: WeightAccess, cfg: AdapterConfig, module_name: str) -> nn.Module:
+    r, alpha = cfg.rank_for(module_name), cfg.alpha_for(module_name)
+    if access.kind == "embedding":
+        return LoraEmbedding(access.in_features, access.out_features, r, alpha, cfg.use_rslora, cfg.init,
+                             padding_idx=getattr(access.module, "padding_idx", None), device=access.device)
+    if access.kind == "conv":
+        return LoraConv(access.module, r, alpha, cfg.dropout, cfg.use_rslora, cfg.init)
+    adapter = LoraLinear(access.in_features, access.out_features, r, alpha, cfg.dropout, cfg.use_rslora,
+                         "default" if cfg.init == "pissa" else cfg.init, device=access.device)
+    if cfg.init == "pissa":
+        pissa_init(adapter, access, module_name)
+    return adapter

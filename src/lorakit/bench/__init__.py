@@ -1,0 +1,1 @@
+"""Measurement: parameters, time, memory, cost."""

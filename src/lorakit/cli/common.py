@@ -1,0 +1,39 @@
+"""Argument helpers shared by subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument(
+        "--model", default=default, required=default is None,
+        help="local Hugging Face model directory, or a builtin: tiny-llama, tiny-gpt2, tiny-bert, llama-15m, minilm",
+    )
+
+
+def split_csv(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", default="lora", choices=["lora", "dora", "adalora"])
+    parser.add_argument("--targets", default=None,
+                        help="comma-separated module names, 'all-linear', or a regex (default: query/value projections)")
+    parser.add_argument("--r", type=int, default=8, help="adapter rank (default 8)")
+    parser.add_argument("--alpha", type=float, default=16.0, help="scaling numerator (default 16)")
+    parser.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
+
+
+def adapter_config_from_args(args: argparse.Namespace):
+    from lorakit.config import AdapterConfig
+
+    targets: str | list[str] | None = args.targets
+    if targets and targets != "all-linear" and "," not in targets and not any(c in targets for c in "*[(|\\$^"):
+        targets = [targets]
+    elif targets and "," in targets:
+        targets = split_csv(targets)
+    return AdapterConfig(method=args.method, r=args.r, alpha=args.alpha, target_modules=targets,
+                         use_rslora=args.rslora)

@@ -1,0 +1,1 @@
+"""Model surgery: target matching, injection, adapter management, merging."""
