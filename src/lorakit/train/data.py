@@ -40,16 +40,23 @@ class RawData:
     path: str
     records: list[dict[str, Any]]
     lines: list[int] = field(default_factory=list)
+    array: bool = False  # rows are items of a JSON array (several may share a line)
+    items: list[int] = field(default_factory=list)  # 1-based position of each row in its file
+
 
     def where(self, i: int) -> str:
-        """``file:line`` of row ``i`` for error messages."""
-        return f"{self.path}:{self.lines[i]}" if i < len(self.lines) else f"{self.path} row {i}"
+        """``file:line`` of row ``i`` for error messages (plus the item number for JSON arrays)."""
+        if i >= len(self.lines):
+            return f"{self.path} row {i + 1}"
+        item = self.items[i] if i < len(self.items) else i + 1
+        return f"{self.path}:{self.lines[i]}" + (f" (item {item})" if self.array else "")
 
     def __len__(self) -> int:
         return len(self.records)
 
     def subset(self, indices: Sequence[int]) -> RawData:
-        return RawData(self.path, [self.records[i] for i in indices], [self.lines[i] for i in indices])
+        items = [self.items[i] if i < len(self.items) else i + 1 for i in indices]
+        return RawData(self.path, [self.records[i] for i in indices], [self.lines[i] for i in indices], self.array, items)
 
 
 def parse_fields(spec: str | Mapping[str, str] | None) -> dict[str, str]:
@@ -116,14 +123,16 @@ def _read_jsonl(path: str) -> tuple[list[Any], list[int]]:
     return rows, lines
 
 
-def _read_json(path: str) -> tuple[list[Any], list[int]]:
+def _read_json(path: str) -> tuple[list[Any], list[int], bool]:
+    """Rows of a JSON array (or of an object holding one array), their start lines, and True; a .json
+    file holding JSON Lines falls back to the line reader (and False)."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # JSON Lines in a .json file
-            return _read_jsonl(path)
+            return (*_read_jsonl(path), False)
         raise DataError(f"{path}:{e.lineno}: bad JSON ({e.msg} at column {e.colno})") from None
     pos = 0
     if isinstance(data, Mapping):
@@ -149,7 +158,7 @@ def _read_json(path: str) -> tuple[list[Any], list[int]]:
         _, end = decoder.raw_decode(text, pos)
         line += text.count("\n", pos, end)
         pos = end
-    return data, lines
+    return data, lines, True
 
 
 def _read_table(path: str, delimiter: str, header: bool) -> tuple[list[Any], list[int]]:
@@ -197,24 +206,25 @@ def read_records(
     if not os.path.isfile(path):
         raise DataError(f"data file {path!r} does not exist")
     ext = os.path.splitext(path)[1].lower()
+    array = False
     if ext in (".jsonl", ".ndjson"):
         rows, lines = _read_jsonl(path)
     elif ext == ".json":
-        rows, lines = _read_json(path)
+        rows, lines, array = _read_json(path)
     elif ext in TABLE_EXTS:
         if header is None:
             header = not (mapping and all(v.isdigit() for v in mapping.values()))
         rows, lines = _read_table(path, TABLE_EXTS[ext], header)
     else:
         raise DataError(f"{path}: unknown data file extension {ext!r}; expected one of {list(SUPPORTED_EXTS)}")
-    records = []
-    for row, lineno in zip(rows, lines):
+    out = RawData(path, [], lines, array=array)
+    for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object per row, got {type(row).__name__}")
-        records.append(_apply_mapping(row, mapping, f"{path}:{lineno}"))
-    if not records:
+            raise DataError(f"{out.where(i)}: expected a JSON object per row, got {type(row).__name__}")
+        out.records.append(_apply_mapping(row, mapping, out.where(i)))
+    if not out.records:
         raise DataError(f"{path}: the dataset is empty (no rows)")
-    return RawData(path, records, lines)
+    return out
 
 
 def split_validation(raw: RawData, fraction: float, seed: int = 0) -> tuple[RawData, RawData]:
