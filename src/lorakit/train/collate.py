@@ -212,7 +212,9 @@ class Collator:
         if mode not in MODES:
             raise DataError(f"batching mode={mode!r} is not supported; expected one of {list(MODES)}")
         if pack_attention not in PACK_ATTENTION:
-            raise DataError(f"pack_attention={pack_attention!r} is not supported; expected one of {list(PACK_ATTENTION)}")
+            raise DataError(
+                f"pack_attention={pack_attention!r} is not supported; expected one of {list(PACK_ATTENTION)}"
+            )
         if mode == "pad" and max_length is None:
             raise DataError("mode='pad' pads to max_length; give max_length")
         if mode == "pack" and task != "sft":
@@ -272,7 +274,9 @@ class Collator:
                 n = len(ex["input_ids"])
                 input_ids[b, pos : pos + n] = torch.tensor(ex["input_ids"])
                 labels[b, pos : pos + n] = torch.tensor(ex["labels"])
-                labels[b, pos] = IGNORE_INDEX  # never predict this example's first token from the previous one
+                labels[b, pos] = (
+                    IGNORE_INDEX  # never predict this example's first token from the previous one
+                )
                 position_ids[b, pos : pos + n] = torch.arange(n)
                 pos += n
             # Padding continues the last example's positions: causal attention keeps real tokens from

@@ -25,7 +25,15 @@ SUPPORTED_EXTS = JSON_EXTS + tuple(TABLE_EXTS)
 
 # Canonical field names the tasks read (see lorakit.train.tasks).
 CANONICAL_FIELDS = (
-    "text", "text_pair", "label", "prompt", "completion", "instruction", "input", "output", "messages",
+    "text",
+    "text_pair",
+    "label",
+    "prompt",
+    "completion",
+    "instruction",
+    "input",
+    "output",
+    "messages",
 )
 
 
@@ -43,7 +51,6 @@ class RawData:
     array: bool = False  # rows are items of a JSON array (several may share a line)
     items: list[int] = field(default_factory=list)  # 1-based position of each row in its file
 
-
     def where(self, i: int) -> str:
         """``file:line`` of row ``i`` for error messages (plus the item number for JSON arrays)."""
         if i >= len(self.lines):
@@ -56,7 +63,9 @@ class RawData:
 
     def subset(self, indices: Sequence[int]) -> RawData:
         items = [self.items[i] if i < len(self.items) else i + 1 for i in indices]
-        return RawData(self.path, [self.records[i] for i in indices], [self.lines[i] for i in indices], self.array, items)
+        return RawData(
+            self.path, [self.records[i] for i in indices], [self.lines[i] for i in indices], self.array, items
+        )
 
 
 def parse_fields(spec: str | Mapping[str, str] | None) -> dict[str, str]:
@@ -69,7 +78,9 @@ def parse_fields(spec: str | Mapping[str, str] | None) -> dict[str, str]:
         pairs = []
         for item in str(spec).split(","):
             if "=" not in item:
-                raise DataError(f"field mapping item {item.strip()!r} must look like name=column (e.g. text=sentence)")
+                raise DataError(
+                    f"field mapping item {item.strip()!r} must look like name=column (e.g. text=sentence)"
+                )
             k, v = item.split("=", 1)
             pairs.append((k.strip(), v.strip()))
     for k, v in pairs:
@@ -216,7 +227,9 @@ def read_records(
             header = not (mapping and all(v.isdigit() for v in mapping.values()))
         rows, lines = _read_table(path, TABLE_EXTS[ext], header)
     else:
-        raise DataError(f"{path}: unknown data file extension {ext!r}; expected one of {list(SUPPORTED_EXTS)}")
+        raise DataError(
+            f"{path}: unknown data file extension {ext!r}; expected one of {list(SUPPORTED_EXTS)}"
+        )
     out = RawData(path, [], lines, array=array)
     for i, row in enumerate(rows):
         if not isinstance(row, dict):

@@ -94,8 +94,10 @@ def detect_format(record: Mapping[str, Any], where: str = "") -> str:
         if all(f in record for f in _FORMAT_FIELDS[fmt]):
             return fmt
     wanted = " or ".join("+".join(f) for f in _FORMAT_FIELDS.values())
-    raise DataError(f"{where}: no SFT fields found (expected {wanted}); fields present: {sorted(record)}; "
-                    "map yours with fields=, e.g. text=sentence")
+    raise DataError(
+        f"{where}: no SFT fields found (expected {wanted}); fields present: {sorted(record)}; "
+        "map yours with fields=, e.g. text=sentence"
+    )
 
 
 def _text(record: Mapping[str, Any], name: str, where: str, optional: bool = False) -> str:
@@ -130,8 +132,10 @@ def _chat_ids(tok: Any, messages: Any, where: str) -> tuple[list[int], list[int]
     piece is tokenized on its own, so the assistant spans are exact token ranges.
     """
     if not has_chat_template(tok):
-        raise DataError(f"{where}: 'messages' rows need a tokenizer with a chat template; this one has none "
-                        "(use prompt/completion fields instead)")
+        raise DataError(
+            f"{where}: 'messages' rows need a tokenizer with a chat template; this one has none "
+            "(use prompt/completion fields instead)"
+        )
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
     for j, m in enumerate(messages):
@@ -152,8 +156,10 @@ def _chat_ids(tok: Any, messages: Any, where: str) -> tuple[list[int], list[int]
     pos = 0
     for end, target in [*cuts, (len(full), False)]:
         if end < pos:
-            raise DataError(f"{where}: the chat template does not render conversations prefix by prefix; "
-                            "assistant-only masking needs that")
+            raise DataError(
+                f"{where}: the chat template does not render conversations prefix by prefix; "
+                "assistant-only masking needs that"
+            )
         piece = _enc(tok, full[pos:end])
         ids += piece
         labels += piece if target else [IGNORE_INDEX] * len(piece)
@@ -240,7 +246,9 @@ def encode_records(
                 raise DataError(f"{where}: field 'label' is missing; fields present: {sorted(rec)}")
             label = str(rec["label"]).strip()
             if label not in index:
-                raise DataError(f"{where}: label {label!r} was not seen in training; training labels: {names}")
+                raise DataError(
+                    f"{where}: label {label!r} was not seen in training; training labels: {names}"
+                )
             full = tokenizer(text, pair) if pair is not None else tokenizer(text)
             n = len(full["input_ids"])
             if n > max_length:
@@ -252,7 +260,9 @@ def encode_records(
             examples.append(ex)
             full_lengths.append(n)
             source_rows.append(i)
-        return EncodedDataset(task, "classification", examples, full_lengths, max_length, names, n_trunc, 0, source_rows)
+        return EncodedDataset(
+            task, "classification", examples, full_lengths, max_length, names, n_trunc, 0, source_rows
+        )
     fmt = detect_format(raw.records[0], raw.where(0)) if format == "auto" else format
     if fmt not in SFT_FORMATS:
         raise DataError(f"SFT format {fmt!r} is not supported; expected one of {['auto', *SFT_FORMATS]}")

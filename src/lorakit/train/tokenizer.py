@@ -53,7 +53,9 @@ class Tokenizer(Protocol):
     bos_token_id: int | None
     eos_token_id: int | None
 
-    def encode(self, text: str, text_pair: str | None = None, add_special_tokens: bool = True) -> list[int]: ...
+    def encode(
+        self, text: str, text_pair: str | None = None, add_special_tokens: bool = True
+    ) -> list[int]: ...
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
 
@@ -141,7 +143,9 @@ class ByteTokenizer:
         parts = ["<s>"]
         for i, msg in enumerate(messages):
             if not isinstance(msg, Mapping) or "role" not in msg or "content" not in msg:
-                raise TokenizerError(f"chat message {i} must be a mapping with 'role' and 'content', got {msg!r}")
+                raise TokenizerError(
+                    f"chat message {i} must be a mapping with 'role' and 'content', got {msg!r}"
+                )
             parts.append(f"<|{msg['role']}|>\n{msg['content']}</s>\n")
         if add_generation_prompt:
             parts.append("<|assistant|>\n")
