@@ -16,6 +16,7 @@ from collections.abc import Sequence
 # subcommand -> (module under lorakit.cli, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect", "dry run: which modules an adapter config targets, and the efficiency table"),
+    "data-check": ("data_check", "check a data file: counts, empty/duplicate rows, labels, token lengths, truncation"),
 }
 
 
