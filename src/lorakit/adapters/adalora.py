@@ -1,0 +1,328 @@
+"""AdaLoRA: adaptive budget allocation over SVD-shaped updates (Zhang et al., ICLR 2023,
+https://arxiv.org/abs/2303.10512).
+
+Each adapted matrix gets ΔW = P diag(λ) Q with P (out, r), λ (r,), Q (r, in), r = init_r; λ = 0 at init so
+training starts at the base, P and Q ~ N(0, 0.02). The layer computes (PEFT's SVDLinear)
+
+    h = W0 x + (alpha / (ranknum + 1e-5)) * P (λ ⊙ (Q x))
+
+with ``ranknum = init_r``, the number of ranks the matrix started with, held fixed while ranks are pruned and
+after a pruned adapter is loaded, as PEFT does (peft/tuners/adalora/layer.py ``ranknum``; its
+``resize_modules_by_rank_pattern`` copies the old ranknum). So pruning a singular value removes its term and
+does not rescale the others. Names follow PEFT: Q = ``lora_A`` (r, in), λ = ``lora_E`` (r, 1),
+P = ``lora_B`` (out, r), saved without a ``.weight`` suffix.
+
+Pruning is driven by :class:`AdaLoraController` (a trainer callback, :class:`AdaLoraCallback`, or one call
+per step in your own loop: ``controller.step(step)`` after ``optimizer.step()``, before ``zero_grad()``) with
+the budget and scores of ``lorakit.adapters.adalora_budget``. A pruned singular value is zeroed and kept at
+zero after every later step until a masking step selects it again (its gradient still feeds its importance
+score, so the paper's reactivation can happen). Saving stores only the kept ranks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.adapters.adalora_budget import BudgetSchedule, RankAllocator
+from lorakit.adapters.base import register_callbacks, register_method
+from lorakit.config import AdapterConfig, ConfigError
+from lorakit.train.callbacks import Callback, TrainState
+from lorakit.weights import WeightAccess
+
+_KEYS = ("lora_A", "lora_E", "lora_B")
+
+
+class AdaLoraLinear(nn.Module):
+    """AdaLoRA on a linear map (nn.Linear, GPT-2 Conv1D or a quantized linear).
+
+    Args:
+        in_features, out_features: k and d of the base weight W0 (d, k).
+        init_r: ranks at the start (and ``ranknum`` of the scaling). alpha: scaling numerator.
+        dropout: dropout on the adapter input. dtype, device: of the adapter parameters (fp32 default).
+
+    Attributes:
+        rank_mask: bool (init_r,), the singular values still kept (all True until the first pruning).
+        compact: True when the parameters hold only the kept ranks (after loading a pruned adapter).
+    """
+
+    def __init__(self, in_features: int, out_features: int, init_r: int, alpha: float, dropout: float = 0.0,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.init_r, self.alpha = init_r, alpha
+        self.ranknum = float(init_r)
+        self.scaling = alpha / (self.ranknum + 1e-5)
+        self.in_features, self.out_features = in_features, out_features
+        self.lora_A = nn.Parameter(torch.empty(init_r, in_features, dtype=dtype, device=device))  # Q (r, k)
+        self.lora_E = nn.Parameter(torch.zeros(init_r, 1, dtype=dtype, device=device))  # λ (r, 1)
+        self.lora_B = nn.Parameter(torch.empty(out_features, init_r, dtype=dtype, device=device))  # P (d, r)
+        nn.init.normal_(self.lora_A, std=0.02)
+        nn.init.normal_(self.lora_B, std=0.02)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.register_buffer("rank_mask", torch.ones(init_r, dtype=torch.bool, device=device), persistent=False)
+        self.compact = False
+
+    @property
+    def r(self) -> int:
+        """Ranks currently kept."""
+        return int(self.rank_mask.sum())
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, access: WeightAccess) -> torch.Tensor:
+        x = self.dropout(x.to(self.lora_A.dtype))  # (..., k)
+        q = F.linear(x, self.lora_A * self.lora_E)  # (..., r): λ ⊙ Q x
+        return base_out + (F.linear(q, self.lora_B) * self.scaling).to(base_out.dtype)  # (..., d)
+
+    def delta_weight(self, access: WeightAccess) -> torch.Tensor:
+        return (self.lora_B @ (self.lora_A * self.lora_E)) * self.scaling  # (d, k)
+
+    @torch.no_grad()
+    def apply_mask(self, mask: torch.Tensor | None = None) -> None:
+        """Set the kept ranks to ``mask`` (bool (init_r,)) if given, and zero every pruned λ."""
+        if mask is not None:
+            if self.compact:
+                raise RuntimeError("AdaLoRA: cannot re-prune an adapter loaded with only its kept ranks")
+            self.rank_mask.copy_(mask.to(self.rank_mask.device))
+        if not self.compact:
+            self.lora_E.masked_fill_(~self.rank_mask.view(-1, 1), 0.0)
+
+    def orth_penalty(self) -> torch.Tensor:
+        """||PᵀP - I||²_F + ||QQᵀ - I||²_F (the paper's Eq. 4, squared Frobenius norms)."""
+        a, b = self.lora_A, self.lora_B
+        eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+        return ((a @ a.t() - eye) ** 2).sum() + ((b.t() @ b - eye) ** 2).sum()
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        """The kept ranks only (PEFT saves an AdaLoRA adapter the same way, with its rank_pattern)."""
+        if self.compact or bool(self.rank_mask.all()):
+            return {"lora_A": self.lora_A, "lora_E": self.lora_E, "lora_B": self.lora_B}
+        keep = self.rank_mask
+        return {"lora_A": self.lora_A[keep], "lora_E": self.lora_E[keep], "lora_B": self.lora_B[:, keep]}
+
+    @torch.no_grad()
+    def load_peft_state(self, state: dict[str, torch.Tensor], rank_mask: torch.Tensor | list[bool] | None = None) -> None:
+        """Load ``lora_A`` (k, in), ``lora_E`` (k, 1), ``lora_B`` (out, k) for any k <= init_r.
+
+        With k < init_r the parameters are resized to the k kept ranks (``compact``) and ``ranknum`` stays
+        init_r, as in PEFT. ``rank_mask`` (init_r booleans with k True: which of the original ranks these are,
+        PEFT's rank_pattern entry) is recorded if given; else the first k are marked kept.
+        """
+        missing, extra = sorted(set(_KEYS) - set(state)), sorted(set(state) - set(_KEYS))
+        if missing or extra:
+            raise KeyError(f"adalora: missing tensors {missing}, unexpected tensors {extra}")
+        k = state["lora_E"].shape[0]
+        expected = {"lora_A": (k, self.in_features), "lora_E": (k, 1), "lora_B": (self.out_features, k)}
+        for key, shape in expected.items():
+            if tuple(state[key].shape) != shape:
+                raise ValueError(f"adalora.{key}: shape {tuple(state[key].shape)} does not match the model's {shape}")
+        if k > self.init_r:
+            raise ValueError(f"adalora.lora_E: {k} ranks stored but init_r={self.init_r}; expected at most init_r")
+        mask = torch.zeros(self.init_r, dtype=torch.bool)
+        if rank_mask is not None:
+            mask = torch.as_tensor(rank_mask, dtype=torch.bool).view(-1)
+            if mask.numel() != self.init_r or int(mask.sum()) != k:
+                raise ValueError(f"adalora: rank_pattern entry has {mask.numel()} entries with {int(mask.sum())} "
+                                 f"kept; expected {self.init_r} entries with {k} kept (the stored ranks)")
+        else:
+            mask[:k] = True
+        for key in _KEYS:
+            old = getattr(self, key)
+            value = state[key].to(device=old.device, dtype=old.dtype)
+            if old.shape == value.shape:
+                old.copy_(value)
+            else:
+                setattr(self, key, nn.Parameter(value.clone(), requires_grad=old.requires_grad))
+        self.rank_mask.copy_(mask.to(self.rank_mask.device))
+        self.compact = k < self.init_r
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, init_r={self.init_r}, kept={self.r}, alpha={self.alpha}"
+
+
+@register_method("adalora")
+def build_adalora(access: WeightAccess, cfg: AdapterConfig, module_name: str) -> nn.Module:
+    if access.kind != "linear":
+        raise ConfigError(f"method='adalora' adapts linear layers (nn.Linear, GPT-2 Conv1D, quantized linear); "
+                          f"{module_name!r} is {access.kind}: drop it from target_modules")
+    for name in ("rank_pattern", "alpha_pattern"):
+        if getattr(cfg, name):
+            raise ConfigError(f"{name} cannot be combined with method='adalora': every matrix starts at init_r "
+                              f"with the same alpha and the budget decides the ranks")
+    return AdaLoraLinear(access.in_features, access.out_features, cfg.init_r, cfg.alpha, cfg.dropout,
+                         device=access.device)
+
+
+def _adalora_layers(model: nn.Module, adapter_name: str) -> dict[str, AdaLoraLinear]:
+    from lorakit.surgery.inject import adapted_layers  # surgery imports the adapter registry
+
+    return {name: layer.adapters[adapter_name] for name, layer in adapted_layers(model)
+            if adapter_name in layer.adapters and isinstance(layer.adapters[adapter_name], AdaLoraLinear)}
+
+
+def _resolve_adapter(model: nn.Module, adapter_name: str | None) -> tuple[str, AdapterConfig]:
+    configs = getattr(model, "lorakit_configs", {})
+    name = adapter_name or getattr(model, "lorakit_active", None)
+    if name is None or name not in configs:
+        raise ConfigError(f"adapter {name!r} is not in the model (adapters: {sorted(configs)})")
+    if configs[name].method != "adalora":
+        raise ConfigError(f"adapter {name!r} has method={configs[name].method!r}; expected 'adalora'")
+    return name, configs[name]
+
+
+def rank_pattern(model: nn.Module, adapter_name: str | None = None) -> dict[str, list[bool]]:
+    """PEFT's rank_pattern: ``"<module path>.lora_E"`` -> init_r booleans (True = singular value kept)."""
+    name, _ = _resolve_adapter(model, adapter_name)
+    return {f"{path}.lora_E": a.rank_mask.tolist() for path, a in _adalora_layers(model, name).items()}
+
+
+class AdaLoraController:
+    """AdaLoRA's per-step logic for one adapter: importance update, budget masking, orthogonal penalty.
+
+    In your own loop (the same calls the trainer's :class:`AdaLoraCallback` makes)::
+
+        ctl = AdaLoraController(model, total_step=num_steps)
+        for step in range(1, num_steps + 1):
+            loss = model(**batch).loss + ctl.orth_loss()
+            loss.backward(); optimizer.step()
+            ctl.step(step)            # after optimizer.step(), before optimizer.zero_grad()
+            optimizer.zero_grad()
+
+    ``step`` counts completed optimizer steps from 1. ``total_step`` defaults to the config's. An adapter
+    loaded with pruned ranks (``compact``) trains with its ranks fixed: ``step`` only keeps masks.
+    """
+
+    def __init__(self, model: nn.Module, adapter_name: str | None = None, total_step: int | None = None) -> None:
+        self.model = model
+        self.adapter_name, self.cfg = _resolve_adapter(model, adapter_name)
+        self.layers = _adalora_layers(model, self.adapter_name)
+        if not self.layers:
+            raise ConfigError(f"adapter {self.adapter_name!r}: no AdaLoRA layers found in the model")
+        self.fixed = any(a.compact for a in self.layers.values())
+        self.allocator = RankAllocator({n: (a.lora_A, a.lora_E, a.lora_B) for n, a in self.layers.items()},
+                                       self.cfg.beta1, self.cfg.beta2)
+        self.schedule: BudgetSchedule | None = None
+        self.budget = sum(a.r for a in self.layers.values())
+        if total_step is not None or self.cfg.total_step is not None:
+            self.set_total_step(total_step if total_step is not None else self.cfg.total_step)
+
+    def set_total_step(self, total_step: int) -> None:
+        """Fix T (checked against tinit + tfinal) and record it in the model's config (saved with it)."""
+        if isinstance(total_step, bool) or not isinstance(total_step, int) or total_step <= 0:
+            raise ConfigError(f"total_step={total_step!r} is invalid; expected a positive integer")
+        n = len(self.layers)
+        self.schedule = BudgetSchedule(self.cfg.init_r * n, self.cfg.target_r * n, self.cfg.tinit, self.cfg.tfinal,
+                                       total_step, self.cfg.delta_t)
+        if self.cfg.total_step != total_step:
+            self.cfg = self.cfg.replace(total_step=total_step)
+            configs = dict(self.model.lorakit_configs)
+            configs[self.adapter_name] = self.cfg
+            self.model.lorakit_configs = configs
+
+    def orth_loss(self) -> torch.Tensor:
+        """orth_reg_weight x mean over matrices of (||PᵀP - I||²_F + ||QQᵀ - I||²_F).
+
+        The paper's squared form (Eq. 4); PEFT's ``AdaLoraModel.forward`` adds the unsquared Frobenius norms
+        instead, averaged over the A and B tensors separately.
+        """
+        total = sum(a.orth_penalty() for a in self.layers.values())
+        return self.cfg.orth_reg_weight * total / len(self.layers)
+
+    def step(self, step: int) -> int:
+        """Update importance and prune to the budget b(step) when due; returns the budget in force."""
+        if self.schedule is None:
+            raise ConfigError("AdaLoRA: total_step is not set; pass total_step= to AdaLoraController or set "
+                              "AdapterConfig.total_step (the trainer sets it from its step count)")
+        if not self.fixed and step <= self.schedule.final_step:
+            if step < self.schedule.final_step:
+                self.allocator.update_importance()
+            if self.schedule.is_masking_step(step):
+                self.budget = self.schedule.budget(step)
+                for name, keep in self.allocator.masks_for_budget(self.budget).items():
+                    self.layers[name].apply_mask(keep)
+                if step == self.schedule.final_step:
+                    self.allocator.reset()
+                return self.budget
+        for a in self.layers.values():  # pruned λ stay zero between maskings
+            a.apply_mask()
+        return self.budget
+
+    def ranks(self) -> dict[str, int]:
+        """Module path -> singular values kept."""
+        return {n: a.r for n, a in self.layers.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"budget": self.budget, "masks": {n: a.rank_mask.clone() for n, a in self.layers.items()},
+                "allocator": self.allocator.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.budget = int(state["budget"])
+        for name, mask in state["masks"].items():
+            if name not in self.layers:
+                raise KeyError(f"AdaLoRA state: layer {name!r} is not in the model")
+            self.layers[name].apply_mask(mask.bool())
+        self.allocator.load_state_dict(state["allocator"])
+
+
+class AdaLoraCallback(Callback):
+    """Runs :class:`AdaLoraController` inside lorakit's trainer: penalty in ``extra_loss``, budget step in
+    ``on_step_end``. T is the config's ``total_step`` or else the trainer's step count."""
+
+    def __init__(self, model: nn.Module, adapter_name: str | None = None, cfg: AdapterConfig | None = None) -> None:
+        self.controller = AdaLoraController(model, adapter_name)
+
+    def on_train_begin(self, state: TrainState) -> None:
+        ctl = self.controller
+        if ctl.cfg.total_step is None:
+            if not state.total_steps:
+                raise ConfigError("AdaLoRA: total_step is not set in the adapter config and the trainer "
+                                  "reports no total step count")
+            ctl.set_total_step(int(state.total_steps))
+        elif state.total_steps and state.total_steps < ctl.cfg.total_step - ctl.cfg.tfinal:
+            warnings.warn(f"AdaLoRA: training stops at step {state.total_steps}, before the final masking at "
+                          f"total_step - tfinal = {ctl.cfg.total_step - ctl.cfg.tfinal}; ranks stay unfinished",
+                          stacklevel=2)
+
+    def extra_loss(self, state: TrainState) -> torch.Tensor | None:
+        return self.controller.orth_loss() if self.controller.cfg.orth_reg_weight > 0 else None
+
+    def on_step_end(self, state: TrainState) -> None:
+        state.metrics["adalora_budget"] = self.controller.step(state.step)
+
+    def on_train_end(self, state: TrainState) -> None:
+        state.metrics["adalora_ranks"] = sum(self.controller.ranks().values())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.controller.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.controller.load_state_dict(state)
+
+
+@register_callbacks("adalora")
+def adalora_callbacks(model: nn.Module, adapter_name: str, cfg: AdapterConfig) -> list[Callback]:
+    return [AdaLoraCallback(model, adapter_name, cfg)]
+
+
+def adalora_step(model: nn.Module, step: int, total_step: int | None = None, adapter_name: str | None = None) -> int:
+    """One call per optimizer step for your own loop (after ``optimizer.step()``, before ``zero_grad()``):
+    AdaLoRA's importance update and budget masking, with a controller kept on the model. Add
+    ``adalora_orth_loss(model)`` to the loss for the orthogonal regulariser. Returns the budget in force."""
+    return _controller(model, adapter_name, total_step).step(step)
+
+
+def adalora_orth_loss(model: nn.Module, adapter_name: str | None = None) -> torch.Tensor:
+    """The weighted orthogonal regulariser of the model's AdaLoRA adapter (see ``AdaLoraController``)."""
+    return _controller(model, adapter_name, None).orth_loss()
+
+
+def _controller(model: nn.Module, adapter_name: str | None, total_step: int | None) -> AdaLoraController:
+    name, _ = _resolve_adapter(model, adapter_name)
+    cache = model.__dict__.setdefault("_lorakit_adalora", {})
+    if name not in cache:
+        cache[name] = AdaLoraController(model, name, total_step)
+    elif total_step is not None and cache[name].schedule is None:
+        cache[name].set_total_step(total_step)
+    return cache[name]
