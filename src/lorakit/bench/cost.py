@@ -1,0 +1,338 @@
+"""The planner's formulas: training memory, FLOPs, time, money, serving cost and ROI.
+
+Memory (bytes, per GPU)
+- Weights by dtype: 2 bytes/param in bf16, 4 in fp32; QLoRA stores the linear weights inside the blocks
+  in NF4: 4 bits + one fp32 absmax per 64 weights = 4.5 bits, or with double quantization (absmax in
+  8 bits per 64, fp32 constants per 256 blocks) 4 + 8/64 + 32/(64*256) = 4.127 bits (Dettmers et al.
+  2023, arXiv:2305.14314, section 3); embeddings, norms and the output head stay 16-bit.
+- Trainable parameters only carry gradients and AdamW states (m, v: 8 bytes; 2 bytes for 8-bit Adam,
+  Dettmers et al. 2022). Full fine-tuning in mixed precision keeps bf16 weights + bf16 grads + an fp32
+  master copy + fp32 m and v = 2 + 2 + 4 + 4 + 4 = 16 bytes/param (Rajbhandari et al. 2020, ZeRO,
+  arXiv:1910.02054, section 3.1). Adapters are kept in fp32 under autocast (PEFT's default): 4 + 4 + 8.
+- Activations: a per-token tally of the tensors autograd saves, following Korthikanti et al. 2022
+  ("Reducing Activation Recomputation in Large Transformer Models", arXiv:2205.05198, section 4.1):
+  for a GPT layer with 16-bit activations, dropout and standard attention it gives sbh(34 + 5as/h)
+  bytes; the same tally generalised to grouped-query attention, SwiGLU, RMSNorm, memory-efficient
+  (SDPA/Flash) attention that keeps no s x s matrix, and a frozen base (whose linears need no saved
+  input unless an adapter reads it). With gradient checkpointing each layer keeps only its input
+  (2sbh in 16-bit, the paper's "full recomputation"), plus one layer's activations during recompute.
+- Plus logits and loss, the backward's transient gradient buffers, and the framework overhead of the
+  GPU table. With K GPUs, weights/grads/optimizer states are sharded K ways (ZeRO-3/FSDP).
+
+Compute (per token)
+- Forward = 2 N_mm + attention (4 L s d_attn for QK^T and AV; half of it for causal kernels that skip
+  the masked blocks) (Kaplan et al. 2020, Chowdhery et al. 2022 appendix B).
+- Full fine-tuning: 3x forward (the "6N" rule). LoRA with a frozen base: forward + input-gradient
+  backward = 4 N_mm + 3 attention + 6 N_adapter (the adapters' own weight gradients), about 4N.
+  Gradient checkpointing adds one more forward. Time = FLOPs / (GPUs x peak x MFU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from lorakit.bench.arch import HEADS, Arch, Matrix, PlanError, count_params, matrices, module_infos
+from lorakit.bench.gpus import Gpu
+
+GIB = 2**30
+METHODS = ("full", "lora", "qlora", "dora")
+PRECISIONS = ("bf16-mixed", "fp32")
+OPTIMIZERS = {"adamw": 8, "adamw-8bit": 2}
+NF4_BITS = {True: 4 + 8 / 64 + 32 / (64 * 256), False: 4 + 32 / 64}
+DEFAULT_MFU = 0.35  # assumption: model FLOPs utilisation of a well-configured single-node fine-tune
+# assumption: throughput relative to LoRA at the same FLOPs. QLoRA dequantizes every base weight per
+# matmul; DoRA's extra elementwise passes were measured 1.10x slower than LoRA here (REFERENCE.md).
+METHOD_EFFICIENCY = {"full": 1.0, "lora": 1.0, "qlora": 0.75, "dora": 1 / 1.10}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How training runs. ``targets`` follows AdapterConfig.target_modules (None: query/value)."""
+
+    method: str = "lora"
+    r: int = 8
+    targets: str | tuple[str, ...] | None = None
+    seq_len: int = 512
+    micro_batch: int = 4
+    precision: str = "bf16-mixed"
+    grad_checkpointing: bool = True
+    attention: str = "sdpa"  # "sdpa" (memory-efficient/Flash: no s x s matrix) or "eager"
+    optimizer: str = "adamw"
+    adapter_dtype: str | None = None  # "fp32" | "bf16"; default fp32, bf16 for qlora (QLoRA's scripts)
+    lora_dropout: float = 0.0
+    double_quant: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [("method", self.method, METHODS), ("precision", self.precision, PRECISIONS),
+                  ("attention", self.attention, ("sdpa", "eager")), ("optimizer", self.optimizer, tuple(OPTIMIZERS)),
+                  ("adapter_dtype", self.adapter_dtype, (None, "fp32", "bf16"))]
+        for name, value, allowed in checks:
+            if value not in allowed:
+                raise PlanError(f"{name}={value!r} is not supported; expected one of {list(allowed)}")
+        for name in ("r", "seq_len", "micro_batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise PlanError(f"{name}={value!r} must be a positive integer")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise PlanError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+
+    @property
+    def act_bytes(self) -> int:
+        return 2 if self.precision == "bf16-mixed" else 4
+
+    @property
+    def adapter_bytes(self) -> int:
+        dtype = self.adapter_dtype or ("bf16" if self.method == "qlora" else "fp32")
+        return 2 if dtype == "bf16" else 4
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.micro_batch
+
+
+def adapted_matrices(arch: Arch, setup: Setup) -> list[tuple[Matrix, int]]:
+    """(matrix, rank) for each matrix an adapter is put on, by lorakit's own target matching."""
+    if setup.method == "full":
+        return []
+    from lorakit.config import AdapterConfig
+    from lorakit.surgery.targets import match_targets
+
+    cfg = AdapterConfig(method="dora" if setup.method == "dora" else "lora", r=setup.r,
+                        target_modules=setup.targets, dropout=setup.lora_dropout)
+    names = set(match_targets(module_infos(arch), cfg, head_names=HEADS))
+    return [(m, cfg.rank_for(m.name)) for m in matrices(arch) if m.name in names]
+
+
+def trainable_params(arch: Arch, setup: Setup) -> int:
+    """Full: every parameter. LoRA: r(d + k) per adapted (d x k) weight (Hu et al. 2021, section 4);
+    DoRA adds a magnitude vector of d per weight; a classification head trains in full."""
+    if setup.method == "full":
+        return count_params(arch).total
+    n = sum(r * (m.d_in + m.d_out) for m, r in adapted_matrices(arch, setup))
+    if setup.method == "dora":
+        n += sum(m.d_out for m, _ in adapted_matrices(arch, setup))
+    if arch.task == "classification":
+        n += sum(m.params for m in matrices(arch) if m.name in ("score", "classifier"))
+    return n
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Peak training memory per GPU, in bytes, by component."""
+
+    weights: float
+    master_weights: float
+    gradients: float
+    optimizer_states: float
+    activations: float
+    transient: float
+    overhead: float
+    gpus: int = 1
+
+    @property
+    def total(self) -> float:
+        return (self.weights + self.master_weights + self.gradients + self.optimizer_states + self.activations
+                + self.transient + self.overhead)
+
+    def as_gib(self) -> dict[str, float]:
+        names = ("weights", "master_weights", "gradients", "optimizer_states", "activations", "transient", "overhead")
+        out = {n: getattr(self, n) / GIB for n in names}
+        out["total"] = self.total / GIB
+        return out
+
+
+_GROUPS = {  # matrices that read the same input tensor inside a block, by name suffix
+    "llama": (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)),
+    "gpt": (("q_proj", "k_proj", "v_proj"), ("out_proj",), ("fc1",), ("fc2",)),
+    "gpt2": (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+    "bert": (("query", "key", "value"), ("attention.output.dense",), ("intermediate.dense",), ("output.dense",)),
+}
+
+
+def _suffix_of(name: str, family: str) -> tuple[int, str]:
+    for g, group in enumerate(_GROUPS[family]):
+        for suffix in group:
+            if name.endswith("." + suffix) and not (suffix == "output.dense" and name.endswith("attention.output.dense")):
+                return g, suffix
+    raise AssertionError(name)  # pragma: no cover - matrices() only yields known names
+
+
+def layer_activation_bytes(arch: Arch, setup: Setup, adapted: list[tuple[Matrix, int]]) -> float:
+    """Bytes autograd saves per token in one block (the block with adapters ``adapted``)."""
+    a, p, s, full = arch, setup.act_bytes, setup.seq_len, setup.method == "full"
+    h, i = a.hidden, a.intermediate
+    group_adapted = [False] * 4
+    extra = 0.0
+    for m, r in adapted:
+        g, _ = _suffix_of(m.name, a.family)
+        group_adapted[g] = True
+        extra += r * p  # A's output, kept for B's weight gradient
+        if setup.lora_dropout > 0:
+            extra += m.d_in * (p + 1)  # each adapter's own dropped input + its mask
+        if setup.method == "dora":
+            extra += 2 * m.d_out * p  # base and adapter outputs, kept for the magnitude's gradient
+    needs_input = [full or (g_ad and setup.lora_dropout == 0) for g_ad in group_adapted]
+    # norms: HF's LlamaRMSNorm upcasts its input to fp32 (saved) and keeps the normalised x for the weight
+    # gradient; fused LayerNorm keeps only its input
+    norm = (4 * h + (p * h if full else 0)) if a.family == "llama" else p * h
+    total = 2 * norm + extra
+    total += p * (a.q_dim + 2 * a.kv_dim)  # Q (after RoPE), K, V: needed by the attention backward
+    if setup.attention == "sdpa":
+        total += p * a.q_dim + 4 * a.heads  # output (also the o-projection input) + log-sum-exp
+    else:
+        total += p * a.heads * s  # softmax probabilities, a*s per token (the 5as/h term's 2as/h)
+        if a.attn_dropout > 0:
+            total += (1 + p) * a.heads * s  # dropout mask + dropped probabilities
+        total += p * a.q_dim if needs_input[1] else 0
+    total += p * h if needs_input[0] else 0  # the shared q/k/v input
+    total += p * h if needs_input[2] else 0  # the MLP input
+    if a.gated:
+        total += 3 * p * i  # gate output (SiLU input), SiLU output, up output: needed for the backward
+        total += p * i if needs_input[3] else 0  # the product, input of down_proj
+    else:
+        total += p * i  # GELU input
+        total += p * i if needs_input[3] else 0  # GELU output, input of the second linear
+    if a.dropout > 0:
+        total += 2 * h  # two residual dropout masks, 1 byte each
+    return total
+
+
+def activation_bytes(arch: Arch, setup: Setup, adapted: list[tuple[Matrix, int]] | None = None) -> tuple[float, float]:
+    """(saved activations, transient backward buffers) in bytes for one micro-batch."""
+    adapted = adapted_matrices(arch, setup) if adapted is None else adapted
+    p, tokens, h = setup.act_bytes, setup.tokens_per_step, arch.hidden
+    by_layer: dict[int, list[tuple[Matrix, int]]] = {n: [] for n in range(arch.layers)}
+    for m, r in adapted:
+        if m.layer is not None:
+            by_layer[m.layer].append((m, r))
+    per_layer = [layer_activation_bytes(arch, setup, by_layer[n]) for n in range(arch.layers)]
+    if setup.grad_checkpointing:
+        saved = arch.layers * p * h + max(per_layer)  # layer inputs + one block recomputed in the backward
+    else:
+        saved = sum(per_layer)
+    full = setup.method == "full"
+    head_trained = full or any(m.layer is None for m, _ in adapted) or arch.task == "classification"
+    if arch.family != "bert":
+        saved += 4 * h + (p * h if full else 0) if arch.family == "llama" else p * h  # final norm
+    saved += p * h if head_trained else 0
+    transient = (2 * arch.intermediate + h) * p  # gradient buffers of the block being back-propagated
+    if arch.task == "causal-lm":
+        saved += arch.vocab * (p + 4)  # logits (returned) + fp32 log-softmax kept by the loss
+        transient = max(transient, 2 * arch.vocab * 4)  # gradients of the log-softmax and of the logits
+    return saved * tokens, transient * tokens
+
+
+def memory(arch: Arch, setup: Setup, gpu: Gpu | None = None, gpus: int = 1) -> Memory:
+    """Peak memory per GPU for one training step (see the module docstring for every term)."""
+    if gpus <= 0:
+        raise PlanError(f"gpus={gpus!r} must be a positive integer")
+    pc = count_params(arch)
+    adapted = adapted_matrices(arch, setup)
+    pw = setup.act_bytes  # compute dtype bytes
+    opt_b = OPTIMIZERS[setup.optimizer]
+    if setup.method == "full":
+        n = pc.total
+        weights, grads, opt = n * pw, n * pw, n * opt_b
+        master = n * 4.0 if setup.precision == "bf16-mixed" else 0.0
+    else:
+        n = trainable_params(arch, setup)
+        if setup.method == "qlora":
+            frozen = pc.quantizable * NF4_BITS[setup.double_quant] / 8 + (pc.total - pc.quantizable) * pw
+        else:
+            frozen = pc.total * pw
+        weights = frozen + n * setup.adapter_bytes
+        grads, opt, master = n * setup.adapter_bytes, n * opt_b, 0.0
+    acts, transient = activation_bytes(arch, setup, adapted)
+    step_temp = 4.0 * n  # the optimizer step's fp32 temporaries (foreach AdamW), when activations are gone
+    transient = max(transient, step_temp - acts)
+    if gpus > 1:  # ZeRO-3 / FSDP: states sharded, plus the gathered weights of ~2 blocks in flight
+        block = max(sum(m.d_in * m.d_out for m in matrices(arch) if m.layer == 0), 1)
+        weights, master, grads, opt = weights / gpus + 2 * block * pw, master / gpus, grads / gpus, opt / gpus
+    overhead = gpu.overhead_gb * GIB if gpu else 0.0
+    return Memory(weights, master, grads, opt, acts, transient, overhead, gpus)
+
+
+def flops_per_token(arch: Arch, setup: Setup) -> float:
+    """Training FLOPs per token (forward + backward [+ recompute]), see the module docstring."""
+    mats = matrices(arch)
+    n_mm = sum(m.d_in * m.d_out for m in mats if m.layer is not None or arch.task == "causal-lm")
+    causal_skip = 0.5 if (arch.causal and setup.attention == "sdpa") else 1.0
+    attn = 4 * arch.layers * setup.seq_len * arch.q_dim * causal_skip
+    n_ad = sum(r * (m.d_in + m.d_out) for m, r in adapted_matrices(arch, setup))
+    fwd = 2 * n_mm + attn + 2 * n_ad
+    if setup.method == "full":
+        train = 3 * fwd
+    else:
+        train = 4 * n_mm + 3 * attn + 6 * n_ad
+    if setup.grad_checkpointing:
+        train += fwd
+    return float(train)
+
+
+def flops_per_step_extra(arch: Arch, setup: Setup) -> float:
+    """Per-micro-batch FLOPs that do not scale with tokens: DoRA's dense B@A and column norms."""
+    if setup.method != "dora":
+        return 0.0
+    per_fwd = sum(2 * r * m.d_in * m.d_out + 3 * m.d_in * m.d_out for m, r in adapted_matrices(arch, setup))
+    return float(per_fwd * (2 if setup.grad_checkpointing else 1))
+
+
+def train_hours(total_flops: float, gpu: Gpu, gpus: int, mfu: float) -> float:
+    """Wall-clock hours = FLOPs / (GPUs x peak x MFU)."""
+    if not 0 < mfu <= 1:
+        raise PlanError(f"mfu={mfu!r} must be in (0, 1]")
+    return total_flops / (gpus * gpu.peak_tflops * 1e12 * mfu) / 3600.0
+
+
+def serving_gpus(arch: Arch, gpu: Gpu, kv_headroom: float = 0.2) -> int:
+    """GPUs holding the bf16 model for inference, with ``kv_headroom`` extra for the KV cache (assumption)."""
+    need = count_params(arch).total * 2 * (1 + kv_headroom) + gpu.overhead_gb * GIB
+    return max(1, math.ceil(need / (gpu.memory_gb * GIB)))
+
+
+def serving_cost_per_month(arch: Arch, setup: Setup, gpu: Gpu, adapters_per_base: int = 1,
+                           hours_per_month: float = 730.0) -> float:
+    """Monthly serving cost of this fine-tune. A merged adapter (or a full fine-tune) needs its own copy
+    of the base: the base model's cost. ``adapters_per_base`` > 1 unmerged adapters share one base: each
+    pays 1/M of it, plus the unmerged adapters' extra FLOPs (2 N_adapter per token on top of 2 N)."""
+    if adapters_per_base < 1:
+        raise PlanError(f"adapters_per_base={adapters_per_base!r} must be >= 1")
+    if hours_per_month < 0:
+        raise PlanError(f"serving_hours_per_month={hours_per_month!r} must be >= 0")
+    base = serving_gpus(arch, gpu) * gpu.price_per_hour * hours_per_month
+    if setup.method == "full" or adapters_per_base == 1:
+        return base
+    n_ad = sum(r * (m.d_in + m.d_out) for m, r in adapted_matrices(arch, setup))
+    n_mm = count_params(arch).matmul
+    return base * (1 + n_ad / n_mm) / adapters_per_base
+
+
+@dataclass(frozen=True)
+class Roi:
+    """ROI over a horizon: (benefit - cost) / cost, where cost = training + serving over the horizon.
+    Payback = training cost / (monthly benefit - monthly serving cost); None if it never pays back."""
+
+    training_cost: float
+    serving_cost_per_month: float
+    benefit_per_month: float
+    horizon_months: float
+    total_cost: float = field(init=False)
+    total_benefit: float = field(init=False)
+    roi: float | None = field(init=False)
+    payback_months: float | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        for name in ("training_cost", "serving_cost_per_month", "benefit_per_month"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise PlanError(f"{name}={value!r} must be a finite number >= 0")
+        if not (math.isfinite(self.horizon_months) and self.horizon_months > 0):
+            raise PlanError(f"horizon_months={self.horizon_months!r} must be > 0")
+        total_cost = self.training_cost + self.serving_cost_per_month * self.horizon_months
+        total_benefit = self.benefit_per_month * self.horizon_months
+        net = self.benefit_per_month - self.serving_cost_per_month
+        object.__setattr__(self, "total_cost", total_cost)
+        object.__setattr__(self, "total_benefit", total_benefit)
+        object.__setattr__(self, "roi", (total_benefit - total_cost) / total_cost if total_cost > 0 else None)
+        object.__setattr__(self, "payback_months", self.training_cost / net if net > 0 else None)
