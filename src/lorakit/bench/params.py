@@ -79,11 +79,15 @@ class EfficiencyReport:
 def _logical_numel(module: nn.Module) -> tuple[int, int]:
     """(logical parameter count, trainable count) over a module tree, quantized weights by d*k."""
     total = trainable = 0
+    seen: set[int] = set()  # tied weights (e.g. input/output embeddings) count once
     for m in module.modules():
         access = weight_access(m)
         if access is not None and access.quantized:
             total += access.numel()
         for p in m.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
             total += p.numel()
             trainable += p.numel() if p.requires_grad else 0
     return total, trainable

@@ -28,7 +28,7 @@ DEFAULT_TARGETS: tuple[tuple[str, ...], ...] = (
     ("q", "v"),  # T5
 )
 # Top-level module names of output heads: never adapted by "all-linear".
-HEAD_NAMES = ("lm_head", "score", "classifier", "embed_out", "output")
+HEAD_NAMES = ("lm_head", "score", "classifier", "cls", "embed_out", "output")
 LAYER_CONTAINERS = ("layers", "h", "layer", "blocks", "block")
 
 

@@ -1,0 +1,23 @@
+"""Shared fixtures: builtin tiny models (built offline) and helpers."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", category=FutureWarning)
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+DATASETS = os.path.join(SHARED, "datasets")
+
+
+@pytest.fixture
+def datasets_dir() -> str:
+    if not os.path.isdir(DATASETS):
+        pytest.skip(f"shared datasets not found at {DATASETS}")
+    return DATASETS
