@@ -29,7 +29,10 @@ Compute (per token)
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from lorakit.bench.arch import HEADS, Arch, Matrix, PlanError, count_params, matrices, module_infos
@@ -91,17 +94,18 @@ class Setup:
         return self.seq_len * self.micro_batch
 
 
-def adapted_matrices(arch: Arch, setup: Setup) -> list[tuple[Matrix, int]]:
+@functools.lru_cache(maxsize=256)
+def adapted_matrices(arch: Arch, setup: Setup) -> tuple[tuple[Matrix, int], ...]:
     """(matrix, rank) for each matrix an adapter is put on, by lorakit's own target matching."""
     if setup.method == "full":
-        return []
+        return ()
     from lorakit.config import AdapterConfig
     from lorakit.surgery.targets import match_targets
 
     cfg = AdapterConfig(method="dora" if setup.method == "dora" else "lora", r=setup.r,
                         target_modules=setup.targets, dropout=setup.lora_dropout)
     names = set(match_targets(module_infos(arch), cfg, head_names=HEADS))
-    return [(m, cfg.rank_for(m.name)) for m in matrices(arch) if m.name in names]
+    return tuple((m, cfg.rank_for(m.name)) for m in matrices(arch) if m.name in names)
 
 
 def trainable_params(arch: Arch, setup: Setup) -> int:
@@ -135,6 +139,19 @@ class Memory:
         return (self.weights + self.master_weights + self.gradients + self.optimizer_states + self.activations
                 + self.transient + self.overhead)
 
+    def sharded(self, gpus: int, gather_bytes: float) -> Memory:
+        """Per-GPU memory when weights, gradients and optimizer states are split ``gpus`` ways (ZeRO-3 /
+        FSDP, Rajbhandari et al. 2020), plus ``gather_bytes`` of gathered weights in flight."""
+        if gpus <= 0:
+            raise PlanError(f"gpus={gpus!r} must be a positive integer")
+        if self.gpus != 1:
+            raise PlanError("sharded() starts from the single-GPU memory")
+        if gpus == 1:
+            return self
+        k = gpus
+        return Memory(self.weights / k + gather_bytes, self.master_weights / k, self.gradients / k,
+                      self.optimizer_states / k, self.activations, self.transient, self.overhead, gpus)
+
     def as_gib(self) -> dict[str, float]:
         names = ("weights", "master_weights", "gradients", "optimizer_states", "activations", "transient", "overhead")
         out = {n: getattr(self, n) / GIB for n in names}
@@ -158,7 +175,7 @@ def _suffix_of(name: str, family: str) -> tuple[int, str]:
     raise AssertionError(name)  # pragma: no cover - matrices() only yields known names
 
 
-def layer_activation_bytes(arch: Arch, setup: Setup, adapted: list[tuple[Matrix, int]]) -> float:
+def layer_activation_bytes(arch: Arch, setup: Setup, adapted: Sequence[tuple[Matrix, int]]) -> float:
     """Bytes autograd saves per token in one block (the block with adapters ``adapted``)."""
     a, p, s, full = arch, setup.act_bytes, setup.seq_len, setup.method == "full"
     h, i = a.hidden, a.intermediate
@@ -198,7 +215,7 @@ def layer_activation_bytes(arch: Arch, setup: Setup, adapted: list[tuple[Matrix,
     return total
 
 
-def activation_bytes(arch: Arch, setup: Setup, adapted: list[tuple[Matrix, int]] | None = None) -> tuple[float, float]:
+def activation_bytes(arch: Arch, setup: Setup, adapted: Sequence[tuple[Matrix, int]] | None = None) -> tuple[float, float]:
     """(saved activations, transient backward buffers) in bytes for one micro-batch."""
     adapted = adapted_matrices(arch, setup) if adapted is None else adapted
     p, tokens, h = setup.act_bytes, setup.tokens_per_step, arch.hidden
@@ -246,11 +263,24 @@ def memory(arch: Arch, setup: Setup, gpu: Gpu | None = None, gpus: int = 1) -> M
     acts, transient = activation_bytes(arch, setup, adapted)
     step_temp = 4.0 * n  # the optimizer step's fp32 temporaries (foreach AdamW), when activations are gone
     transient = max(transient, step_temp - acts)
-    if gpus > 1:  # ZeRO-3 / FSDP: states sharded, plus the gathered weights of ~2 blocks in flight
-        block = max(sum(m.d_in * m.d_out for m in matrices(arch) if m.layer == 0), 1)
-        weights, master, grads, opt = weights / gpus + 2 * block * pw, master / gpus, grads / gpus, opt / gpus
     overhead = gpu.overhead_gb * GIB if gpu else 0.0
-    return Memory(weights, master, grads, opt, acts, transient, overhead, gpus)
+    return Memory(weights, master, grads, opt, acts, transient, overhead).sharded(gpus, gather_bytes(arch, setup))
+
+
+def gather_bytes(arch: Arch, setup: Setup) -> float:
+    """Weights gathered in flight under ZeRO-3/FSDP: about two blocks in the compute dtype (prefetch)."""
+    return 2.0 * sum(m.d_in * m.d_out for m in matrices(arch) if m.layer == 0) * setup.act_bytes
+
+
+def gpus_needed(mem1: Memory, gpu: Gpu, gather: float, max_gpus: int = 64) -> int | None:
+    """The fewest GPUs (<= ``max_gpus``) on which the sharded per-GPU memory (with this GPU's framework
+    overhead) fits, or None."""
+    cap = gpu.memory_gb * GIB
+    mem1 = dataclasses.replace(mem1, overhead=gpu.overhead_gb * GIB)
+    for k in range(1, max_gpus + 1):
+        if mem1.sharded(k, gather).total <= cap:
+            return k
+    return None
 
 
 def flops_per_token(arch: Arch, setup: Setup) -> float:

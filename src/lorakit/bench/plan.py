@@ -1,0 +1,247 @@
+"""``plan()``: can we afford this fine-tune, and how should we run it?
+
+It turns a model (builtin, HF config directory, or a size like "7B"), a data size and a method into
+memory per GPU, the GPUs that fit, training time and cost, serving cost, ROI and payback, and
+recommendations tied to those numbers. Every method (full, LoRA, QLoRA, DoRA) is planned side by side
+so the recommendation can name the cheapest one that fits. The formulas and their sources are in
+:mod:`lorakit.bench.cost`; every default that is a guess is listed in ``Plan.assumptions``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorakit.bench.arch import Arch, ParamCount, PlanError, count_params, resolve_arch
+from lorakit.bench.cost import (
+    DEFAULT_MFU,
+    GIB,
+    METHOD_EFFICIENCY,
+    METHODS,
+    Memory,
+    Roi,
+    Setup,
+    flops_per_step_extra,
+    flops_per_token,
+    gather_bytes,
+    gpus_needed,
+    memory,
+    serving_cost_per_month,
+    train_hours,
+)
+from lorakit.bench.gpus import Gpu, get_gpu, load_gpus
+
+MAX_GPUS = 64  # assumption: the largest job considered (8 nodes x 8 GPUs)
+
+
+@dataclass
+class MethodPlan:
+    """One method's numbers on the chosen GPU type."""
+
+    method: str
+    trainable_params: int
+    trainable_pct: float
+    checkpoint_bytes: float  # what is saved: adapter tensors (or the whole model for full FT) at 2 bytes/param
+    gpus: int | None  # GPUs of the chosen type needed (None: does not fit on MAX_GPUS)
+    memory: Memory | None  # per GPU, at ``gpus``
+    single_gpu_memory: Memory  # on one GPU, whether it fits or not
+    fits_on: dict[str, int | None]  # every GPU type in the table -> GPUs needed
+    flops_per_token: float
+    total_flops: float
+    mfu: float
+    hours: float | None
+    training_cost: float | None
+    serving_cost_per_month: float
+    roi: Roi | None
+
+    @property
+    def fits(self) -> bool:
+        return self.gpus is not None
+
+
+@dataclass
+class Plan:
+    """The result of :func:`plan`. ``selected`` is the requested method; ``methods`` has all four."""
+
+    model: str
+    arch: Arch
+    params: ParamCount
+    gpu: Gpu
+    setup: Setup
+    tokens_per_epoch: int
+    epochs: float
+    total_tokens: float
+    benefit_per_month: float
+    horizon_months: float
+    adapters_per_base: int
+    methods: dict[str, MethodPlan]
+    recommendations: list[str] = field(default_factory=list)
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def selected(self) -> MethodPlan:
+        return self.methods[self.setup.method]
+
+    def as_dict(self) -> dict[str, Any]:
+        def conv(obj: Any) -> Any:
+            if isinstance(obj, Memory):
+                return {**obj.as_gib(), "gpus": obj.gpus, "unit": "GiB"}
+            if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+                d = {f.name: conv(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+                if isinstance(obj, MethodPlan):
+                    d["fits"] = obj.fits
+                if isinstance(obj, Roi):
+                    d.update(total_cost=obj.total_cost, total_benefit=obj.total_benefit, roi=obj.roi,
+                             payback_months=obj.payback_months)
+                return d
+            if isinstance(obj, dict):
+                return {k: conv(v) for k, v in obj.items()}
+            if isinstance(obj, (list, tuple)):
+                return [conv(v) for v in obj]
+            return obj
+
+        d = conv(self)
+        d["selected"] = self.setup.method
+        return d
+
+
+def _positive(name: str, value: Any, integer: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if ok and integer:
+        ok = float(value).is_integer()
+    if not ok:
+        kind = "a positive integer" if integer else "a positive number"
+        raise PlanError(f"{name}={value!r} must be {kind}")
+
+
+def plan(
+    model: str | Arch,
+    *,
+    tokens: int | None = None,
+    dataset_rows: int | None = None,
+    seq_len: int = 512,
+    epochs: float = 3,
+    method: str = "lora",
+    r: int = 8,
+    targets: str | tuple[str, ...] | list[str] | None = None,
+    gpu: str | Gpu = "A100-80GB",
+    gpus: int | None = None,
+    price_per_hour: float | None = None,
+    mfu: float | None = None,
+    benefit_per_month: float = 0.0,
+    horizon_months: float = 12.0,
+    micro_batch: int = 4,
+    precision: str = "bf16-mixed",
+    grad_checkpointing: bool = True,
+    attention: str = "sdpa",
+    optimizer: str = "adamw",
+    adapters_per_base: int = 1,
+    serving_hours_per_month: float = 730.0,
+    task: str | None = None,
+    task_complexity: str = "moderate",
+    gpu_table: str | dict[str, Gpu] | None = None,
+) -> Plan:
+    """Plan a fine-tune. Data size: ``tokens`` per epoch, or ``dataset_rows`` x ``seq_len`` (each row
+    padded or packed to ``seq_len``). Defaults follow the source note's recipe (r 8, q/v targets, batch 4,
+    3 epochs, mixed precision, gradient checkpointing). Raises :class:`PlanError` on bad input, an unknown
+    GPU (listing the known ones) or a method that fits on no GPU of the table."""
+    table = gpu_table if isinstance(gpu_table, dict) else load_gpus(gpu_table)
+    chosen = get_gpu(gpu, table)
+    if price_per_hour is not None:
+        if not (math.isfinite(price_per_hour) and price_per_hour >= 0):
+            raise PlanError(f"price_per_hour={price_per_hour!r} must be a number >= 0")
+        chosen = dataclasses.replace(chosen, price_per_hour=float(price_per_hour))
+    if (tokens is None) == (dataset_rows is None):
+        raise PlanError("give exactly one data size: tokens=N (per epoch) or dataset_rows=R (with seq_len)")
+    _positive("seq_len", seq_len, integer=True)
+    if tokens is not None:
+        _positive("tokens", tokens, integer=True)
+        per_epoch = int(tokens)
+    else:
+        _positive("dataset_rows", dataset_rows, integer=True)
+        per_epoch = int(dataset_rows) * int(seq_len)
+    _positive("epochs", epochs)
+    _positive("horizon_months", horizon_months)
+    if gpus is not None:
+        _positive("gpus", gpus, integer=True)
+    if mfu is not None and not (isinstance(mfu, (int, float)) and 0 < mfu <= 1):
+        raise PlanError(f"mfu={mfu!r} must be in (0, 1]")
+    if not (isinstance(benefit_per_month, (int, float)) and math.isfinite(benefit_per_month) and benefit_per_month >= 0):
+        raise PlanError(f"benefit_per_month={benefit_per_month!r} must be a number >= 0")
+    if task_complexity not in ("simple", "moderate", "complex"):
+        raise PlanError(f"task_complexity={task_complexity!r}; expected 'simple', 'moderate' or 'complex'")
+    if method not in METHODS:
+        raise PlanError(f"method={method!r} is not supported; expected one of {list(METHODS)}")
+    arch = resolve_arch(model, task=task)
+    pc = count_params(arch)
+    targets = tuple(targets) if isinstance(targets, list) else targets
+    base = Setup(method=method, r=r, targets=targets, seq_len=int(seq_len), micro_batch=micro_batch,
+                 precision=precision, grad_checkpointing=grad_checkpointing, attention=attention, optimizer=optimizer)
+    total_tokens = per_epoch * float(epochs)
+    methods = {}
+    for m in METHODS:
+        setup = dataclasses.replace(base, method=m)
+        methods[m] = _method_plan(arch, pc, setup, chosen, table, gpus if m == method else None, mfu, total_tokens,
+                                  benefit_per_month, horizon_months, adapters_per_base, serving_hours_per_month)
+    sel = methods[method]
+    if not any(sel.fits_on.values()):
+        need = sel.single_gpu_memory.activations + sel.single_gpu_memory.transient
+        raise PlanError(
+            f"method={method!r} on {arch.name} fits on no GPU in the table, even sharded over {MAX_GPUS}: one GPU "
+            f"needs {sel.single_gpu_memory.total / GIB:,.1f} GiB unsharded and {need / GIB:,.1f} GiB of activations "
+            f"alone (seq_len {seq_len} x micro_batch {micro_batch}); try qlora, gradient checkpointing or a "
+            "smaller micro-batch/sequence"
+        )
+    if sel.gpus is None:
+        first = sel.fits_on[chosen.name] if gpus is None else None
+        per_gpu = memory(arch, base, chosen, gpus or 1).total / GIB
+        where = ", ".join(f"{k} x{v}" for k, v in sel.fits_on.items() if v)
+        raise PlanError(
+            f"method={method!r} on {arch.name} does not fit {gpus or 1} x {chosen.name} "
+            f"({per_gpu:,.1f} GiB per GPU of {chosen.memory_gb} GiB)"
+            + (f"; it needs {first} of them" if first else "") + f"; it fits on: {where}"
+        )
+    from lorakit.bench.advice import assumptions, recommendations
+
+    p = Plan(model=str(model if isinstance(model, str) else arch.name), arch=arch, params=pc, gpu=chosen, setup=base,
+             tokens_per_epoch=per_epoch, epochs=float(epochs), total_tokens=total_tokens,
+             benefit_per_month=float(benefit_per_month), horizon_months=float(horizon_months),
+             adapters_per_base=adapters_per_base, methods=methods)
+    p.recommendations = recommendations(p, table, task_complexity)
+    p.assumptions = assumptions(p, mfu)
+    return p
+
+
+def _method_plan(arch: Arch, pc: ParamCount, setup: Setup, gpu: Gpu, table: dict[str, Gpu], gpus: int | None,
+                 mfu: float | None, total_tokens: float, benefit: float, horizon: float, adapters_per_base: int,
+                 serving_hours: float) -> MethodPlan:
+    from lorakit.bench.cost import trainable_params
+
+    mem1 = memory(arch, setup, None, 1)
+    gather = gather_bytes(arch, setup)
+    fits_on = {name: gpus_needed(mem1, g, gather, MAX_GPUS) for name, g in table.items()}
+    if gpu.name not in fits_on:
+        fits_on[gpu.name] = gpus_needed(mem1, gpu, gather, MAX_GPUS)
+    cap = gpu.memory_gb * GIB
+    if gpus is None:
+        k = fits_on[gpu.name]
+    else:
+        k = gpus if memory(arch, setup, gpu, gpus).total <= cap else None
+    n = trainable_params(arch, setup)
+    fpt = flops_per_token(arch, setup)
+    total_flops = fpt * total_tokens + flops_per_step_extra(arch, setup) * total_tokens / setup.tokens_per_step
+    eff_mfu = (mfu if mfu is not None else DEFAULT_MFU) * METHOD_EFFICIENCY[setup.method]
+    serving = serving_cost_per_month(arch, setup, gpu, adapters_per_base, serving_hours)
+    hours = cost = roi = None
+    if k is not None:
+        hours = train_hours(total_flops, gpu, k, eff_mfu)
+        cost = hours * k * gpu.price_per_hour
+        roi = Roi(cost, serving, benefit, horizon)
+    return MethodPlan(
+        method=setup.method, trainable_params=n, trainable_pct=100.0 * n / pc.total,
+        checkpoint_bytes=2.0 * n, gpus=k, memory=memory(arch, setup, gpu, k) if k else None,
+        single_gpu_memory=memory(arch, setup, gpu, 1), fits_on=fits_on, flops_per_token=fpt,
+        total_flops=total_flops, mfu=eff_mfu, hours=hours, training_cost=cost, serving_cost_per_month=serving, roi=roi,
+    )
