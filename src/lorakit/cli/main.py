@@ -15,8 +15,12 @@ from collections.abc import Sequence
 
 # subcommand -> (module under lorakit.cli, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("quickstart", "the main job: fine-tune a real pretrained model on a generated task, offline"),
     "inspect": ("inspect", "dry run: which modules an adapter config targets, and the efficiency table"),
     "data-check": ("data_check", "check a data file: counts, empty/duplicate rows, labels, token lengths, truncation"),
+    "plan": ("plan", "plan a fine-tune: memory per GPU, GPUs, time, cost, ROI and recommendations per method"),
+    "train": ("train", "fine-tune an adapter from a YAML run config (resumable; torchrun for several processes)"),
+    "generate": ("generate", "complete a prompt with a causal LM, with or without an adapter"),
 }
 
 
