@@ -1,0 +1,304 @@
+"""Save and load adapters as PEFT-compatible directories (``adapter_config.json`` +
+``adapter_model.safetensors``; key naming in ``lorakit.io.peft_format``).
+
+Saving writes only the adapter's tensors and its trained copies of ``modules_to_save`` (no base
+weight), into a temporary directory that atomically takes the target's place. Loading is
+transactional: the files are read and checked, the adapter is injected through the method registry
+and filled layer by layer with ``adapter.load_peft_state``; if anything fails (missing or unexpected
+keys, a shape that does not fit, a corrupted file, ...) the half-built adapter is deleted and the model
+is left exactly as it was. Nothing is unpickled: safetensors only, and a legacy ``adapter_model.bin``
+only through ``torch.load(weights_only=True)``. A path that is not a local directory is an error, never
+a hub lookup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorakit.config import AdapterConfig
+from lorakit.io.atomic import atomic_directory
+from lorakit.io.peft_format import (
+    CONFIG_NAME,
+    LEGACY_WEIGHTS_NAME,
+    PREFIX,
+    WEIGHTS_NAME,
+    config_from_peft,
+    config_to_peft,
+    task_type_of,
+)
+from lorakit.surgery.inject import (
+    active_adapter,
+    adapted_layers,
+    adapter_configs,
+    check_adapter_name,
+    delete_adapter,
+    inject,
+    set_adapter,
+    trained_copies,
+)
+from lorakit.surgery.layer import AdapterStateError
+from lorakit.surgery.targets import find_targets
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory or file is missing, unreadable, or does not fit the model."""
+
+
+class AdapterNotFoundError(AdapterFileError, FileNotFoundError):
+    """The adapter directory or one of its files does not exist (never looked up on a hub)."""
+
+
+def adapter_dir(path: str | os.PathLike, adapter_name: str = "default") -> str:
+    """Where adapter ``adapter_name`` lives under ``path``: ``path`` for "default", ``path/<name>``
+    otherwise (PEFT's layout); on reading, ``path`` itself is used when it holds an adapter."""
+    path = os.fspath(path)
+    if adapter_name == "default" or os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        return path
+    return os.path.join(path, adapter_name)
+
+
+# ------------------------------------------------------------------------------------------- saving
+def adapter_state(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors of adapter ``adapter_name`` under PEFT's keys (adapter layers + trained copies)."""
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in adapted_layers(model):
+        if adapter_name in layer.adapters:
+            for key, t in layer.adapters[adapter_name].peft_state().items():
+                state[f"{PREFIX}{name}.{key}"] = t
+    for name, tc in trained_copies(model):
+        if adapter_name in tc.copies:
+            for key, t in tc.copies[adapter_name].state_dict().items():
+                state[f"{PREFIX}{name}.{key}"] = t
+    return state
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    task_type: str | None = None,
+    base_model_name_or_path: str | None = None,
+) -> str:
+    """Write adapter ``adapter_name`` of ``model`` to ``path`` (``path/<name>`` for a non-default name)
+    as ``adapter_config.json`` + ``adapter_model.safetensors`` that PEFT and lorakit load. Only adapter
+    and ``modules_to_save`` tensors are written; the write is atomic. Returns the directory written.
+
+    ``task_type`` / ``base_model_name_or_path`` default to what the adapter was loaded with, else the
+    model class (e.g. ``LlamaForCausalLM`` -> "CAUSAL_LM") and ``model.config._name_or_path``.
+    """
+    check_adapter_name(adapter_name)
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise AdapterStateError(f"no adapter named {adapter_name!r} to save; the model has {list(configs)}")
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state(model, adapter_name).items()}
+    if not state:
+        raise AdapterStateError(f"adapter {adapter_name!r} has no tensors in the model (nothing to save)")
+    meta = getattr(model, "lorakit_peft_meta", {}).get(adapter_name, {})
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    config = config_to_peft(
+        configs[adapter_name],
+        model,
+        adapter_name,
+        task_type=task_type or meta.get("task_type") or task_type_of(model),
+        base_model_name_or_path=base_model_name_or_path or meta.get("base_model_name_or_path") or name_or_path,
+    )
+    out = os.fspath(path) if adapter_name == "default" else os.path.join(os.fspath(path), adapter_name)
+    with atomic_directory(out) as tmp:
+        save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ reading
+def read_adapter(
+    path: str | os.PathLike, adapter_name: str = "default"
+) -> tuple[AdapterConfig, dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and check an adapter directory without a model: (config, metadata, tensors by PEFT key)."""
+    folder = adapter_dir(path, adapter_name)
+    if not os.path.isdir(folder):
+        raise AdapterNotFoundError(f"adapter directory {folder!r} does not exist (lorakit never downloads adapters)")
+    config_path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise AdapterNotFoundError(f"{folder}: no {CONFIG_NAME} (is this an adapter directory?)")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{config_path}: not valid JSON ({e})") from None
+    cfg, meta = config_from_peft(data, config_path)
+    return cfg, meta, _read_tensors(folder)
+
+
+def _read_tensors(folder: str) -> dict[str, torch.Tensor]:
+    st_path, bin_path = os.path.join(folder, WEIGHTS_NAME), os.path.join(folder, LEGACY_WEIGHTS_NAME)
+    if os.path.isfile(st_path):
+        try:
+            tensors = load_file(st_path, device="cpu")
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+            raise AdapterFileError(f"{st_path}: not a readable safetensors file ({e})") from None
+        source = st_path
+    elif os.path.isfile(bin_path):
+        warnings.warn(f"{bin_path}: legacy pickle format, read with torch.load(weights_only=True); "
+                      "re-save it with lorakit.save_adapter to get safetensors", stacklevel=3)
+        try:
+            tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise AdapterFileError(f"{bin_path}: cannot be read safely as tensors ({e})") from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise AdapterFileError(f"{bin_path}: expected a mapping of tensor names to tensors")
+        source = bin_path
+    else:
+        raise AdapterNotFoundError(f"{folder}: no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME})")
+    for key, t in tensors.items():
+        if not key.startswith(PREFIX):
+            raise AdapterFileError(f"{source}: key {key!r} does not start with {PREFIX!r} (not a PEFT adapter file)")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise AdapterFileError(f"{source}: tensor {key!r} holds NaN or infinite values")
+    return tensors
+
+
+# ------------------------------------------------------------------------------------------ loading
+def _module_names(model: nn.Module) -> set[str]:
+    return {n for n, _ in model.named_modules()}
+
+
+def _fit_modules_to_save(cfg: AdapterConfig, model: nn.Module, tensors: dict[str, torch.Tensor]) -> AdapterConfig:
+    """PEFT adds "classifier" and "score" to modules_to_save of every SEQ_CLS adapter; keep the names
+    that exist in the model or have tensors in the file (the rest would be an error for nothing)."""
+    names = _module_names(model)
+    keys = [k[len(PREFIX):] for k in tensors]
+    kept = tuple(
+        m for m in cfg.modules_to_save
+        if any(n == m or n.endswith("." + m) for n in names) or any(k.startswith(m + ".") for k in keys)
+    )
+    return cfg if kept == cfg.modules_to_save else cfg.replace(modules_to_save=kept)
+
+
+def _first(items: list[str], n: int = 3) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(repr(i) for i in items[:n]) + more
+
+
+def _fill(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], source: str,
+          snapshot: _Snapshot) -> None:
+    """Check the file's keys and shapes against the injected adapter, then load them.
+
+    PEFT also stores the full base weight of an adapted embedding/output layer (key
+    ``<path>.base_layer.weight``, written when the vocabulary may have been resized); such tensors are
+    loaded into the base module (saved first in ``snapshot`` so a failure can undo it)."""
+    groups: list[tuple[str, Any, dict[str, torch.Tensor]]] = []
+    base_params: dict[str, torch.Tensor] = {}
+    for name, layer in adapted_layers(model):
+        if adapter_name in layer.adapters:
+            groups.append((name, layer.adapters[adapter_name], layer.adapters[adapter_name].peft_state()))
+            base_params.update({f"{PREFIX}{name}.base_layer.{k}": t for k, t in layer.base.state_dict().items()})
+    for name, tc in trained_copies(model):
+        if adapter_name in tc.copies:
+            groups.append((name, tc.copies[adapter_name], tc.copies[adapter_name].state_dict()))
+    expected = {f"{PREFIX}{name}.{key}": t for name, _, own in groups for key, t in own.items()}
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected and k not in base_params]
+    if missing:
+        raise AdapterFileError(f"{source}: {len(missing)} tensors the model's adapter needs are missing: "
+                               f"{_first(missing)} (adapter saved for another model or config?)")
+    if unexpected:
+        raise AdapterFileError(f"{source}: {len(unexpected)} unexpected tensors match no adapted module: "
+                               f"{_first(unexpected)} (adapter saved for another model or config?)")
+    checks = [(f"layer {name!r}: {key}", f"{PREFIX}{name}.{key}", t) for name, _, own in groups for key, t in own.items()]
+    checks += [(f"base weight {k[len(PREFIX):]!r}", k, t) for k, t in base_params.items() if k in tensors]
+    for what, key, t in checks:
+        got = tensors[key]
+        if tuple(got.shape) != tuple(t.shape):
+            raise AdapterFileError(f"{source}: {what} has shape {tuple(got.shape)} in the file but the model "
+                                   f"needs {tuple(t.shape)} (adapter saved for another base model?)")
+    for name, module, own in groups:
+        state = {key: tensors[f"{PREFIX}{name}.{key}"] for key in own}
+        if hasattr(module, "load_peft_state"):
+            module.load_peft_state(state)
+        else:
+            module.load_state_dict(state)
+    with torch.no_grad():
+        for key, t in base_params.items():
+            if key in tensors:
+                snapshot.weights.append((t, t.detach().clone()))
+                t.copy_(tensors[key].to(t.dtype))
+
+
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", activate: bool = True
+) -> nn.Module:
+    """Inject adapter ``adapter_name`` into ``model`` (in place) from a directory written by lorakit or
+    PEFT, and return the model. Transactional: on any error the model is left as it was.
+
+    Args:
+        model: a plain base model (or one already holding other adapters).
+        path: the adapter directory (``path/<adapter_name>`` is also tried for a non-default name).
+        adapter_name: the name the adapter gets in the model (letters, digits, '_' or '-').
+        activate: make it the active adapter (the first adapter of a model always is).
+    """
+    check_adapter_name(adapter_name)
+    if adapter_name in adapter_configs(model):
+        raise AdapterStateError(f"adapter {adapter_name!r} is already in the model; delete it first or pick another name")
+    cfg, meta, tensors = read_adapter(path, adapter_name)
+    source = adapter_dir(path, adapter_name)
+    cfg = _fit_modules_to_save(cfg, model, tensors)
+    find_targets(model, cfg)  # a TargetError here names what the config wanted, before any change
+    snapshot = _Snapshot(model, cfg)
+    try:
+        with torch.random.fork_rng(devices=[]):  # initialising the adapter must not move the user's RNG
+            inject(model, cfg, adapter_name, activate=activate)
+        _fill(model, adapter_name, tensors, source, snapshot)
+    except BaseException:
+        snapshot.restore(adapter_name)
+        raise
+    infos = dict(getattr(model, "lorakit_peft_meta", {}))
+    infos[adapter_name] = meta
+    model.lorakit_peft_meta = infos
+    return model
+
+
+class _Snapshot:
+    """What injecting may change, so a failed load can put it back: the adapter registry attributes,
+    the active adapter, every parameter's requires_grad, and (for PiSSA, which rewrites the base
+    weights at init) the target weights."""
+
+    def __init__(self, model: nn.Module, cfg: AdapterConfig) -> None:
+        self.model = model
+        self.attrs = {a: getattr(model, a) for a in ("lorakit_configs", "lorakit_active") if hasattr(model, a)}
+        self.active = active_adapter(model)
+        self.grads = [(p, p.requires_grad) for p in model.parameters()]
+        self.weights = []
+        if cfg.init == "pissa":
+            for name in find_targets(model, cfg):
+                module = model.get_submodule(name)
+                base = getattr(module, "base", module)
+                self.weights.append((base.weight, base.weight.detach().clone()))
+
+    @torch.no_grad()
+    def restore(self, adapter_name: str) -> None:
+        if adapter_name in adapter_configs(self.model):
+            delete_adapter(self.model, adapter_name)
+        for weight, saved in self.weights:
+            weight.copy_(saved)
+        for attr in ("lorakit_configs", "lorakit_active"):
+            if attr in self.attrs:
+                setattr(self.model, attr, self.attrs[attr])
+            elif hasattr(self.model, attr):
+                delattr(self.model, attr)
+        if self.active is not None:
+            set_adapter(self.model, self.active)
+        for p, flag in self.grads:
+            p.requires_grad_(flag)
+
+
+__all__ = ["AdapterFileError", "AdapterNotFoundError", "adapter_state", "load_adapter", "read_adapter",
+           "save_adapter"]
