@@ -17,6 +17,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("quickstart", "the main job: fine-tune a real pretrained model on a generated task, offline"),
     "inspect": ("inspect", "dry run: which modules an adapter config targets, and the efficiency table"),
+    "merge": ("merge", "fold an adapter into its base model and write a plain Hugging Face model"),
     "data-check": ("data_check", "check a data file: counts, empty/duplicate rows, labels, token lengths, truncation"),
     "plan": ("plan", "plan a fine-tune: memory per GPU, GPUs, time, cost, ROI and recommendations per method"),
     "train": ("train", "fine-tune an adapter from a YAML run config (resumable; torchrun for several processes)"),
