@@ -16,6 +16,7 @@ from collections.abc import Sequence
 # subcommand -> (module under lorakit.cli, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("quickstart", "the main job: fine-tune a real pretrained model on a generated task, offline"),
+    "compare": ("compare", "train/evaluate several configurations side by side: metric, params, time, memory, latency"),
     "inspect": ("inspect", "dry run: which modules an adapter config targets, and the efficiency table"),
     "merge": ("merge", "fold an adapter into its base model and write a plain Hugging Face model"),
     "data-check": ("data_check", "check a data file: counts, empty/duplicate rows, labels, token lengths, truncation"),

@@ -1,0 +1,152 @@
+"""``lorakit compare``: train and evaluate several configurations side by side.
+
+Each configuration runs in its own process (``python -m lorakit.recipes.compare_worker``), so peak
+memory figures are clean. Reported per configuration: the task metric (accuracy for classification,
+perplexity for causal LM), trainable parameters and share, training time and median step time, peak
+RSS, inference latency unmerged and merged (median over repeated forwards of one evaluation batch),
+and adapter file size. Output: ``compare.md`` (table), ``compare.json`` and ``compare_*.png`` charts.
+
+``--methods full,lora,dora,qlora,adalora`` derives the configurations from one base config:
+full = every base parameter trains (no adapter); qlora = the base config's adapter on an NF4 base;
+dora/adalora = the same targets and rank with that method (AdaLoRA: init_r = 1.5 r -> target_r = r).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+COLUMNS = ("name", "method", "metric_name", "metric", "trainable_params", "trainable_pct", "train_seconds",
+           "step_seconds", "peak_rss_mib", "latency_unmerged_ms", "latency_merged_ms", "adapter_bytes")
+DERIVED = ("full", "lora", "dora", "qlora", "adalora")
+
+
+def derive_configs(base: dict[str, Any], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """One run config (dict) per method, derived from ``base`` (a loaded YAML run config)."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        if m not in DERIVED:
+            raise ValueError(f"--methods: unknown method {m!r}; expected some of {list(DERIVED)}")
+        cfg = copy.deepcopy(base)
+        adapter = dict(cfg.get("adapter") or {})
+        cfg.pop("quant", None)
+        if m == "full":
+            cfg["adapter"] = None
+        elif m == "qlora":
+            adapter["method"] = "lora"
+            cfg["adapter"] = adapter
+            skip = list(adapter.get("modules_to_save") or []) + ["classifier", "score", "lm_head", "pooler.dense"]
+            cfg["quant"] = {"dtype": "nf4", "blocksize": 64, "double_quant": True, "compute_dtype": "float32",
+                            "skip": sorted(set(skip))}
+        elif m == "adalora":
+            r = int(adapter.get("r", 8))
+            adapter.update(method="adalora", init_r=max(r + 1, (3 * r) // 2), target_r=r, dropout=0.0)
+            cfg["adapter"] = adapter
+        else:
+            adapter["method"] = m
+            cfg["adapter"] = adapter
+        out[m] = cfg
+    return out
+
+
+def run_compare(configs: dict[str, dict[str, Any]], out_dir: str, timeout_s: float = 3600.0) -> list[dict[str, Any]]:
+    """Run each named config in its own process; write compare.json / compare.md / charts."""
+    from lorakit.io.atomic import atomic_write_text
+
+    os.makedirs(out_dir, exist_ok=True)
+    rows = []
+    for name, cfg in configs.items():
+        run_dir = os.path.join(out_dir, name)
+        cfg = copy.deepcopy(cfg)
+        cfg.setdefault("output", {})["dir"] = run_dir
+        cfg["output"]["progress"] = False
+        cfg_path = os.path.join(out_dir, f"{name}.config.json")
+        res_path = os.path.join(out_dir, f"{name}.result.json")
+        atomic_write_text(cfg_path, json.dumps(cfg, indent=2))
+        print(f"[compare] {name}: training in its own process ...", flush=True)
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "lorakit.recipes.compare_worker", cfg_path, res_path],
+                              capture_output=True, text=True, timeout=timeout_s)
+        if proc.returncode != 0 or not os.path.exists(res_path):
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"compare: configuration {name!r} failed: {tail[0]}")
+        with open(res_path) as f:
+            row = json.load(f)
+        row["name"] = name
+        rows.append({k: row.get(k) for k in COLUMNS})
+        print(f"[compare] {name}: done in {time.perf_counter() - start:.0f} s", flush=True)
+    atomic_write_text(os.path.join(out_dir, "compare.json"), json.dumps(rows, indent=2))
+    atomic_write_text(os.path.join(out_dir, "compare.md"), markdown_table(rows))
+    plot_compare(rows, out_dir)
+    return rows
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = ("| config | metric | trainable | train s | step s | peak RSS MiB | latency ms (unmerged / merged) "
+            "| adapter KiB |\n|---|---|---|---|---|---|---|---|\n")
+    body = ""
+    for r in rows:
+        metric = f"{r['metric_name']} {_fmt(r['metric'], '.4g')}"
+        body += (f"| {r['name']} | {metric} | {r['trainable_params']:,} ({_fmt(r['trainable_pct'], '.3f')}%) | "
+                 f"{_fmt(r['train_seconds'], '.1f')} | {_fmt(r['step_seconds'], '.3f')} | "
+                 f"{_fmt(r['peak_rss_mib'], '.0f')} | {_fmt(r['latency_unmerged_ms'], '.2f')} / "
+                 f"{_fmt(r['latency_merged_ms'], '.2f')} | {_fmt((r['adapter_bytes'] or 0) / 1024, '.1f')} |\n")
+    return head + body
+
+
+def plot_compare(rows: list[dict[str, Any]], out_dir: str) -> list[str]:
+    """compare_metric.png (metric vs trainable params), compare_latency.png, compare_memory.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in rows]
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(max(r["trainable_params"], 1), r["metric"] if r["metric"] is not None else float("nan"), s=50)
+        ax.annotate(r["name"], (max(r["trainable_params"], 1), r["metric"] or 0), textcoords="offset points",
+                    xytext=(5, 5))
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log)")
+    ax.set_ylabel(rows[0]["metric_name"] if rows else "metric")
+    ax.set_title("task metric vs trainable parameters")
+    ax.grid(alpha=0.3)
+    paths.append(os.path.join(out_dir, "compare_metric.png"))
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["latency_unmerged_ms"] or 0 for r in rows], 0.4, label="unmerged")
+    ax.bar([x + 0.2 for x in xs], [r["latency_merged_ms"] or 0 for r in rows], 0.4, label="merged")
+    ax.set_xticks(list(xs), names)
+    ax.set_ylabel("ms per evaluation batch (median)")
+    ax.set_title("inference latency")
+    ax.legend()
+    paths.append(os.path.join(out_dir, "compare_latency.png"))
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(names, [r["peak_rss_mib"] or 0 for r in rows], color="tab:purple")
+    ax.set_ylabel("peak RSS (MiB)")
+    ax.set_title("training peak memory")
+    paths.append(os.path.join(out_dir, "compare_memory.png"))
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,127 @@
+"""One configuration of ``lorakit compare``, in its own process: train, then time inference.
+
+Usage: ``python -m lorakit.recipes.compare_worker CONFIG.json RESULT.json``. Writes one JSON row with the
+columns of ``lorakit.recipes.compare.COLUMNS``. Latency is the median over ``REPEATS`` forwards of one
+evaluation batch (up to 32 validation rows), after ``WARMUP`` untimed forwards, under ``torch.no_grad``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+from lorakit.io.atomic import atomic_write_text
+
+WARMUP, REPEATS, EVAL_ROWS = 2, 10, 32
+
+
+def _median_ms(fn) -> float:
+    for _ in range(WARMUP):
+        fn()
+    times = []
+    for _ in range(REPEATS):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1000.0 * statistics.median(times)
+
+
+def _step_seconds(metrics_path: str) -> float | None:
+    """Median time between consecutive optimizer steps (first step excluded: warm-up)."""
+    elapsed = []
+    with open(metrics_path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "loss" in rec and "elapsed_s" in rec:
+                elapsed.append(rec["elapsed_s"])
+    gaps = [b - a for a, b in zip(elapsed, elapsed[1:])]
+    return statistics.median(gaps[1:] if len(gaps) > 2 else gaps) if gaps else None
+
+
+def _dir_bytes(path: str | None) -> int:
+    if not path or not os.path.isdir(path):
+        return 0
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+               if os.path.isfile(os.path.join(path, f)))
+
+
+def measure(raw: dict[str, Any]) -> dict[str, Any]:
+    import lorakit as lk
+    from lorakit.train.build import build_run_model, load_data, resolve_precision
+    from lorakit.train.collate import Collator
+    from lorakit.train.config import RunConfig
+    from lorakit.train.evaluate import forward_loss
+    from lorakit.train.tokenizer import load_tokenizer, pad_id
+    from lorakit.train.trainer import train
+
+    cfg = RunConfig.from_dict(raw)
+    result = train(cfg, overwrite=True)
+    out_dir = cfg.output.dir
+    task = cfg.data.task
+    after = result.eval_after or {}
+    if task == "classification":
+        metric_name, metric = "accuracy", after.get("eval_accuracy")
+    else:
+        metric_name, metric = "perplexity", after.get("eval_perplexity")
+    eff = result.summary.get("efficiency", {})
+
+    # Inference latency: a fresh process-local model with the trained adapter, one eval batch.
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
+    train_ds, val_ds, _ = load_data(cfg, tok)
+    ds = val_ds if val_ds is not None else train_ds
+    batch = Collator(pad_id(tok), "group", None, task)([ds[i] for i in range(min(EVAL_ROWS, len(ds)))])
+    device = torch.device("cpu")
+    num_labels = len(train_ds.label_names or []) if task == "classification" else 0
+    model = build_run_model(cfg, num_labels, pad_id(tok), resolve_precision("fp32", device), device)
+    has_adapter = cfg.adapter is not None and result.adapter_dir is not None
+    if has_adapter:
+        lk.delete_adapter(model, lk.active_adapter(model))
+        lk.load_adapter(model, result.adapter_dir)
+    model.eval()
+
+    def forward() -> None:
+        with torch.no_grad():
+            forward_loss(model, batch, task)
+
+    unmerged = _median_ms(forward)
+    merged = None
+    if has_adapter:
+        lk.merge(model)
+        merged = _median_ms(forward)
+    else:
+        merged = unmerged  # full fine-tuning has nothing to merge
+    return {
+        "method": "full" if cfg.adapter is None else (cfg.adapter.method + ("+nf4" if cfg.quant else "")),
+        "metric_name": metric_name,
+        "metric": metric,
+        "trainable_params": int(eff.get("trainable_params", 0)),
+        "trainable_pct": 100.0 * float(eff.get("ratio", 0.0)),
+        "train_seconds": result.summary.get("wall_time_s"),
+        "step_seconds": _step_seconds(os.path.join(out_dir, "metrics.jsonl")),
+        "peak_rss_mib": result.summary.get("peak_rss_mib"),
+        "latency_unmerged_ms": unmerged,
+        "latency_merged_ms": merged,
+        "adapter_bytes": _dir_bytes(result.adapter_dir),
+    }
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m lorakit.recipes.compare_worker CONFIG.json RESULT.json", file=sys.stderr)
+        return 2
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    with open(argv[0]) as f:
+        raw = json.load(f)
+    row = measure(raw)
+    atomic_write_text(argv[1], json.dumps(row, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
