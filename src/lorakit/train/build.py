@@ -1,0 +1,163 @@
+"""Everything the training loop needs before its first step, built from a ``RunConfig``: the datasets
+(read, subset, tokenized, checked), the model (built, optionally quantized, adapted, checkpointed) and
+the numeric precision.
+
+Mixed precision ``auto``: bf16 autocast on a CUDA device that supports it, fp16 autocast with a
+``GradScaler`` (dynamic loss scaling, Micikevicius et al. 2018) on CUDA without bf16, fp32 on CPU (CPU
+autocast is available with ``mixed_precision: bf16`` but is rarely faster for small models). Trainable
+tensors always stay in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lorakit.config import ConfigError
+from lorakit.surgery.inject import inject
+from lorakit.train.config import RunConfig
+from lorakit.train.data import DataError, RawData, read_records, split_validation
+from lorakit.train.tasks import EncodedDataset, encode_records
+
+CLASSIFIER_HEADS = ("classifier", "score")
+
+
+@dataclass
+class Precision:
+    name: str  # "fp32", "bf16" or "fp16"
+    dtype: torch.dtype | None  # autocast dtype (None: no autocast)
+    scaler: bool  # fp16: dynamic loss scaling
+
+    def autocast(self, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+        if self.dtype is None:
+            return contextlib.nullcontext
+        return lambda: torch.autocast(device.type, dtype=self.dtype)
+
+
+def resolve_precision(mode: str, device: torch.device) -> Precision:
+    if mode == "auto":
+        if device.type == "cuda":
+            mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            mode = "fp32"
+    if mode in ("no", "fp32"):
+        return Precision("fp32", None, False)
+    if mode == "fp16" and device.type != "cuda":
+        raise ConfigError("training.mixed_precision='fp16' needs a CUDA device; use 'bf16' or 'no' on CPU")
+    if mode == "bf16":
+        return Precision("bf16", torch.bfloat16, False)
+    return Precision("fp16", torch.float16, True)
+
+
+def _subset(raw: RawData, n: int | None, seed: int) -> RawData:
+    if n is None or n >= len(raw):
+        return raw
+    order = list(range(len(raw)))
+    random.Random(seed).shuffle(order)
+    return raw.subset(sorted(order[:n]))
+
+
+def load_data(cfg: RunConfig, tokenizer: Any) -> tuple[EncodedDataset, EncodedDataset | None, list[Any]]:
+    """(train, validation or None, data-check reports) for the config's data section."""
+    d, seed = cfg.data, cfg.training.seed
+    raw_train = read_records(d.train, d.fields)
+    raw_val = read_records(d.validation, d.fields) if d.validation else None
+    if raw_val is None and d.val_fraction > 0:
+        raw_train, raw_val = split_validation(raw_train, d.val_fraction, seed)
+    raw_train = _subset(raw_train, d.max_train_rows, seed)
+    train = encode_records(raw_train, tokenizer, d.task, d.max_length, d.format)
+    val = None
+    reports = []
+    if raw_val is not None:
+        raw_val = _subset(raw_val, d.max_val_rows, seed + 1)
+        fmt = d.format if d.task == "classification" else train.format
+        val = encode_records(raw_val, tokenizer, d.task, d.max_length, fmt, train.label_names)
+    try:
+        from lorakit.train.check import report_from
+    except ImportError:  # the data-check module is optional for the loop itself
+        report_from = None
+    if report_from is not None:
+        reports.append(report_from(raw_train, train))
+        if val is not None:
+            reports.append(report_from(raw_val, val))
+    if d.task == "classification" and len(train.label_names or []) < 2:
+        raise DataError(f"{d.train}: classification needs at least 2 labels, found {train.label_names}")
+    return train, val, reports
+
+
+def _model_dtype(cfg: RunConfig, precision: Precision, device: torch.device) -> torch.dtype | None:
+    name = cfg.model.dtype
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and precision.name == "bf16" else None
+    return {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }[name]
+
+
+def build_run_model(
+    cfg: RunConfig, num_labels: int, pad_token_id: int, precision: Precision, device: torch.device
+) -> torch.nn.Module:
+    """Base model (+ quantization) + adapter, trainable tensors in fp32, gradient checkpointing on request."""
+    from lorakit.models import build_model
+
+    task = "classification" if cfg.data.task == "classification" else "causal-lm"
+    model = build_model(
+        cfg.model.name,
+        task=task,
+        num_labels=num_labels,
+        seed=cfg.training.seed,
+        dtype=_model_dtype(cfg, precision, device),
+    )
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad_token_id  # sequence classifiers find the last token by it
+    if cfg.quant is not None:
+        try:
+            from lorakit.quant import quantize
+        except ImportError as e:
+            raise ConfigError(
+                f"the config has a quant section but lorakit.quant is not available ({e})"
+            ) from None
+        quantize(model, cfg.quant)
+    acfg = cfg.adapter
+    if task == "classification" and not acfg.modules_to_save:
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        heads = [h for h in CLASSIFIER_HEADS if h in names]
+        acfg = acfg.replace(modules_to_save=tuple(heads))  # a fresh head must train (PEFT's SEQ_CLS does too)
+    inject(model, acfg)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    if cfg.training.gradient_checkpointing:
+        if getattr(model, "supports_gradient_checkpointing", False):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()  # frozen embeddings: make checkpointed inputs carry grad
+        else:
+            print(
+                f"note: {type(model).__name__} does not support gradient checkpointing; training without it"
+            )
+    return model.to(device).train()
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in a fixed order: matrices with weight decay, biases / norms / vectors without."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ConfigError("the adapter config left no trainable parameters (check target_modules)")
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups

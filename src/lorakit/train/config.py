@@ -1,0 +1,396 @@
+"""One YAML file describes a training run: sections ``model``, ``data``, ``adapter``, ``quant`` (optional),
+``training`` and ``output``.
+
+Defaults are the values of the source document's training section (LoRA r 8, alpha 16, dropout 0.1 on the
+query/value projections; AdamW lr 2e-4, 3 epochs, batch 4, gradient accumulation 8, weight decay 0.01, 3%
+linear warmup, mixed precision, gradient checkpointing, loader workers). ``--set a.b=value`` overrides any
+field; the value is parsed as YAML (``--set adapter.target_modules=[q_proj,k_proj]``).
+
+Relative paths (``data.train``, ``data.validation``, ``output.dir``, a ``model.name`` that starts with
+``.``) resolve against the directory of the config file when written in the file, and against the current
+directory when given with ``--set``.
+
+Every error is a ``ConfigError`` (a ``ValueError``) on one line: unknown keys name the closest allowed
+key, wrong types name the field and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorakit.config import AdapterConfig, ConfigError, QuantConfig, _closest
+
+MIXED_PRECISION = ("auto", "no", "fp32", "bf16", "fp16")
+SCHEDULES = ("linear", "cosine", "constant")
+TASKS = ("sft", "classification")
+BATCHING = ("group", "pad", "pack")
+# The source document's adapter values; AdapterConfig's own defaults (dropout 0.0) are PEFT's.
+ADAPTER_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16.0, "dropout": 0.1, "target_modules": None}
+
+
+def default_workers() -> int:
+    """DataLoader workers the machine can spare: min(4, cpus - 1), at least 0."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """name: builtin name (tiny-llama, llama-15m, minilm, ...), a local HF model directory or a hub id.
+    dtype: weights of the frozen base ("auto": float32 on CPU, bfloat16/float16 follow mixed precision
+    on GPU). tokenizer: a directory to load the tokenizer from (default: the model's, byte-level for
+    builtins)."""
+
+    name: str
+    dtype: str = "auto"
+    tokenizer: str | None = None
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """train / validation: JSONL, JSON array, CSV or TSV files; val_fraction holds out a share of train
+    when there is no validation file. fields maps lorakit's field names to the file's columns.
+    task: "sft" (causal-LM) or "classification". format: SFT row format (auto, messages, alpaca,
+    prompt_completion, text). batching: group (length-grouped, dynamic padding), pad or pack.
+    max_train_rows / max_val_rows: use a seeded random subset of that many rows."""
+
+    train: str
+    validation: str | None = None
+    val_fraction: float = 0.0
+    task: str = "sft"
+    fields: dict[str, str] = field(default_factory=dict)
+    format: str = "auto"
+    max_length: int = 512
+    batching: str = "group"
+    max_train_rows: int | None = None
+    max_val_rows: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    """The optimisation. batch_size is per process and micro-batch; one optimizer step sees
+    batch_size x grad_accumulation x world_size rows. warmup_steps overrides warmup_ratio.
+    eval_every: steps between evaluations (None: at the end of each epoch). max_nonfinite: consecutive
+    steps with a non-finite loss that stop the run. num_workers None: min(4, cpus - 1)."""
+
+    epochs: int = 3
+    max_steps: int | None = None
+    batch_size: int = 4
+    grad_accumulation: int = 8
+    lr: float = 2e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_ratio: float = 0.03
+    warmup_steps: int | None = None
+    schedule: str = "linear"
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "auto"
+    gradient_checkpointing: bool = True
+    num_workers: int | None = None
+    eval_every: int | None = None
+    eval_at_start: bool = True
+    eval_batch_size: int | None = None
+    log_every: int = 1
+    max_nonfinite: int = 3
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    """dir: where the adapter, checkpoints, metrics.jsonl, loss_curve.png and summary.json go.
+    save_every: checkpoint every N optimizer steps (None: at the end of each epoch; 0: never).
+    keep_last: checkpoints kept. progress: show the tqdm bar. plot: write loss_curve.png."""
+
+    dir: str
+    save_every: int | None = None
+    keep_last: int = 2
+    progress: bool = True
+    plot: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelSection
+    data: DataSection
+    adapter: AdapterConfig
+    training: TrainingSection
+    output: OutputSection
+    quant: QuantConfig | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain (YAML/JSON-able) form; ``RunConfig.from_dict(cfg.to_dict()) == cfg``."""
+        d: dict[str, Any] = {}
+        for name in ("model", "data", "training", "output"):
+            sec = dataclasses.asdict(getattr(self, name))
+            d[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in sec.items()}
+        d["adapter"] = self.adapter.to_dict()
+        if self.quant is not None:
+            d["quant"] = self.quant.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], base_dir: str | None = None) -> RunConfig:
+        """Build and validate; relative paths resolve against ``base_dir`` (default: the current dir)."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a run config must be a mapping of sections, got {type(data).__name__}")
+        sections = ["model", "data", "adapter", "quant", "training", "output"]
+        for key in data:
+            if key not in sections:
+                raise ConfigError(
+                    f"unknown section {key!r}{_closest(str(key), sections)}; sections: {sections}"
+                )
+        for key in ("model", "data", "output"):
+            if key not in data:
+                raise ConfigError(f"section {key!r} is missing; a run config needs model, data and output")
+        adapter = dict(ADAPTER_DEFAULTS)
+        adapter.update(_mapping("adapter", data.get("adapter") or {}))
+        quant = data.get("quant")
+        cfg = cls(
+            model=_section(ModelSection, "model", data["model"]),
+            data=_section(DataSection, "data", data["data"]),
+            adapter=AdapterConfig.from_dict(adapter),
+            training=_section(TrainingSection, "training", data.get("training") or {}),
+            output=_section(OutputSection, "output", data["output"]),
+            quant=QuantConfig.from_dict(_mapping("quant", quant)) if quant else None,
+        )
+        cfg.validate()
+        return cfg.resolve_paths(base_dir or os.getcwd())
+
+    def resolve_paths(self, base_dir: str) -> RunConfig:
+        def res(p: str | None) -> str | None:
+            return p if p is None or os.path.isabs(p) else os.path.normpath(os.path.join(base_dir, p))
+
+        name = self.model.name
+        if name.startswith(".") or os.path.isdir(os.path.join(base_dir, name)) and "/" in name:
+            name = res(name)
+        return dataclasses.replace(
+            self,
+            model=dataclasses.replace(self.model, name=name, tokenizer=res(self.model.tokenizer)),
+            data=dataclasses.replace(
+                self.data, train=res(self.data.train), validation=res(self.data.validation)
+            ),
+            output=dataclasses.replace(self.output, dir=res(self.output.dir)),
+        )
+
+    def validate(self) -> None:
+        t, d = self.training, self.data
+        _choice("training.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+        _choice("training.schedule", t.schedule, SCHEDULES)
+        _choice("training.optimizer", t.optimizer, ("adamw",))
+        _choice("data.task", d.task, TASKS)
+        _choice("data.batching", d.batching, BATCHING)
+        _choice(
+            "model.dtype",
+            self.model.dtype,
+            ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
+        )
+        positive = {
+            "training.epochs": t.epochs,
+            "training.batch_size": t.batch_size,
+            "training.grad_accumulation": t.grad_accumulation,
+            "training.log_every": t.log_every,
+            "training.max_nonfinite": t.max_nonfinite,
+            "data.max_length": d.max_length,
+            "output.keep_last": self.output.keep_last,
+            "training.max_steps": t.max_steps,
+            "training.eval_every": t.eval_every,
+            "training.eval_batch_size": t.eval_batch_size,
+            "data.max_train_rows": d.max_train_rows,
+            "data.max_val_rows": d.max_val_rows,
+        }
+        for name, value in positive.items():
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}={value!r} is invalid; expected a positive integer")
+        nonneg = {
+            "training.lr": t.lr,
+            "training.weight_decay": t.weight_decay,
+            "training.eps": t.eps,
+            "training.warmup_steps": t.warmup_steps,
+            "training.num_workers": t.num_workers,
+            "output.save_every": self.output.save_every,
+            "training.max_grad_norm": t.max_grad_norm,
+        }
+        for name, value in nonneg.items():
+            if value is not None and value < 0:
+                raise ConfigError(f"{name}={value!r} is invalid; expected a number >= 0")
+        if t.lr <= 0:
+            raise ConfigError(f"training.lr={t.lr!r} is invalid; expected a positive number (e.g. 2e-4)")
+        if not 0.0 <= t.warmup_ratio < 1.0:
+            raise ConfigError(
+                f"training.warmup_ratio={t.warmup_ratio!r} is invalid; expected a number in [0, 1)"
+            )
+        if not 0.0 <= d.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={d.val_fraction!r} is invalid; expected a number in [0, 1)")
+        if d.validation and d.val_fraction:
+            raise ConfigError("data: give either validation (a file) or val_fraction, not both")
+        if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+            raise ConfigError(f"training.betas={list(t.betas)} is invalid; expected two numbers in [0, 1)")
+        if d.batching == "pack" and d.task != "sft":
+            raise ConfigError("data.batching='pack' is for causal-LM SFT; use 'group' for classification")
+
+    @property
+    def workers(self) -> int:
+        n = self.training.num_workers
+        return default_workers() if n is None else n
+
+
+def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(
+            f"{name}={value!r} is not supported; expected one of {list(allowed)}"
+            + (_closest(value, allowed) if isinstance(value, str) else "")
+        )
+
+
+def _mapping(section: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"section {section!r} must be a mapping of key: value, got {type(value).__name__}")
+    return dict(value)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """``value`` checked against annotation ``tp``; ints are accepted for floats, "2e-4" strings too
+    (YAML 1.1 reads 2e-4 without a dot as a string)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(name, value, a)
+            except ConfigError:
+                continue
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is dict:
+        kt, vt = typing.get_args(tp)
+        if isinstance(value, Mapping):
+            return {_coerce(name, k, kt): _coerce(f"{name}[{k!r}]", v, vt) for k, v in value.items()}
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    raise ConfigError(
+        f"{name}={value!r} has the wrong type: expected {_type_name(tp)}, got {type(value).__name__}"
+    )
+
+
+def _section(cls: type, section: str, value: Any) -> Any:
+    data = _mapping(section, value)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{section}: unknown key {key!r}{_closest(str(key), names)}; allowed: {names}")
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    for key in required:
+        if key not in data:
+            raise ConfigError(f"{section}.{key} is missing (required)")
+    return cls(**{k: _coerce(f"{section}.{k}", v, hints[k]) for k, v in data.items()})
+
+
+def _yaml():
+    try:
+        import yaml
+    except ImportError as e:  # pragma: no cover - only without the hf extra
+        raise ConfigError("YAML configs need pyyaml: pip install 'lorakit[hf]'") from e
+    return yaml
+
+
+def apply_overrides(
+    data: dict[str, Any], overrides: Sequence[str], base_dir: str | None = None
+) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (value parsed as YAML) to a raw config mapping, in place.
+
+    Path fields set here are made absolute against the current directory (see the module docstring).
+    """
+    yaml = _yaml()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} must look like section.key=value (e.g. training.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if len(parts) < 2:
+            raise ConfigError(f"--set {item!r}: the key must name a section and a field, e.g. training.lr")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({str(e).splitlines()[0]})") from None
+        if (
+            parts in (["data", "train"], ["data", "validation"], ["output", "dir"], ["model", "tokenizer"])
+            and isinstance(value, str)
+            and not os.path.isabs(value)
+        ):
+            value = os.path.abspath(value)
+        cur = data
+        for p in parts[:-1]:
+            nxt = cur.get(p)
+            if nxt is None:
+                nxt = cur[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {p!r} is not a section")
+            cur = nxt
+        cur[parts[-1]] = value
+    return data
+
+
+def load_run_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply ``--set`` overrides, validate, and resolve relative paths against
+    the config file's directory."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    yaml = _yaml()
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model, data, adapter, training, output)")
+    apply_overrides(data, overrides)
+    try:
+        return RunConfig.from_dict(data, base_dir=os.path.dirname(os.path.abspath(path)))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except TypeError as e:  # a dataclass constructor refusing an argument
+        raise ConfigError(f"{path}: {e}") from None

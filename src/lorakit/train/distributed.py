@@ -1,0 +1,105 @@
+"""Multi-process data parallelism under ``torchrun`` (DistributedDataParallel over the adapter parameters).
+
+``torchrun --nproc_per_node=N -m lorakit train CONFIG.yaml`` starts N processes with RANK / WORLD_SIZE /
+LOCAL_RANK set; each joins a process group (gloo on CPU, nccl on CUDA), holds the whole model, trains on a
+disjoint slice of every global batch, and DDP all-reduces the trainable gradients (frozen base weights
+have no gradients, so only adapter tensors travel). Only rank 0 writes files.
+
+Not built: FSDP (sharding the frozen base across devices for bases too large for one device). The way to
+add it is ``torch.distributed.fsdp.fully_shard`` on each decoder layer with the adapters inside the same
+unit; until then a base must fit on each device (quantize it with a ``quant`` section if it does not).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("training.device='cuda' but no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    return torch.device(spec)
+
+
+def setup(device_spec: str = "auto") -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); a no-op otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_spec, local)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+    return Dist(rank, world, local, device)
+
+
+def teardown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_sum(values: list[float], d: Dist) -> list[float]:
+    """Sum a few float64 scalars over ranks (identity in one process)."""
+    if not d.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=d.device if d.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_sum_tensor(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.enabled:
+        t = t.to(d.device if d.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+    return t.cpu()
+
+
+def max_rank_difference(params: list[torch.Tensor], d: Dist) -> float:
+    """Largest |difference| between any rank's trainable tensors and rank 0's (0.0 in one process):
+    a check that DDP kept the replicas identical."""
+    if not d.enabled or not params:
+        return 0.0
+    flat = torch.cat([p.detach().float().reshape(-1) for p in params])
+    ref = flat.clone()
+    dev = d.device if d.device.type == "cuda" else torch.device("cpu")
+    ref = ref.to(dev)
+    dist.broadcast(ref, src=0)
+    diff = (flat.to(dev) - ref).abs().max().reshape(1)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff.item())
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def broadcast_flag(flag: bool, d: Dist) -> bool:
+    """True on every rank if it is True on any rank."""
+    return bool(all_sum([1.0 if flag else 0.0], d)[0] > 0)

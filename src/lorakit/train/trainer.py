@@ -1,0 +1,446 @@
+"""The training loop: one YAML config in, an adapter, checkpoints, metrics and a summary out.
+
+    result = lorakit.train.train("configs/tiny_llama_alpaca.yaml", overrides=["training.lr=1e-4"])
+
+One optimizer step consumes one *global batch* of ``batch_size x grad_accumulation x world_size`` rows
+(``lorakit.train.collate.BatchPlan``, deterministic in (seed, epoch)); each process takes a disjoint slice
+and splits it into ``grad_accumulation`` micro-batches. The loss of a micro-batch is its summed loss
+divided by the number of targets in the *global* batch (times world size, because DDP averages
+gradients), so the update equals that of one process on the whole global batch, however it is split.
+
+Per step (the callback order of ``lorakit.train.callbacks``):
+    loss = task_loss + sum(extra_loss); backward per micro-batch -> on_after_backward -> clip grad norm
+    -> optimizer.step(); scheduler.step() -> on_step_end -> zero_grad.
+A step whose loss is not finite (on any rank) is skipped: no update, counted; ``max_nonfinite`` such
+steps in a row stop the run with ``NonFiniteLossError`` and leave the last checkpoint as it was. A skipped
+step still advances the data position and the schedule.
+
+Checkpoints (``lorakit.train.checkpoint``) hold the adapter, optimizer, scheduler, grad scaler, RNG
+states, data position (epoch, batch index), counters and callback states, so ``resume=True`` continues
+exactly where the checkpoint was written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorakit.train import checkpoint as ckpt
+from lorakit.train import distributed as dd
+from lorakit.train.build import build_run_model, load_data, optimizer_groups, resolve_precision
+from lorakit.train.callbacks import Callback, TrainState
+from lorakit.train.collate import BatchPlan, Collator
+from lorakit.train.config import RunConfig, load_run_config
+from lorakit.train.evaluate import evaluate, forward_loss, n_targets
+from lorakit.train.metrics import MetricsLog, format_summary, peak_memory, plot_curves
+from lorakit.train.schedule import make_scheduler, warmup_steps
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    adapter_dir: str | None
+    steps: int
+    skipped_steps: int
+    train_loss: float | None
+    eval_before: dict[str, float] | None
+    eval_after: dict[str, float] | None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _callback_keys(callbacks: Sequence[Callback]) -> list[str]:
+    seen: dict[str, int] = {}
+    keys = []
+    for cb in callbacks:
+        name = type(cb).__qualname__
+        keys.append(f"{name}#{seen.get(name, 0)}")
+        seen[name] = seen.get(name, 0) + 1
+    return keys
+
+
+def train(
+    config: RunConfig | str | os.PathLike[str],
+    *,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    overwrite: bool = False,
+    callbacks: Sequence[Callback] = (),
+) -> TrainResult:
+    """Train an adapter as ``config`` says (a ``RunConfig`` or a YAML path plus ``--set`` overrides).
+
+    Under torchrun every process calls this; only rank 0 writes files. Raises ``ConfigError``,
+    ``DataError``, ``OutputDirError``, ``CheckpointError`` or ``NonFiniteLossError`` (one-line messages).
+    """
+    cfg = config if isinstance(config, RunConfig) else load_run_config(config, overrides)
+    d = dd.setup(cfg.training.device)
+    try:
+        return _Run(cfg, d, resume, overwrite, list(callbacks)).run()
+    finally:
+        dd.teardown(d)
+
+
+class _Run:
+    def __init__(self, cfg: RunConfig, d: dd.Dist, resume: bool, overwrite: bool, user_cbs: list[Callback]):
+        from lorakit.bench.params import efficiency_report
+        from lorakit.train.tokenizer import load_tokenizer, pad_id
+
+        self.cfg, self.d, t = cfg, d, cfg.training
+        self.resume_from = ckpt.prepare_output(cfg.output.dir, resume, overwrite, d.is_main)
+        dd.barrier(d)
+        _seed_all(t.seed)
+        self.precision = resolve_precision(t.mixed_precision, d.device)
+        tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
+        self.train_ds, self.val_ds, reports = load_data(cfg, tok)
+        self.task = cfg.data.task
+        self.num_labels = len(self.train_ds.label_names or [])
+        self.model = build_run_model(cfg, max(self.num_labels, 2), pad_id(tok), self.precision, d.device)
+        self.report = efficiency_report(self.model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ddp = self.model
+        if d.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp = DDP(self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        self.opt = torch.optim.AdamW(
+            optimizer_groups(self.model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps
+        )
+        self.global_batch = t.batch_size * t.grad_accumulation * d.world_size
+        mode = cfg.data.batching
+        self.plan = BatchPlan(
+            self.train_ds.lengths,
+            self.global_batch,
+            mode,
+            cfg.data.max_length,
+            t.seed,
+            shuffle=True,
+            drop_last=True,
+        )
+        self.collate = Collator(pad_id(tok), mode, cfg.data.max_length, self.task)
+        self.eval_collate = Collator(pad_id(tok), "group", None, self.task)
+        per_epoch = len(self.plan)
+        if per_epoch == 0:
+            raise ValueError(
+                f"{cfg.data.train}: {len(self.train_ds)} rows make no full global batch of {self.global_batch} "
+                f"(batch_size {t.batch_size} x grad_accumulation {t.grad_accumulation} x {d.world_size} processes)"
+            )
+        self.total = t.max_steps if t.max_steps is not None else t.epochs * per_epoch
+        self.sched = make_scheduler(
+            self.opt, self.total, warmup_steps(self.total, t.warmup_ratio, t.warmup_steps), t.schedule
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision.scaler else None
+        from lorakit.adapters.base import method_callbacks
+
+        self.callbacks = method_callbacks(self.model) + user_cbs
+        self.state = TrainState(model=self.model, total_steps=self.total, optimizer=self.opt)
+        self.targets = [n_targets(ex, self.task) for ex in self.train_ds.examples]
+        self.epoch = self.batch_index = self.skipped = self.nonfinite_run = self.tokens = 0
+        self.eval_before: dict[str, float] | None = None
+        self.last_eval: dict[str, float] | None = None
+        self.last_eval_step = -1
+        self.last_loss: float | None = None
+        if d.is_main:
+            for r in reports:
+                print(r.table())
+            print(
+                f"model {cfg.model.name}: {self.report.trainable_params:,} trainable of "
+                f"{self.report.total_params:,} parameters ({100 * self.report.ratio:.4f}%); precision "
+                f"{self.precision.name}; {self.total} steps of {self.global_batch} rows; device {d.device}"
+            )
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "step": self.state.step,
+            "epoch": self.epoch,
+            "batch_index": self.batch_index,
+            "skipped": self.skipped,
+            "nonfinite_run": self.nonfinite_run,
+            "tokens": self.tokens,
+            "global_batch": self.global_batch,
+            "seed": self.cfg.training.seed,
+            "total": self.total,
+            "eval_before": self.eval_before,
+            "last_eval": self.last_eval,
+            "last_loss": self.last_loss,
+            "last_eval_step": self.last_eval_step,
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": ckpt.rng_state(),
+            "callbacks": dict(
+                zip(_callback_keys(self.callbacks), (cb.state_dict() for cb in self.callbacks))
+            ),
+        }
+
+    def _save(self) -> None:
+        if self.d.is_main:
+            root = os.path.join(self.cfg.output.dir, "checkpoints")
+            ckpt.save_checkpoint(root, self.state.step, self.model, self._state(), self.cfg.output.keep_last)
+        dd.barrier(self.d)
+
+    def _restore(self, path: str) -> None:
+        s = ckpt.load_checkpoint(path, self.model)
+        for key, want in (("global_batch", self.global_batch), ("seed", self.cfg.training.seed)):
+            if s[key] != want:
+                raise ckpt.CheckpointError(
+                    f"cannot resume {path}: it was written with {key}={s[key]}, now {want}"
+                )
+        self.opt.load_state_dict(s["optimizer"])
+        self.sched.load_state_dict(s["scheduler"])
+        if self.scaler and s["scaler"]:
+            self.scaler.load_state_dict(s["scaler"])
+        states = s["callbacks"]
+        for key, cb in zip(_callback_keys(self.callbacks), self.callbacks):
+            if key in states:
+                cb.load_state_dict(states[key])
+        unclaimed = [k for k, v in states.items() if v and k not in _callback_keys(self.callbacks)]
+        if unclaimed:
+            raise ckpt.CheckpointError(f"cannot resume {path}: no callback to restore state of {unclaimed}")
+        self.state.step, self.epoch, self.batch_index = s["step"], s["epoch"], s["batch_index"]
+        self.skipped, self.nonfinite_run, self.tokens = s["skipped"], s["nonfinite_run"], s["tokens"]
+        self.eval_before, self.last_eval, self.last_loss = s["eval_before"], s["last_eval"], s["last_loss"]
+        self.last_eval_step = s["last_eval_step"]
+        ckpt.set_rng_state(s["rng"])
+
+    # --- one optimizer step ------------------------------------------------------------------------
+    def _step(self, micro: list[dict[str, torch.Tensor]], n_tgt: int) -> tuple[float, float | None]:
+        """Forward/backward over this rank's micro-batches and an update; (global mean loss, grad norm)."""
+        d, autocast = self.d, self.precision.autocast(self.d.device)
+        local, extra_val = 0.0, 0.0
+        for i, batch in enumerate(micro):
+            batch = {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
+            sync = not d.enabled or i == len(micro) - 1
+            with self.ddp.no_sync() if not sync else contextlib.nullcontext():
+                with autocast():
+                    loss_sum, _ = forward_loss(self.ddp, batch, self.task)
+                loss = loss_sum * (d.world_size / n_tgt)
+                if i == 0:
+                    extras = [
+                        e for e in (cb.extra_loss(self.state) for cb in self.callbacks) if e is not None
+                    ]
+                    if extras:
+                        extra = sum(extras)
+                        extra_val = float(extra.detach())
+                        loss = loss + extra
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            local += float(loss_sum.detach())
+        total, extra_sum = dd.all_sum([local, extra_val], d)
+        mean = total / n_tgt + extra_sum / d.world_size
+        if not math.isfinite(mean):
+            self.opt.zero_grad(set_to_none=True)
+            return mean, None
+        self.state.loss = mean
+        for cb in self.callbacks:
+            cb.on_after_backward(self.state)
+        if self.scaler:
+            self.scaler.unscale_(self.opt)
+        max_norm = self.cfg.training.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm else float("inf"))
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.sched.step()
+        self.state.step += 1
+        for cb in self.callbacks:
+            cb.on_step_end(self.state)
+        self.opt.zero_grad(set_to_none=True)
+        return mean, float(norm)
+
+    def _evaluate(self) -> dict[str, float] | None:
+        if self.val_ds is None:
+            return None
+        bs = self.cfg.training.eval_batch_size or self.cfg.training.batch_size
+        m = evaluate(
+            self.model,
+            self.val_ds,
+            self.eval_collate,
+            self.task,
+            bs,
+            self.d,
+            self.precision.autocast(self.d.device),
+            self.num_labels,
+        )
+        for cb in self.callbacks:
+            cb.on_evaluate(self.state, m)
+        self.last_eval, self.last_eval_step = m, self.state.step
+        return m
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, t, d, out = self.cfg, self.cfg.training, self.d, self.cfg.output.dir
+        if self.resume_from:
+            self._restore(self.resume_from)
+        main = d.is_main
+        if main:
+            os.makedirs(out, exist_ok=True)
+            ckpt.remove_partial(os.path.join(out, "checkpoints"))
+            ckpt.write_json(cfg.to_dict(), os.path.join(out, "run_config.json"))
+        log = MetricsLog(
+            os.path.join(out, "metrics.jsonl") if main else None,
+            self.state.step if self.resume_from else None,
+        )
+        for cb in self.callbacks:
+            cb.on_train_begin(self.state)
+        if self.resume_from is None and t.eval_at_start:
+            self.eval_before = self._evaluate()
+            if self.eval_before and main:
+                log.write({"step": 0, **self.eval_before})
+        bar = None
+        if main and cfg.output.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=self.total, initial=self.state.step, desc="train", dynamic_ncols=True, file=sys.stderr
+            )
+        save_every = cfg.output.save_every
+        start, start_step = time.perf_counter(), self.state.step
+        B, A = t.batch_size, t.grad_accumulation
+        while self.state.step < self.total:
+            batches = self.plan.batches(self.epoch)
+            mine = [self.plan.shard(b, d.rank, d.world_size) for b in batches[self.batch_index :]]
+            micro = [m[i * B : (i + 1) * B] for m in mine for i in range(A)]
+            loader = torch.utils.data.DataLoader(
+                self.train_ds,
+                batch_sampler=[[tuple(r) for r in mb] for mb in micro],
+                collate_fn=self.collate,
+                num_workers=cfg.workers,
+                generator=torch.Generator().manual_seed(t.seed + self.epoch),
+            )
+            it = iter(loader)
+            for gb in batches[self.batch_index :]:
+                if self.state.step >= self.total:
+                    break
+                t0 = time.perf_counter()
+                n_tgt = sum(self.targets[i] for row in gb for i in row)
+                loss, norm = self._step([next(it) for _ in range(A)], max(n_tgt, 1))
+                self.batch_index += 1
+                real = self.plan.real_tokens(gb)
+                self.tokens += real
+                lr = self.sched.get_last_lr()[0]
+                if norm is None:
+                    self.skipped += 1
+                    self.nonfinite_run += 1
+                    self.state.step += 1
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        self.sched.step()
+                    if main:
+                        print(
+                            f"warning: step {self.state.step}: loss is {loss}; step skipped", file=sys.stderr
+                        )
+                    if self.nonfinite_run >= t.max_nonfinite:
+                        last = ckpt.latest_checkpoint(os.path.join(out, "checkpoints"))
+                        raise NonFiniteLossError(
+                            f"the loss was not finite for {self.nonfinite_run} steps in a row (up to step "
+                            f"{self.state.step}); training stopped. Last good checkpoint: {last or 'none'}. "
+                            "Lower training.lr or check the data."
+                        )
+                else:
+                    self.nonfinite_run = 0
+                    self.last_loss = loss
+                dt = time.perf_counter() - t0
+                step = self.state.step
+                if main and (step % t.log_every == 0 or step == self.total):
+                    rec = {
+                        "step": step,
+                        "epoch": self.epoch,
+                        "loss": loss,
+                        "lr": lr,
+                        "grad_norm": norm,
+                        "tokens": self.tokens,
+                        "tokens_per_s": real / max(dt, 1e-9),
+                        "elapsed_s": time.perf_counter() - start,
+                        **self.state.metrics,
+                    }
+                    log.write(rec)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{real / max(dt, 1e-9):,.0f}")
+                    bar.update(1)
+                end_of_epoch = self.batch_index == len(batches)
+                if (t.eval_every and step % t.eval_every == 0) or (t.eval_every is None and end_of_epoch):
+                    m = self._evaluate()
+                    if m and main:
+                        log.write({"step": step, **m})
+                if save_every and step % save_every == 0 or save_every is None and end_of_epoch:
+                    self._save()
+            else:
+                self.epoch, self.batch_index = self.epoch + 1, 0
+                continue
+            break
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - start
+        if self.last_eval_step != self.state.step:
+            m = self._evaluate()
+            if m and main:
+                log.write({"step": self.state.step, **m})
+        if save_every != 0:
+            self._save()
+        rank_diff = dd.max_rank_difference(self.params, d)
+        for cb in self.callbacks:
+            cb.on_train_end(self.state)
+        adapter_dir = (
+            ckpt.save_final_adapter(self.model, os.path.join(out, "adapter"), cfg.model.name)
+            if main
+            else None
+        )
+        summary = {
+            "steps": self.state.step,
+            "skipped_steps": self.skipped,
+            "train_loss": self.last_loss,
+            "wall_time_s": round(elapsed, 2),
+            "tokens": self.tokens,
+            "tokens_per_s": round(
+                (self.tokens / max(elapsed, 1e-9)) if self.state.step > start_step else 0.0, 1
+            ),
+            "world_size": d.world_size,
+            "global_batch": self.global_batch,
+            "precision": self.precision.name,
+            "device": str(d.device),
+            **peak_memory(d.device),
+            "adapter_dir": adapter_dir,
+            "eval_before": self.eval_before,
+            "eval_after": self.last_eval,
+            "rank_max_abs_diff": rank_diff,
+            "efficiency": {k: v for k, v in self.report.as_dict().items() if k != "layers"},
+        }
+        if main:
+            ckpt.write_json(summary, os.path.join(out, "summary.json"))
+            if cfg.output.plot:
+                plot_curves(
+                    log.records, os.path.join(out, "loss_curve.png"), title=f"{cfg.model.name} ({self.task})"
+                )
+            print(format_summary(summary))
+        return TrainResult(
+            out,
+            adapter_dir,
+            self.state.step,
+            self.skipped,
+            self.last_loss,
+            self.eval_before,
+            self.last_eval,
+            summary,
+        )
