@@ -274,12 +274,13 @@ class NF4Linear(nn.Module):
     def weight(self) -> QuantizedWeight:
         return QuantizedWeight(self)
 
-    @weight.setter
-    def weight(self, value) -> None:
-        raise QuantError(
-            f"cannot assign .weight of a quantized {self.spec.quant_type} linear {self.spec.shape}; "
-            "use set_dense_weight(w) to re-quantize"
-        )
+    def __setattr__(self, name: str, value) -> None:
+        if name == "weight":
+            raise QuantError(
+                f"cannot assign .weight of a quantized {self.spec.quant_type} linear {self.spec.shape}; "
+                "use set_dense_weight(w) to re-quantize"
+            )
+        super().__setattr__(name, value)
 
     def requires_grad_(self, requires_grad: bool = True) -> NF4Linear:
         if requires_grad:
