@@ -56,12 +56,13 @@ class AdapterNotFoundError(AdapterFileError, FileNotFoundError):
 
 
 def adapter_dir(path: str | os.PathLike, adapter_name: str = "default") -> str:
-    """Where adapter ``adapter_name`` lives under ``path``: ``path`` for "default", ``path/<name>``
-    otherwise (PEFT's layout); on reading, ``path`` itself is used when it holds an adapter."""
+    """Where adapter ``adapter_name`` is read from: ``path/<name>`` for a non-default name when that
+    sub-folder holds an adapter (PEFT's and ``save_adapter``'s layout), else ``path`` itself."""
     path = os.fspath(path)
-    if adapter_name == "default" or os.path.isfile(os.path.join(path, CONFIG_NAME)):
-        return path
-    return os.path.join(path, adapter_name)
+    sub = os.path.join(path, adapter_name)
+    if adapter_name != "default" and os.path.isfile(os.path.join(sub, CONFIG_NAME)):
+        return sub
+    return path
 
 
 # ------------------------------------------------------------------------------------------- saving
