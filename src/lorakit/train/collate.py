@@ -125,10 +125,10 @@ class BatchPlan:
             while e < len(order) and total < tokens_per_window:
                 total += self.lengths[order[e]]
                 e += 1
-            packed += _pack_rows(order[s:e], self.lengths, self.max_length)
+            rows_w = _pack_rows(order[s:e], self.lengths, self.max_length)
+            # Rows of similar fill side by side, so a batch pads little (batch order is shuffled later).
+            packed += sorted(rows_w, key=lambda r: -sum(self.lengths[i] for i in r))
             s = e
-        if self.shuffle:
-            rng.shuffle(packed)
         return packed
 
     def batches(self, epoch: int = 0) -> list[Batch]:
@@ -139,7 +139,7 @@ class BatchPlan:
             out = [rows[s : s + self.batch_size] for s in range(0, len(rows), self.batch_size)]
             if self.drop_last and out and len(out[-1]) < self.batch_size:
                 out.pop()
-            if self.mode == "group" and self.shuffle:
+            if self.mode != "pad" and self.shuffle:
                 rng.shuffle(out)
             self._cache = {epoch: out}
         return self._cache[epoch]
