@@ -1,0 +1,155 @@
+"""Memory, FLOP, time, serving and ROI formulas on hand-computed cases and published points."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lorakit.bench.arch import Arch, PlanError, count_params, resolve_arch
+from lorakit.bench.cost import (
+    GIB,
+    NF4_BITS,
+    Roi,
+    Setup,
+    activation_bytes,
+    adapted_matrices,
+    flops_per_token,
+    layer_activation_bytes,
+    memory,
+    serving_cost_per_month,
+    serving_gpus,
+    train_hours,
+    trainable_params,
+)
+from lorakit.bench.gpus import get_gpu
+from lorakit.bench.plan import plan
+
+
+def test_nf4_double_quant_bits():
+    assert NF4_BITS[True] == pytest.approx(4.127, abs=5e-4)  # QLoRA: 0.127 bits/param of constants
+    assert NF4_BITS[False] == 4.5
+
+
+def test_7b_full_mixed_precision_adamw_is_16_bytes_per_param():
+    arch = resolve_arch("7B")
+    m = memory(arch, Setup(method="full", precision="bf16-mixed", optimizer="adamw"))
+    states = m.weights + m.master_weights + m.gradients + m.optimizer_states
+    assert states / count_params(arch).total == 16.0  # 2 + 2 + 4 + 4 + 4 (ZeRO, section 3.1)
+
+
+def test_gpt3_lora_r4_wq_wv_checkpoint_is_about_35_mb():
+    arch = resolve_arch("175B")
+    p = plan("175B", tokens=1000, method="lora", r=4, targets=["q_proj", "v_proj"], gpu="H100-80GB")
+    assert p.selected.trainable_params == 96 * 2 * 4 * (12288 + 12288)  # r(d + k) on Wq, Wv of 96 layers
+    assert p.selected.checkpoint_bytes == pytest.approx(35e6, rel=0.10)  # LoRA paper: 35 MB
+    assert 2 * count_params(arch).total == pytest.approx(350e9, rel=0.01)  # vs 350 GB for the full model
+
+
+def test_65b_qlora_fits_one_48gb_gpu():
+    # QLoRA's setting: r=64 on all linear layers, bf16 adapters, gradient checkpointing, batch 1 x 512
+    p = plan("65B", tokens=10**6, method="qlora", r=64, targets="all-linear", gpu="A6000-48GB", micro_batch=1,
+             seq_len=512)
+    q = p.methods["qlora"]
+    assert q.gpus == 1 and 30 * GIB < q.memory.total < 48 * GIB
+    assert q.memory.weights == pytest.approx(33.4 * 1e9 * 1.075, rel=0.05)  # 65B x 4.127 bits + 16-bit embeddings
+    assert p.methods["lora"].single_gpu_memory.total > 48 * GIB  # the 16-bit base alone is 121 GiB
+    assert p.methods["full"].fits_on["A6000-48GB"] is None
+
+
+def gpt_arch(**kw) -> Arch:
+    base = dict(name="g", family="gpt", vocab=1000, hidden=64, intermediate=256, layers=2, heads=4, kv_heads=4,
+                head_dim=16, max_positions=128, tied=True, qkv_bias=True, o_bias=True, mlp_bias=True, dropout=0.1,
+                attn_dropout=0.1)
+    base.update(kw)
+    return Arch(**base)
+
+
+def test_activation_tally_reproduces_korthikanti_34_plus_5as_over_h():
+    # GPT layer, 16-bit activations, dropout, standard attention, everything trained: sbh(34 + 5as/h) bytes
+    arch, s = gpt_arch(), 128
+    setup = Setup(method="full", precision="bf16-mixed", attention="eager", seq_len=s, micro_batch=2,
+                  grad_checkpointing=False)
+    h, a = arch.hidden, arch.heads
+    assert layer_activation_bytes(arch, setup, []) == h * (34 + 5 * a * s / h)
+
+
+def test_frozen_base_saves_less_and_checkpointing_keeps_2sbh_per_layer():
+    arch = resolve_arch("llama-15m")
+    kw = dict(seq_len=256, micro_batch=8, precision="fp32", attention="sdpa")
+    full = activation_bytes(arch, Setup(method="full", grad_checkpointing=False, **kw))[0]
+    lora_setup = Setup(method="lora", grad_checkpointing=False, **kw)
+    lora = activation_bytes(arch, lora_setup)[0]
+    assert lora < full
+    # hand count for one llama block with LoRA on q, v (fp32 = 4 bytes, per token): 2 RMSNorm inputs (h),
+    # the q/v input (h), Q, K, V, attention output (4h), log-sum-exp (heads), gate/SiLU/up outputs (3i),
+    # two adapter A outputs (r each)
+    h, i, r = 512, 1376, 8
+    per_token = 4 * (2 * h + h + 4 * h + 3 * i + 2 * r) + 4 * arch.heads
+    layer0 = [x for x in adapted_matrices(arch, lora_setup) if x[0].layer == 0]
+    assert layer_activation_bytes(arch, lora_setup, layer0) == per_token
+    ckpt = Setup(method="lora", grad_checkpointing=True, **kw)
+    tokens = 256 * 8
+    tail = 4 * h + 2000 * (4 + 4)  # final norm input + logits + log-softmax
+    assert activation_bytes(arch, ckpt)[0] == tokens * (4 * 4 * h + per_token + tail)
+
+
+def test_flops_per_token_hand_computed():
+    arch = resolve_arch("tiny-llama")  # h 64, i 172, 2 layers, 4 heads, kv 2 (head 16), vocab 260
+    n_mm = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 172) + 64 * 260
+    s = 128
+    attn = 4 * 2 * s * 64 * 0.5  # QK^T and AV, causal kernel skips half
+    n_ad = 2 * 8 * ((64 + 64) + (64 + 32))  # r=8 on q (64->64) and v (64->32), 2 layers
+    full = Setup(method="full", seq_len=s, grad_checkpointing=False)
+    lora = Setup(method="lora", seq_len=s, grad_checkpointing=False)
+    assert flops_per_token(arch, full) == 3 * (2 * n_mm + attn)  # the "6N" rule plus attention
+    assert flops_per_token(arch, lora) == 4 * n_mm + 3 * attn + 6 * n_ad  # about 4N
+    ck = Setup(method="lora", seq_len=s, grad_checkpointing=True)
+    assert flops_per_token(arch, ck) == 4 * n_mm + 3 * attn + 6 * n_ad + (2 * n_mm + attn + 2 * n_ad)
+    assert flops_per_token(arch, Setup(method="full", seq_len=s, attention="eager", grad_checkpointing=False)) == 3 * (
+        2 * n_mm + 2 * attn)
+
+
+def test_time_and_cost():
+    gpu = get_gpu("A100-80GB")
+    assert train_hours(1e18, gpu, 2, 0.5) == pytest.approx(1e18 / (2 * 312e12 * 0.5) / 3600)
+    with pytest.raises(PlanError, match="mfu"):
+        train_hours(1e18, gpu, 1, 0.0)
+    p = plan("tiny-llama", tokens=10**6, gpu="A100-80GB", mfu=0.5, epochs=2)
+    sel = p.selected
+    assert sel.total_flops == pytest.approx(sel.flops_per_token * 2e6)
+    assert sel.hours == pytest.approx(sel.total_flops / (312e12 * 0.5) / 3600)
+    assert sel.training_cost == pytest.approx(sel.hours * 1 * 1.80)
+
+
+def test_roi_and_payback_arithmetic():
+    r = Roi(training_cost=1000, serving_cost_per_month=100, benefit_per_month=600, horizon_months=12)
+    assert r.total_cost == 1000 + 12 * 100 and r.total_benefit == 7200
+    assert r.roi == pytest.approx((7200 - 2200) / 2200)
+    assert r.payback_months == pytest.approx(1000 / (600 - 100))
+    never = Roi(training_cost=1000, serving_cost_per_month=100, benefit_per_month=50, horizon_months=12)
+    assert never.payback_months is None and never.roi < 0
+    for bad in (dict(training_cost=-1), dict(horizon_months=0), dict(benefit_per_month=math.nan)):
+        kw = dict(training_cost=1.0, serving_cost_per_month=0.0, benefit_per_month=1.0, horizon_months=1.0) | bad
+        with pytest.raises(PlanError):
+            Roi(**kw)
+
+
+def test_serving_merged_vs_shared_base():
+    arch, gpu = resolve_arch("7B"), get_gpu("A100-80GB")
+    base = serving_gpus(arch, gpu) * gpu.price_per_hour * 730
+    lora = Setup(method="lora")
+    assert serving_cost_per_month(arch, lora, gpu) == base  # merged: its own copy of the base
+    shared = serving_cost_per_month(arch, lora, gpu, adapters_per_base=4)
+    n_ad = trainable_params(arch, lora)
+    assert shared == pytest.approx(base * (1 + n_ad / count_params(arch).matmul) / 4)
+    assert serving_cost_per_month(arch, Setup(method="full"), gpu, adapters_per_base=4) == base
+    with pytest.raises(PlanError, match="adapters_per_base"):
+        serving_cost_per_month(arch, lora, gpu, adapters_per_base=0)
+
+
+def test_sharding_divides_states_not_activations():
+    arch = resolve_arch("7B")
+    s = Setup(method="full")
+    one, four = memory(arch, s, None, 1), memory(arch, s, None, 4)
+    assert four.optimizer_states == one.optimizer_states / 4 and four.activations == one.activations
