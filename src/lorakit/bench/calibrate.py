@@ -101,8 +101,23 @@ def _profiled_peak_mb(step) -> float:
     return max(sum(s) for s in sizes) / 1e6
 
 
-def calibrate(model: str = "llama-15m", batch: int = 8, seq_len: int = 256, steps: int = 3, seed: int = 0) -> Calibration:
-    """Measure and predict one LoRA training step of ``model`` on this CPU (see the module docstring)."""
+def calibrate(model: str = "llama-15m", batch: int = 8, seq_len: int = 256, steps: int = 3, seed: int = 0,
+              threads: int | None = 1) -> Calibration:
+    """Measure and predict one LoRA training step of ``model`` on this CPU (see the module docstring).
+
+    ``threads`` (default 1; None keeps torch's setting): with one thread, other jobs on a shared machine
+    slow the matmul probe and the step alike; with several, a descheduled thread stalls the others at
+    every op's barrier, which penalises the many small ops of a step far more than one large GEMM."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _calibrate(model, batch, seq_len, steps, seed)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _calibrate(model: str, batch: int, seq_len: int, steps: int, seed: int) -> Calibration:
     from lorakit.config import AdapterConfig
     from lorakit.models import build_model
     from lorakit.surgery.inject import inject

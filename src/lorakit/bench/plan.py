@@ -195,7 +195,7 @@ def plan(
             "smaller micro-batch/sequence"
         )
     if sel.gpus is None:
-        first = sel.fits_on[chosen.name] if gpus is None else None
+        first = sel.fits_on.get(chosen.name)
         per_gpu = memory(arch, base, chosen, gpus or 1).total / GIB
         where = ", ".join(f"{k} x{v}" for k, v in sel.fits_on.items() if v)
         raise PlanError(
