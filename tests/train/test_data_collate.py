@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lorakit.models import build_model
-from lorakit.train.collate import BatchPlan, Collator, block_causal_mask, make_loader
+from lorakit.train.collate import BatchPlan, Collator, block_causal_mask, check_packing, make_loader
 from lorakit.train.data import DataError, read_records
 from lorakit.train.tasks import encode_records
 from lorakit.train.tokenizer import ByteTokenizer
@@ -138,3 +138,17 @@ def test_make_loader_resumes_at_a_batch_on_real_data():
     tokens = sum(plan.real_tokens(b) for b in plan.batches(2))
     assert tokens == sum(ds.lengths)
     assert tokens / sum(x["input_ids"].numel() for x in full) > 0.95  # packing wastes < 5% on padding
+
+
+def test_check_packing_catches_a_model_that_leaks(llama):
+    assert check_packing(llama) < 1e-5 and check_packing(llama, "block") < 1e-5
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.models.builtin import builtin_config
+
+    cfg = builtin_config("tiny-llama")
+    cfg._attn_implementation = "eager"  # eager adds the mask: a bool block mask is wrong there
+    eager = AutoModelForCausalLM.from_config(cfg).train()
+    assert check_packing(eager) < 1e-5 and eager.training
+    with pytest.raises(DataError, match="does not isolate examples"):
+        check_packing(eager, "block")

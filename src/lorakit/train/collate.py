@@ -9,12 +9,16 @@ Three modes (``BatchPlan(mode=...)`` + ``Collator(mode=...)``):
 - ``pack``: several examples per row (best-fit decreasing bin packing inside mega-batches), with
   ``position_ids`` restarting at 0 for each example and no 2D attention mask. Transformers 5 detects packed
   sequences from such position ids and keeps attention inside each example (``masking_utils.
-  find_packed_sequence_indices``) -- **only when no KV cache is built, so call the model with
-  use_cache=False** (or set ``model.config.use_cache = False``). With ``pack_attention="block"`` the
+  find_packed_sequence_indices``; eager, sdpa and flash-attention alike) -- **only when no KV cache is
+  built, so call the model with use_cache=False** (or set ``model.config.use_cache = False``); in train
+  mode with the default config it silently attends across examples. With ``pack_attention="block"`` the
   collator instead passes a 4D block-diagonal causal mask ``[B, 1, L, L]`` (bool, True = may attend),
-  which works whatever the cache setting. The first label of every packed example is set to -100 so that
-  no example is trained to predict the next one's first token. Padded logits of a packed row equal each
-  example run alone (tests/train/test_data_collate.py).
+  which works whatever the cache setting but only with sdpa attention (eager adds a mask, so a bool one
+  is wrong there). ``check_packing(model)`` verifies the isolation on the actual model in a few ms; call it
+  once before training with packing. Rows of similar fill are batched together (then the batch order is
+  shuffled) so little padding is left. The first label of every packed example is set to -100 so that
+  no example is trained to predict the next one's first token. Logits of a packed row equal each example
+  run alone (tests/train/test_data_collate.py).
 
 A plan is a pure function of (lengths, seed, epoch): ``batches(epoch)`` lists the global batches, each a
 list of rows, each row a tuple of example indices (one index unless packing), so a trainer can resume at
@@ -311,3 +315,39 @@ def make_loader(
         num_workers=num_workers,
         persistent_workers=False,
     )
+
+
+def check_packing(model: torch.nn.Module, pack_attention: str = "position_ids", vocab: int = 256) -> float:
+    """Check that ``model`` keeps attention inside packed examples; returns the max logit difference.
+
+    Runs two short random examples packed in one row and each alone (eval mode, no grad, use_cache=False)
+    and compares the logits. Raises DataError when they differ beyond the dtype's tolerance, naming the
+    fix (group batching, or the other ``pack_attention``).
+    """
+    param = next(model.parameters())
+    g = torch.Generator().manual_seed(0)
+    exs = [
+        {"input_ids": torch.randint(0, vocab, (n,), generator=g).tolist(), "labels": [0] * n} for n in (6, 5)
+    ]
+    batch = Collator(0, "pack", pack_attention=pack_attention)([exs])
+    batch.pop("labels")
+    batch = {k: v.to(param.device) for k, v in batch.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model(**batch, use_cache=False).logits[0].float()
+            alone = torch.cat(
+                [model(input_ids=torch.tensor([e["input_ids"]], device=param.device)).logits[0] for e in exs]
+            ).float()
+    finally:
+        model.train(was_training)
+    diff = (packed - alone).abs().max().item()
+    tol = 1e-4 if param.dtype == torch.float32 else 5e-2
+    if not diff <= tol * max(1.0, alone.abs().max().item()):
+        raise DataError(
+            f"packing with pack_attention={pack_attention!r} does not isolate examples in "
+            f"{type(model).__name__} (max logit difference {diff:.3g}); use batching mode 'group' "
+            f"or pack_attention={'block' if pack_attention == 'position_ids' else 'position_ids'!r}"
+        )
+    return diff
