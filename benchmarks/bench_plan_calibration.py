@@ -17,7 +17,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--model", default="llama-15m")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, robust on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1, robust on a shared machine)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     result = calibrate(model=args.model, steps=args.steps, threads=args.threads)

@@ -15,17 +15,22 @@ from lorakit.cli.main import main
 
 @pytest.fixture(scope="module")
 def small_plan() -> Plan:
-    return plan("7B", tokens=5_000_000, method="lora", gpu="A100-80GB", benefit_per_month=4000, horizon_months=6)
+    return plan(
+        "7B", tokens=5_000_000, method="lora", gpu="A100-80GB", benefit_per_month=4000, horizon_months=6
+    )
 
 
 def test_plan_has_every_method_and_numbers_tied_recommendations(small_plan):
     p = small_plan
     assert p.selected.method == "lora" and set(p.methods) == {"full", "lora", "qlora", "dora"}
-    assert p.methods["full"].gpus == 2 and p.methods["lora"].gpus == 1  # 108 GiB of states do not fit one 80 GB
+    assert (
+        p.methods["full"].gpus == 2 and p.methods["lora"].gpus == 1
+    )  # 108 GiB of states do not fit one 80 GB
     assert p.methods["qlora"].single_gpu_memory.total < p.methods["lora"].single_gpu_memory.total
     assert p.selected.roi.roi == pytest.approx(
         (6 * 4000 - p.selected.training_cost - 6 * p.selected.serving_cost_per_month)
-        / (p.selected.training_cost + 6 * p.selected.serving_cost_per_month))
+        / (p.selected.training_cost + 6 * p.selected.serving_cost_per_month)
+    )
     cheapest = min((m for m in p.methods.values() if m.fits), key=lambda m: m.training_cost)
     assert p.recommendations[0].startswith(f"Cheapest method that fits: {cheapest.method} at $")
     assert any("Risk, cost overrun" in r for r in p.recommendations)
@@ -51,12 +56,22 @@ def test_dataset_rows_times_seq_len():
 
 @pytest.mark.parametrize(
     "kw,field",
-    [(dict(tokens=0), "tokens"), (dict(tokens=-5), "tokens"), (dict(dataset_rows=0), "dataset_rows"),
-     (dict(tokens=100, seq_len=0), "seq_len"), (dict(tokens=100, epochs=0), "epochs"),
-     (dict(tokens=100, r=0), "r="), (dict(tokens=100, gpus=0), "gpus"), (dict(tokens=100, mfu=1.5), "mfu"),
-     (dict(tokens=100, horizon_months=0), "horizon_months"), (dict(tokens=100, price_per_hour=-1), "price_per_hour"),
-     (dict(tokens=100, micro_batch=0), "micro_batch"), (dict(tokens=100, method="prefix"), "method"),
-     (dict(), "exactly one data size"), (dict(tokens=1, dataset_rows=1), "exactly one data size")],
+    [
+        (dict(tokens=0), "tokens"),
+        (dict(tokens=-5), "tokens"),
+        (dict(dataset_rows=0), "dataset_rows"),
+        (dict(tokens=100, seq_len=0), "seq_len"),
+        (dict(tokens=100, epochs=0), "epochs"),
+        (dict(tokens=100, r=0), "r="),
+        (dict(tokens=100, gpus=0), "gpus"),
+        (dict(tokens=100, mfu=1.5), "mfu"),
+        (dict(tokens=100, horizon_months=0), "horizon_months"),
+        (dict(tokens=100, price_per_hour=-1), "price_per_hour"),
+        (dict(tokens=100, micro_batch=0), "micro_batch"),
+        (dict(tokens=100, method="prefix"), "method"),
+        (dict(), "exactly one data size"),
+        (dict(tokens=1, dataset_rows=1), "exactly one data size"),
+    ],
 )
 def test_bad_input_names_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
@@ -80,7 +95,9 @@ def test_explicit_gpu_count_too_small_says_how_many():
 
 def test_user_gpu_table(tmp_path):
     path = tmp_path / "gpus.json"
-    path.write_text(json.dumps({"gpus": {"MyCard": {"memory_gb": 24, "peak_tflops": 100, "price_per_hour": 0.5}}}))
+    path.write_text(
+        json.dumps({"gpus": {"MyCard": {"memory_gb": 24, "peak_tflops": 100, "price_per_hour": 0.5}}})
+    )
     p = plan("tiny-llama", tokens=1000, gpu="mycard", gpu_table=str(path))
     assert p.gpu.name == "MyCard" and p.selected.fits_on == {"MyCard": 1}
     path.write_text(json.dumps({"gpus": {"Bad": {"memory_gb": 0, "peak_tflops": 1, "price_per_hour": 1}}}))

@@ -28,20 +28,29 @@ def test_param_count_equals_instantiated_builtin(name, task):
 
 def test_param_count_minilm_from_its_config_json():
     for task in ("base", "classification"):
-        assert count_params(resolve_arch("minilm", task=task)).total == n_params(build_model("minilm", task=task))
+        assert count_params(resolve_arch("minilm", task=task)).total == n_params(
+            build_model("minilm", task=task)
+        )
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "mistral", "llama-bias-gqa-tied"])
 def test_param_count_other_llama_like_configs(kind):
     import transformers as tf
 
-    shape = dict(vocab_size=300, hidden_size=64, intermediate_size=100, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2)
+    shape = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=100,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     cfg = {
         "qwen2": lambda: tf.Qwen2Config(**shape),
         "mistral": lambda: tf.MistralConfig(head_dim=16, **shape),
-        "llama-bias-gqa-tied": lambda: tf.LlamaConfig(attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
-                                                      head_dim=32, **shape),
+        "llama-bias-gqa-tied": lambda: tf.LlamaConfig(
+            attention_bias=True, mlp_bias=True, tie_word_embeddings=True, head_dim=32, **shape
+        ),
     }[kind]()
     model = tf.AutoModelForCausalLM.from_config(cfg)
     assert count_params(arch_from_config(cfg.to_dict())).total == n_params(model)
@@ -56,20 +65,31 @@ def test_reference_sizes_match_published_counts():
 
 @pytest.mark.parametrize(
     "name,targets",
-    [("tiny-llama", ["q_proj", "v_proj"]), ("tiny-llama", "all-linear"), ("tiny-gpt2", ["c_attn"]),
-     ("tiny-bert", ["query", "value"])],
+    [
+        ("tiny-llama", ["q_proj", "v_proj"]),
+        ("tiny-llama", "all-linear"),
+        ("tiny-gpt2", ["c_attn"]),
+        ("tiny-bert", ["query", "value"]),
+    ],
 )
 def test_lora_trainable_equals_r_d_plus_k_and_peft(name, targets):
     peft = pytest.importorskip("peft")
     r = 4
     arch = resolve_arch(name)
-    ours = trainable_params(arch, Setup(method="lora", r=r, targets=targets if isinstance(targets, str) else tuple(targets)))
-    chosen = [m for m in matrices(arch) if targets == "all-linear" and m.name != "lm_head"
-              or targets != "all-linear" and m.name.rsplit(".", 1)[-1] in targets]
+    ours = trainable_params(
+        arch, Setup(method="lora", r=r, targets=targets if isinstance(targets, str) else tuple(targets))
+    )
+    chosen = [
+        m
+        for m in matrices(arch)
+        if targets == "all-linear"
+        and m.name != "lm_head"
+        or targets != "all-linear"
+        and m.name.rsplit(".", 1)[-1] in targets
+    ]
     assert ours == sum(r * (m.d_in + m.d_out) for m in chosen)  # r(d + k) over the targeted matrices
     model = build_model(name)
-    cfg = peft.LoraConfig(r=r, lora_alpha=8, target_modules=targets,
-                          fan_in_fan_out=name == "tiny-gpt2")
+    cfg = peft.LoraConfig(r=r, lora_alpha=8, target_modules=targets, fan_in_fan_out=name == "tiny-gpt2")
     pm = peft.get_peft_model(model, cfg)
     assert ours == sum(p.numel() for p in pm.parameters() if p.requires_grad)
 

@@ -10,20 +10,18 @@ from lorakit.bench.arch import Arch, PlanError, count_params, resolve_arch
 from lorakit.bench.cost import (
     GIB,
     NF4_BITS,
-    Roi,
     Setup,
     activation_bytes,
     adapted_matrices,
     flops_per_token,
     layer_activation_bytes,
     memory,
-    serving_cost_per_month,
-    serving_gpus,
     train_hours,
     trainable_params,
 )
 from lorakit.bench.gpus import get_gpu
 from lorakit.bench.plan import plan
+from lorakit.bench.roi import Roi, serving_cost_per_month, serving_gpus
 
 
 def test_nf4_double_quant_bits():
@@ -48,19 +46,44 @@ def test_gpt3_lora_r4_wq_wv_checkpoint_is_about_35_mb():
 
 def test_65b_qlora_fits_one_48gb_gpu():
     # QLoRA's setting: r=64 on all linear layers, bf16 adapters, gradient checkpointing, batch 1 x 512
-    p = plan("65B", tokens=10**6, method="qlora", r=64, targets="all-linear", gpu="A6000-48GB", micro_batch=1,
-             seq_len=512)
+    p = plan(
+        "65B",
+        tokens=10**6,
+        method="qlora",
+        r=64,
+        targets="all-linear",
+        gpu="A6000-48GB",
+        micro_batch=1,
+        seq_len=512,
+    )
     q = p.methods["qlora"]
     assert q.gpus == 1 and 30 * GIB < q.memory.total < 48 * GIB
-    assert q.memory.weights == pytest.approx(33.4 * 1e9 * 1.075, rel=0.05)  # 65B x 4.127 bits + 16-bit embeddings
+    assert q.memory.weights == pytest.approx(
+        33.4 * 1e9 * 1.075, rel=0.05
+    )  # 65B x 4.127 bits + 16-bit embeddings
     assert p.methods["lora"].single_gpu_memory.total > 48 * GIB  # the 16-bit base alone is 121 GiB
     assert p.methods["full"].fits_on["A6000-48GB"] is None
 
 
 def gpt_arch(**kw) -> Arch:
-    base = dict(name="g", family="gpt", vocab=1000, hidden=64, intermediate=256, layers=2, heads=4, kv_heads=4,
-                head_dim=16, max_positions=128, tied=True, qkv_bias=True, o_bias=True, mlp_bias=True, dropout=0.1,
-                attn_dropout=0.1)
+    base = dict(
+        name="g",
+        family="gpt",
+        vocab=1000,
+        hidden=64,
+        intermediate=256,
+        layers=2,
+        heads=4,
+        kv_heads=4,
+        head_dim=16,
+        max_positions=128,
+        tied=True,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        dropout=0.1,
+        attn_dropout=0.1,
+    )
     base.update(kw)
     return Arch(**base)
 
@@ -68,8 +91,14 @@ def gpt_arch(**kw) -> Arch:
 def test_activation_tally_reproduces_korthikanti_34_plus_5as_over_h():
     # GPT layer, 16-bit activations, dropout, standard attention, everything trained: sbh(34 + 5as/h) bytes
     arch, s = gpt_arch(), 128
-    setup = Setup(method="full", precision="bf16-mixed", attention="eager", seq_len=s, micro_batch=2,
-                  grad_checkpointing=False)
+    setup = Setup(
+        method="full",
+        precision="bf16-mixed",
+        attention="eager",
+        seq_len=s,
+        micro_batch=2,
+        grad_checkpointing=False,
+    )
     h, a = arch.hidden, arch.heads
     assert layer_activation_bytes(arch, setup, []) == h * (34 + 5 * a * s / h)
 
@@ -106,8 +135,9 @@ def test_flops_per_token_hand_computed():
     assert flops_per_token(arch, lora) == 4 * n_mm + 3 * attn + 6 * n_ad  # about 4N
     ck = Setup(method="lora", seq_len=s, grad_checkpointing=True)
     assert flops_per_token(arch, ck) == 4 * n_mm + 3 * attn + 6 * n_ad + (2 * n_mm + attn + 2 * n_ad)
-    assert flops_per_token(arch, Setup(method="full", seq_len=s, attention="eager", grad_checkpointing=False)) == 3 * (
-        2 * n_mm + 2 * attn)
+    assert flops_per_token(
+        arch, Setup(method="full", seq_len=s, attention="eager", grad_checkpointing=False)
+    ) == 3 * (2 * n_mm + 2 * attn)
 
 
 def test_time_and_cost():
@@ -130,7 +160,10 @@ def test_roi_and_payback_arithmetic():
     never = Roi(training_cost=1000, serving_cost_per_month=100, benefit_per_month=50, horizon_months=12)
     assert never.payback_months is None and never.roi < 0
     for bad in (dict(training_cost=-1), dict(horizon_months=0), dict(benefit_per_month=math.nan)):
-        kw = dict(training_cost=1.0, serving_cost_per_month=0.0, benefit_per_month=1.0, horizon_months=1.0) | bad
+        kw = (
+            dict(training_cost=1.0, serving_cost_per_month=0.0, benefit_per_month=1.0, horizon_months=1.0)
+            | bad
+        )
         with pytest.raises(PlanError):
             Roi(**kw)
 

@@ -21,8 +21,11 @@ if TYPE_CHECKING:
     from lorakit.bench.gpus import Gpu
     from lorakit.bench.plan import Plan
 
-RANKS = {"simple": (4, 8, ("q_proj", "v_proj")), "moderate": (8, 16, ("q_proj", "k_proj", "v_proj", "o_proj")),
-         "complex": (16, 64, "all-linear")}
+RANKS = {
+    "simple": (4, 8, ("q_proj", "v_proj")),
+    "moderate": (8, 16, ("q_proj", "k_proj", "v_proj", "o_proj")),
+    "complex": (16, 64, "all-linear"),
+}
 _ATTN_NAMES = {
     "llama": {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "o_proj"},
     "gpt": {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "out_proj"},
@@ -57,10 +60,15 @@ def recommendations(p: Plan, table: dict[str, Gpu], complexity: str) -> list[str
     cheapest = min(fitting.values(), key=lambda mp: (mp.training_cost, mp.gpus))
     spare = gpu.memory_gb * GIB - cheapest.memory.total
     full = p.methods["full"]
-    vs_full = (f"; full fine-tuning needs {full.gpus} x {gpu.name} and costs {_money(full.training_cost)}"
-               if full.fits else f"; full fine-tuning does not fit even {64} x {gpu.name}")
-    out.append(f"Cheapest method that fits: {cheapest.method} at {_money(cheapest.training_cost)} "
-               f"({cheapest.hours:,.2f} h on {cheapest.gpus} x {gpu.name}, {_gib(spare)} to spare per GPU){vs_full}.")
+    vs_full = (
+        f"; full fine-tuning needs {full.gpus} x {gpu.name} and costs {_money(full.training_cost)}"
+        if full.fits
+        else f"; full fine-tuning does not fit even {64} x {gpu.name}"
+    )
+    out.append(
+        f"Cheapest method that fits: {cheapest.method} at {_money(cheapest.training_cost)} "
+        f"({cheapest.hours:,.2f} h on {cheapest.gpus} x {gpu.name}, {_gib(spare)} to spare per GPU){vs_full}."
+    )
     # cheapest GPU type for the selected method (same FLOPs, MFU and formulas on each)
     best = None
     for name, k in sel.fits_on.items():
@@ -71,8 +79,10 @@ def recommendations(p: Plan, table: dict[str, Gpu], complexity: str) -> list[str
         if best is None or cost < best[0]:
             best = (cost, name, k)
     if best is not None:
-        out.append(f"Cheapest GPU type for {sel.method}: {best[2]} x {best[1]} at {_money(best[0])} "
-                   f"(vs {_money(sel.training_cost)} on {sel.gpus} x {gpu.name}), at the table's prices.")
+        out.append(
+            f"Cheapest GPU type for {sel.method}: {best[2]} x {best[1]} at {_money(best[0])} "
+            f"(vs {_money(sel.training_cost)} on {sel.gpus} x {gpu.name}), at the table's prices."
+        )
     lo, hi, spec = RANKS[complexity]
     tspec = _targets_for(p.arch.family, spec)
     sizes = []
@@ -84,12 +94,16 @@ def recommendations(p: Plan, table: dict[str, Gpu], complexity: str) -> list[str
         sizes.append(n)
     if None not in sizes:
         shown = tspec if isinstance(tspec, str) else ", ".join(tspec)
-        out.append(f"Rank for a {complexity} task: r={lo}-{hi} on {shown} = {sizes[0]:,}-{sizes[1]:,} trainable "
-                   f"params ({_mb(2 * sizes[0])}-{_mb(2 * sizes[1])} adapter file in fp16); attention layers "
-                   "first (LoRA paper: r=1-4 on Wq,Wv already matched full FT on GPT-3), all linear layers for "
-                   "complex tasks (QLoRA).")
-    out.append(f"Adapter checkpoint: {_mb(sel.checkpoint_bytes)} for {sel.method} vs {_mb(2 * p.params.total)} "
-               f"for a full copy of {p.arch.name} ({sel.trainable_pct:.3f}% of parameters train).")
+        out.append(
+            f"Rank for a {complexity} task: r={lo}-{hi} on {shown} = {sizes[0]:,}-{sizes[1]:,} trainable "
+            f"params ({_mb(2 * sizes[0])}-{_mb(2 * sizes[1])} adapter file in fp16); attention layers "
+            "first (LoRA paper: r=1-4 on Wq,Wv already matched full FT on GPT-3), all linear layers for "
+            "complex tasks (QLoRA)."
+        )
+    out.append(
+        f"Adapter checkpoint: {_mb(sel.checkpoint_bytes)} for {sel.method} vs {_mb(2 * p.params.total)} "
+        f"for a full copy of {p.arch.name} ({sel.trainable_pct:.3f}% of parameters train)."
+    )
     out += _risks(p, cheapest.method)
     return out
 
@@ -98,35 +112,51 @@ def _risks(p: Plan, cheapest: str) -> list[str]:
     sel = p.selected
     out = []
     if sel.method != "full":
-        out.append(f"Risk, performance loss: only {sel.trainable_pct:.3f}% of parameters train; compare with a "
-                   "held-out evaluation (LLaMA-7B commonsense avg: LoRA 74.7 vs DoRA 78.4, DoRA paper), and raise r "
-                   "or targets if it lags.")
+        out.append(
+            f"Risk, performance loss: only {sel.trainable_pct:.3f}% of parameters train; compare with a "
+            "held-out evaluation (LLaMA-7B commonsense avg: LoRA 74.7 vs DoRA 78.4, DoRA paper), and raise r "
+            "or targets if it lags."
+        )
         scale = 16 / p.setup.r
-        out.append(f"Risk, stability: at r={p.setup.r} with alpha=16 the update scale is {scale:g}; keep lr near 2e-4 "
-                   "and warmup 3%; use rsLoRA (alpha/sqrt(r)) if you go to r >= 64.")
+        out.append(
+            f"Risk, stability: at r={p.setup.r} with alpha=16 the update scale is {scale:g}; keep lr near 2e-4 "
+            "and warmup 3%; use rsLoRA (alpha/sqrt(r)) if you go to r >= 64."
+        )
     if sel.method == "qlora" or cheapest == "qlora":
         bf16 = p.params.total * 2
-        out.append(f"Risk, compatibility: merging into the 4-bit base re-quantizes it (NF4 mean abs error "
-                   f"{NF4_MEAN_ABS_ERROR} per unit-variance weight); merge into a 16-bit copy ({_gib(bf16)}) instead.")
+        out.append(
+            f"Risk, compatibility: merging into the 4-bit base re-quantizes it (NF4 mean abs error "
+            f"{NF4_MEAN_ABS_ERROR} per unit-variance weight); merge into a 16-bit copy ({_gib(bf16)}) instead."
+        )
     if sel.training_cost is not None and sel.hours is not None:
-        out.append(f"Risk, cost overrun / delay: at half the assumed MFU ({sel.mfu / 2:.2f}) training takes "
-                   f"{2 * sel.hours:,.2f} h and costs {_money(2 * sel.training_cost)} instead of "
-                   f"{_money(sel.training_cost)}.")
+        out.append(
+            f"Risk, cost overrun / delay: at half the assumed MFU ({sel.mfu / 2:.2f}) training takes "
+            f"{2 * sel.hours:,.2f} h and costs {_money(2 * sel.training_cost)} instead of "
+            f"{_money(sel.training_cost)}."
+        )
     if sel.roi is not None and p.benefit_per_month > 0:
         roi = sel.roi
         if roi.payback_months is None:
-            out.append(f"Risk, never pays back: serving costs {_money(sel.serving_cost_per_month)}/month against a "
-                       f"benefit of {_money(p.benefit_per_month)}/month; share the base among adapters or cut serving.")
+            out.append(
+                f"Risk, never pays back: serving costs {_money(sel.serving_cost_per_month)}/month against a "
+                f"benefit of {_money(p.benefit_per_month)}/month; share the base among adapters or cut serving."
+            )
         else:
-            out.append(f"ROI over {p.horizon_months:g} months: {roi.roi:+.1%} (cost {_money(roi.total_cost)} incl. "
-                       f"serving {_money(sel.serving_cost_per_month)}/month; payback {roi.payback_months:,.3g} months).")
+            out.append(
+                f"ROI over {p.horizon_months:g} months: {roi.roi:+.1%} (cost {_money(roi.total_cost)} incl. "
+                f"serving {_money(sel.serving_cost_per_month)}/month; payback {roi.payback_months:,.3g} months)."
+            )
     if sel.method != "full" and p.adapters_per_base == 1:
-        out.append(f"Serving: merged, the adapter costs the base model's {_money(sel.serving_cost_per_month)}/month; "
-                   f"{4} unmerged adapters sharing one base would pay {_money(sel.serving_cost_per_month / 4)}"
-                   "/month each (plus their small extra FLOPs).")
+        out.append(
+            f"Serving: merged, the adapter costs the base model's {_money(sel.serving_cost_per_month)}/month; "
+            f"{4} unmerged adapters sharing one base would pay {_money(sel.serving_cost_per_month / 4)}"
+            "/month each (plus their small extra FLOPs)."
+        )
     tpp = p.total_tokens / max(sel.trainable_params, 1)
-    out.append(f"Risk, data quality / user satisfaction: {p.total_tokens:,.0f} training tokens = {tpp:,.3g} per "
-               "trainable parameter; check the data first (lorakit data-check) and evaluate on real user tasks.")
+    out.append(
+        f"Risk, data quality / user satisfaction: {p.total_tokens:,.0f} training tokens = {tpp:,.3g} per "
+        "trainable parameter; check the data first (lorakit data-check) and evaluate on real user tasks."
+    )
     return out
 
 
@@ -137,8 +167,11 @@ def assumptions(p: Plan, mfu: float | None) -> list[str]:
     return [
         f"GPU {p.gpu.name}: {p.gpu.memory_gb} GiB, {p.gpu.peak_tflops} TFLOP/s dense bf16 peak, "
         f"${p.gpu.price_per_hour}/h, {p.gpu.overhead_gb} GiB framework overhead (GPU table; edit or pass your own).",
-        f"MFU {mfu if mfu is not None else DEFAULT_MFU} (" + ("given" if mfu is not None else "assumed default")
-        + "), times method efficiency " + ", ".join(f"{k} {v:.2f}" for k, v in METHOD_EFFICIENCY.items()) + ".",
+        f"MFU {mfu if mfu is not None else DEFAULT_MFU} ("
+        + ("given" if mfu is not None else "assumed default")
+        + "), times method efficiency "
+        + ", ".join(f"{k} {v:.2f}" for k, v in METHOD_EFFICIENCY.items())
+        + ".",
         f"Micro-batch {s.micro_batch} x {s.seq_len} tokens per GPU, {s.precision}, gradient checkpointing "
         f"{'on' if s.grad_checkpointing else 'off'}, {s.attention} attention, {s.optimizer}.",
         "Multi-GPU: weights, gradients and optimizer states sharded over the GPUs (ZeRO-3/FSDP); "

@@ -6,13 +6,7 @@ Parameter counts are summed tensor by tensor (embeddings, attention with grouped
 or plain MLP, norms, biases, tied embeddings, task heads) and must equal what ``transformers``
 instantiates; tests check this on every builtin.
 
-Reference shapes for sizes (from the papers that published them):
-- LLaMA 7B/13B/33B/65B: Touvron et al. 2023 (arXiv:2302.13971), Table 2; vocab 32000, SwiGLU MLP
-  with intermediate size 2/3*4h rounded to a multiple of 256, untied output head.
-- Llama-2 70B: Touvron et al. 2023 (arXiv:2307.09288): h 8192, 80 layers, 64 heads, 8 KV heads, MLP 28672.
-- Llama-3 8B and Llama-3.2 1B/3B: Meta model cards (vocab 128256, 8 KV heads; 1B/3B tie embeddings).
-- GPT-3 175B: Brown et al. 2020 (arXiv:2005.14165), Table 2.1: 96 layers, h 12288, 96 heads,
-  context 2048, vocab 50257, plain 4h GELU MLP, learned positions, tied embeddings.
+Reference shapes for sizes like "7B" are in :mod:`lorakit.bench.ref_sizes`.
 """
 
 from __future__ import annotations
@@ -23,9 +17,17 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+from lorakit.bench.ref_sizes import ALIASES, REFERENCE_SIZES
 from lorakit.surgery.targets import ModuleInfo
 
-FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2", "bert": "bert", "gpt": "gpt"}
+FAMILIES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "gpt2": "gpt2",
+    "bert": "bert",
+    "gpt": "gpt",
+}
 TASKS = ("causal-lm", "classification", "base")
 
 
@@ -90,38 +92,15 @@ class Matrix:
         return self.d_in * self.d_out + (self.d_out if self.bias else 0)
 
 
-# size -> (reference name, config dict in Hugging Face field names)
-_LLAMA1 = dict(model_type="llama", vocab_size=32000, tie_word_embeddings=False)
-_LLAMA3 = dict(model_type="llama", vocab_size=128256, num_key_value_heads=8)
-REFERENCE_SIZES: dict[str, tuple[str, dict[str, Any]]] = {
-    "1B": ("Llama-3.2-1B", dict(_LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                num_attention_heads=32, head_dim=64, tie_word_embeddings=True)),
-    "3B": ("Llama-3.2-3B", dict(_LLAMA3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                                num_attention_heads=24, head_dim=128, tie_word_embeddings=True)),
-    "7B": ("LLaMA-7B", dict(_LLAMA1, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                            num_attention_heads=32)),
-    "8B": ("Llama-3-8B", dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                              num_attention_heads=32, tie_word_embeddings=False)),
-    "13B": ("LLaMA-13B", dict(_LLAMA1, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                              num_attention_heads=40)),
-    "33B": ("LLaMA-33B", dict(_LLAMA1, hidden_size=6656, intermediate_size=17920, num_hidden_layers=60,
-                              num_attention_heads=52)),
-    "65B": ("LLaMA-65B", dict(_LLAMA1, hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
-                              num_attention_heads=64)),
-    "70B": ("Llama-2-70B", dict(_LLAMA1, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                                num_attention_heads=64, num_key_value_heads=8)),
-    "175B": ("GPT-3-175B", dict(model_type="gpt", vocab_size=50257, hidden_size=12288, intermediate_size=49152,
-                                num_hidden_layers=96, num_attention_heads=96, max_position_embeddings=2048,
-                                tie_word_embeddings=True, hidden_dropout=0.1, attention_dropout=0.1)),
-}
-_ALIASES = {"30B": "33B", "6.7B": "7B"}
-
-
-def arch_from_config(cfg: dict[str, Any], name: str = "model", task: str | None = None, num_labels: int = 2) -> Arch:
+def arch_from_config(
+    cfg: dict[str, Any], name: str = "model", task: str | None = None, num_labels: int = 2
+) -> Arch:
     """An :class:`Arch` from a Hugging Face config dict (``config.to_dict()`` or ``config.json``)."""
     mt = cfg.get("model_type")
     if mt not in FAMILIES:
-        raise PlanError(f"{name}: model_type={mt!r} is not supported by the planner; supported: {sorted(FAMILIES)}")
+        raise PlanError(
+            f"{name}: model_type={mt!r} is not supported by the planner; supported: {sorted(FAMILIES)}"
+        )
     family = FAMILIES[mt]
     task = task or ("base" if family == "bert" else "causal-lm")
     if task not in TASKS:
@@ -138,34 +117,68 @@ def arch_from_config(cfg: dict[str, Any], name: str = "model", task: str | None 
     h = int(get("hidden_size", "n_embd"))
     heads = int(get("num_attention_heads", "n_head"))
     common = dict(
-        name=name, family=family, vocab=int(get("vocab_size")), hidden=h, layers=int(get("num_hidden_layers", "n_layer")),
-        heads=heads, task=task, num_labels=int(num_labels),
+        name=name,
+        family=family,
+        vocab=int(get("vocab_size")),
+        hidden=h,
+        layers=int(get("num_hidden_layers", "n_layer")),
+        heads=heads,
+        task=task,
+        num_labels=int(num_labels),
     )
     if family == "llama":
         arch = Arch(
-            **common, intermediate=int(get("intermediate_size")), kv_heads=int(get("num_key_value_heads", default=heads)),
-            head_dim=int(get("head_dim", default=h // heads)), tied=bool(get("tie_word_embeddings", default=False)),
-            qkv_bias=bool(get("attention_bias", default=mt == "qwen2")), o_bias=bool(get("attention_bias", default=False)),
-            mlp_bias=bool(get("mlp_bias", default=False)), attn_dropout=float(get("attention_dropout", default=0.0)),
+            **common,
+            intermediate=int(get("intermediate_size")),
+            kv_heads=int(get("num_key_value_heads", default=heads)),
+            head_dim=int(get("head_dim", default=h // heads)),
+            tied=bool(get("tie_word_embeddings", default=False)),
+            qkv_bias=bool(get("attention_bias", default=mt == "qwen2")),
+            o_bias=bool(get("attention_bias", default=False)),
+            mlp_bias=bool(get("mlp_bias", default=False)),
+            attn_dropout=float(get("attention_dropout", default=0.0)),
         )
     elif family == "gpt2":
         arch = Arch(
-            **common, intermediate=int(get("n_inner", default=4 * h)), kv_heads=heads, head_dim=h // heads,
-            max_positions=int(get("n_positions", "max_position_embeddings")), tied=True, qkv_bias=True, o_bias=True,
-            mlp_bias=True, dropout=float(get("resid_pdrop", default=0.1)), attn_dropout=float(get("attn_pdrop", default=0.1)),
+            **common,
+            intermediate=int(get("n_inner", default=4 * h)),
+            kv_heads=heads,
+            head_dim=h // heads,
+            max_positions=int(get("n_positions", "max_position_embeddings")),
+            tied=True,
+            qkv_bias=True,
+            o_bias=True,
+            mlp_bias=True,
+            dropout=float(get("resid_pdrop", default=0.1)),
+            attn_dropout=float(get("attn_pdrop", default=0.1)),
         )
     elif family == "gpt":
         arch = Arch(
-            **common, intermediate=int(get("intermediate_size")), kv_heads=heads, head_dim=h // heads,
-            max_positions=int(get("max_position_embeddings")), tied=bool(get("tie_word_embeddings", default=True)),
-            qkv_bias=True, o_bias=True, mlp_bias=True, dropout=float(get("hidden_dropout", default=0.0)),
+            **common,
+            intermediate=int(get("intermediate_size")),
+            kv_heads=heads,
+            head_dim=h // heads,
+            max_positions=int(get("max_position_embeddings")),
+            tied=bool(get("tie_word_embeddings", default=True)),
+            qkv_bias=True,
+            o_bias=True,
+            mlp_bias=True,
+            dropout=float(get("hidden_dropout", default=0.0)),
             attn_dropout=float(get("attention_dropout", default=0.0)),
         )
     else:  # bert
         arch = Arch(
-            **common, intermediate=int(get("intermediate_size")), kv_heads=heads, head_dim=h // heads,
-            max_positions=int(get("max_position_embeddings")), type_vocab=int(get("type_vocab_size", default=2)),
-            tied=True, qkv_bias=True, o_bias=True, mlp_bias=True, causal=False,
+            **common,
+            intermediate=int(get("intermediate_size")),
+            kv_heads=heads,
+            head_dim=h // heads,
+            max_positions=int(get("max_position_embeddings")),
+            type_vocab=int(get("type_vocab_size", default=2)),
+            tied=True,
+            qkv_bias=True,
+            o_bias=True,
+            mlp_bias=True,
+            causal=False,
             dropout=float(get("hidden_dropout_prob", default=0.1)),
             attn_dropout=float(get("attention_probs_dropout_prob", default=0.1)),
         )
@@ -200,7 +213,7 @@ def resolve_arch(model: str | Arch, task: str | None = None, num_labels: int = 2
     if not isinstance(model, str) or not model.strip():
         raise PlanError(f"model={model!r}: expected a builtin name, a model directory or a size like '7B'")
     size = model.strip().upper()
-    size = _ALIASES.get(size, size)
+    size = ALIASES.get(size, size)
     if size in REFERENCE_SIZES:
         ref_name, cfg = REFERENCE_SIZES[size]
         return arch_from_config(cfg, name=ref_name, task=task, num_labels=num_labels)
@@ -218,8 +231,12 @@ def resolve_arch(model: str | Arch, task: str | None = None, num_labels: int = 2
     if model == "minilm":
         return arch_from_config(_load_config_dir(minilm_path()), name=model, task=task, num_labels=num_labels)
     if os.path.isdir(model):
-        return arch_from_config(_load_config_dir(model), name=os.path.basename(os.path.normpath(model)), task=task,
-                                num_labels=num_labels)
+        return arch_from_config(
+            _load_config_dir(model),
+            name=os.path.basename(os.path.normpath(model)),
+            task=task,
+            num_labels=num_labels,
+        )
     raise PlanError(
         f"model={model!r} is neither a builtin ({list(BUILTIN_SPECS) + ['minilm']}), an existing model directory, "
         f"nor a known size ({list(REFERENCE_SIZES)})"
@@ -243,21 +260,45 @@ def matrices(a: Arch) -> list[Matrix]:
     block, root = _prefixes(a)
     h, i, q, kv = a.hidden, a.intermediate, a.q_dim, a.kv_dim
     if a.family == "llama":
-        per_layer = [("self_attn.q_proj", h, q, a.qkv_bias), ("self_attn.k_proj", h, kv, a.qkv_bias),
-                     ("self_attn.v_proj", h, kv, a.qkv_bias), ("self_attn.o_proj", q, h, a.o_bias),
-                     ("mlp.gate_proj", h, i, a.mlp_bias), ("mlp.up_proj", h, i, a.mlp_bias),
-                     ("mlp.down_proj", i, h, a.mlp_bias)]
+        per_layer = [
+            ("self_attn.q_proj", h, q, a.qkv_bias),
+            ("self_attn.k_proj", h, kv, a.qkv_bias),
+            ("self_attn.v_proj", h, kv, a.qkv_bias),
+            ("self_attn.o_proj", q, h, a.o_bias),
+            ("mlp.gate_proj", h, i, a.mlp_bias),
+            ("mlp.up_proj", h, i, a.mlp_bias),
+            ("mlp.down_proj", i, h, a.mlp_bias),
+        ]
     elif a.family == "gpt":
-        per_layer = [("self_attn.q_proj", h, q, True), ("self_attn.k_proj", h, q, True), ("self_attn.v_proj", h, q, True),
-                     ("self_attn.out_proj", q, h, True), ("fc1", h, i, True), ("fc2", i, h, True)]
+        per_layer = [
+            ("self_attn.q_proj", h, q, True),
+            ("self_attn.k_proj", h, q, True),
+            ("self_attn.v_proj", h, q, True),
+            ("self_attn.out_proj", q, h, True),
+            ("fc1", h, i, True),
+            ("fc2", i, h, True),
+        ]
     elif a.family == "gpt2":
-        per_layer = [("attn.c_attn", h, 3 * h, True), ("attn.c_proj", h, h, True), ("mlp.c_fc", h, i, True),
-                     ("mlp.c_proj", i, h, True)]
+        per_layer = [
+            ("attn.c_attn", h, 3 * h, True),
+            ("attn.c_proj", h, h, True),
+            ("mlp.c_fc", h, i, True),
+            ("mlp.c_proj", i, h, True),
+        ]
     else:
-        per_layer = [("attention.self.query", h, h, True), ("attention.self.key", h, h, True),
-                     ("attention.self.value", h, h, True), ("attention.output.dense", h, h, True),
-                     ("intermediate.dense", h, i, True), ("output.dense", i, h, True)]
-    out = [Matrix(block.format(i=n) + s, d_in, d_out, b, n) for n in range(a.layers) for s, d_in, d_out, b in per_layer]
+        per_layer = [
+            ("attention.self.query", h, h, True),
+            ("attention.self.key", h, h, True),
+            ("attention.self.value", h, h, True),
+            ("attention.output.dense", h, h, True),
+            ("intermediate.dense", h, i, True),
+            ("output.dense", i, h, True),
+        ]
+    out = [
+        Matrix(block.format(i=n) + s, d_in, d_out, b, n)
+        for n in range(a.layers)
+        for s, d_in, d_out, b in per_layer
+    ]
     if a.family == "bert":
         if a.task in ("base", "classification"):
             out.append(Matrix(root + "pooler.dense", h, h, True, None))
@@ -265,7 +306,9 @@ def matrices(a: Arch) -> list[Matrix]:
             out.append(Matrix("classifier", h, a.num_labels, True, None))
         elif a.task == "causal-lm":
             out.append(Matrix("cls.predictions.transform.dense", h, h, True, None))
-            out.append(Matrix("cls.predictions.decoder", h, a.vocab, True, None))  # weight tied, bias counted apart
+            out.append(
+                Matrix("cls.predictions.decoder", h, a.vocab, True, None)
+            )  # weight tied, bias counted apart
     elif a.task == "causal-lm":
         out.append(Matrix("lm_head", h, a.vocab, False, None))
     elif a.task == "classification":

@@ -51,17 +51,19 @@ class Calibration:
         return self.predicted_peak_mb / self.measured_peak_mb
 
     def table(self) -> str:
-        return "\n".join([
-            f"calibration: {self.model}, LoRA r=8 on q/v, AdamW, fp32, batch {self.batch} x {self.seq_len}, "
-            f"{self.attention} attention, {self.threads} CPU threads",
-            f"machine matmul rate: {self.matmul_gflops:,.1f} GFLOP/s; FLOPs per step {self.flops_per_step:,.4g}",
-            f"{'':<22}{'predicted':>12}{'measured':>12}{'ratio':>8}",
-            f"{'step time (s)':<22}{self.predicted_step_s:>12.3f}{self.measured_step_s:>12.3f}{self.time_ratio:>8.2f}",
-            f"{'peak memory (MB)':<22}{self.predicted_peak_mb:>12.1f}{self.measured_peak_mb:>12.1f}"
-            f"{self.memory_ratio:>8.2f}",
-            f"{'step CPU time ratio':<22}{'':>12}{self.measured_step_cpu_s:>12.3f}{self.cpu_time_ratio:>8.2f}",
-            f"(process peak RSS growth, incl. allocator cache and BLAS workspaces: {self.measured_rss_growth_mb:,.1f} MB)",
-        ])
+        return "\n".join(
+            [
+                f"calibration: {self.model}, LoRA r=8 on q/v, AdamW, fp32, batch {self.batch} x {self.seq_len}, "
+                f"{self.attention} attention, {self.threads} CPU threads",
+                f"machine matmul rate: {self.matmul_gflops:,.1f} GFLOP/s; FLOPs per step {self.flops_per_step:,.4g}",
+                f"{'':<22}{'predicted':>12}{'measured':>12}{'ratio':>8}",
+                f"{'step time (s)':<22}{self.predicted_step_s:>12.3f}{self.measured_step_s:>12.3f}{self.time_ratio:>8.2f}",
+                f"{'peak memory (MB)':<22}{self.predicted_peak_mb:>12.1f}{self.measured_peak_mb:>12.1f}"
+                f"{self.memory_ratio:>8.2f}",
+                f"{'step CPU time ratio':<22}{'':>12}{self.measured_step_cpu_s:>12.3f}{self.cpu_time_ratio:>8.2f}",
+                f"(process peak RSS growth, incl. allocator cache and BLAS workspaces: {self.measured_rss_growth_mb:,.1f} MB)",
+            ]
+        )
 
     def as_dict(self) -> dict:
         return {**asdict(self), "memory_ratio": self.memory_ratio}
@@ -91,7 +93,9 @@ def _rss_mb() -> float:
 def _profiled_peak_mb(step) -> float:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
         step()
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "timeline.json")
@@ -101,8 +105,14 @@ def _profiled_peak_mb(step) -> float:
     return max(sum(s) for s in sizes) / 1e6
 
 
-def calibrate(model: str = "llama-15m", batch: int = 8, seq_len: int = 256, steps: int = 3, seed: int = 0,
-              threads: int | None = 1) -> Calibration:
+def calibrate(
+    model: str = "llama-15m",
+    batch: int = 8,
+    seq_len: int = 256,
+    steps: int = 3,
+    seed: int = 0,
+    threads: int | None = 1,
+) -> Calibration:
     """Measure and predict one LoRA training step of ``model`` on this CPU (see the module docstring).
 
     ``threads`` (default 1; None keeps torch's setting): with one thread, other jobs on a shared machine
@@ -125,8 +135,11 @@ def _calibrate(model: str, batch: int, seq_len: int, steps: int, seed: int) -> C
     torch.manual_seed(seed)
     arch = resolve_arch(model)
     tokens = batch * seq_len
-    shapes = [(tokens, arch.hidden, arch.intermediate), (tokens, arch.intermediate, arch.hidden),
-              (tokens, arch.hidden, arch.q_dim)]
+    shapes = [
+        (tokens, arch.hidden, arch.intermediate),
+        (tokens, arch.intermediate, arch.hidden),
+        (tokens, arch.hidden, arch.q_dim),
+    ]
     rss0 = _rss_mb()
     net = build_model(model)
     attention = "sdpa" if getattr(net.config, "_attn_implementation", "eager") == "sdpa" else "eager"
@@ -142,8 +155,16 @@ def _calibrate(model: str, batch: int, seq_len: int, steps: int, seed: int) -> C
         opt.zero_grad(set_to_none=True)
 
     step()  # warm-up: allocates optimizer states, thread pools
-    setup = Setup(method="lora", r=8, targets=None, seq_len=seq_len, micro_batch=batch, precision="fp32",
-                  grad_checkpointing=False, attention=attention)
+    setup = Setup(
+        method="lora",
+        r=8,
+        targets=None,
+        seq_len=seq_len,
+        micro_batch=batch,
+        precision="fp32",
+        grad_checkpointing=False,
+        attention=attention,
+    )
     fps = flops_per_token(arch, setup) * tokens
     # the rate is measured right before and after every timed step (wall clock and process CPU time), so a
     # machine shared with other jobs slows both sides of the ratio alike
@@ -163,10 +184,19 @@ def _calibrate(model: str, batch: int, seq_len: int, steps: int, seed: int) -> C
     rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3 - rss0
     peak = _profiled_peak_mb(step)
     return Calibration(
-        model=model, batch=batch, seq_len=seq_len, attention=attention, threads=torch.get_num_threads(),
-        matmul_gflops=statistics.median(rates) / 1e9, flops_per_step=fps,
-        predicted_step_s=fps / statistics.median(rates), measured_step_s=statistics.median(walls),
-        time_ratio=statistics.median(wall_ratios), cpu_time_ratio=statistics.median(cpu_ratios),
-        measured_step_cpu_s=statistics.median(cpus), predicted_peak_mb=memory(arch, setup).total / 1e6,
-        measured_peak_mb=peak, measured_rss_growth_mb=rss_growth,
+        model=model,
+        batch=batch,
+        seq_len=seq_len,
+        attention=attention,
+        threads=torch.get_num_threads(),
+        matmul_gflops=statistics.median(rates) / 1e9,
+        flops_per_step=fps,
+        predicted_step_s=fps / statistics.median(rates),
+        measured_step_s=statistics.median(walls),
+        time_ratio=statistics.median(wall_ratios),
+        cpu_time_ratio=statistics.median(cpu_ratios),
+        measured_step_cpu_s=statistics.median(cpus),
+        predicted_peak_mb=memory(arch, setup).total / 1e6,
+        measured_peak_mb=peak,
+        measured_rss_growth_mb=rss_growth,
     )

@@ -1,4 +1,4 @@
-"""The planner's formulas: training memory, FLOPs, time, money, serving cost and ROI.
+"""The planner's formulas: training memory, FLOPs and time (serving cost and ROI: lorakit.bench.roi).
 
 Memory (bytes, per GPU)
 - Weights by dtype: 2 bytes/param in bf16, 4 in fp32; QLoRA stores the linear weights inside the blocks
@@ -31,9 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lorakit.bench.arch import HEADS, Arch, Matrix, PlanError, count_params, matrices, module_infos
 from lorakit.bench.gpus import Gpu
@@ -67,9 +66,13 @@ class Setup:
     double_quant: bool = True
 
     def __post_init__(self) -> None:
-        checks = [("method", self.method, METHODS), ("precision", self.precision, PRECISIONS),
-                  ("attention", self.attention, ("sdpa", "eager")), ("optimizer", self.optimizer, tuple(OPTIMIZERS)),
-                  ("adapter_dtype", self.adapter_dtype, (None, "fp32", "bf16"))]
+        checks = [
+            ("method", self.method, METHODS),
+            ("precision", self.precision, PRECISIONS),
+            ("attention", self.attention, ("sdpa", "eager")),
+            ("optimizer", self.optimizer, tuple(OPTIMIZERS)),
+            ("adapter_dtype", self.adapter_dtype, (None, "fp32", "bf16")),
+        ]
         for name, value, allowed in checks:
             if value not in allowed:
                 raise PlanError(f"{name}={value!r} is not supported; expected one of {list(allowed)}")
@@ -102,8 +105,12 @@ def adapted_matrices(arch: Arch, setup: Setup) -> tuple[tuple[Matrix, int], ...]
     from lorakit.config import AdapterConfig
     from lorakit.surgery.targets import match_targets
 
-    cfg = AdapterConfig(method="dora" if setup.method == "dora" else "lora", r=setup.r,
-                        target_modules=setup.targets, dropout=setup.lora_dropout)
+    cfg = AdapterConfig(
+        method="dora" if setup.method == "dora" else "lora",
+        r=setup.r,
+        target_modules=setup.targets,
+        dropout=setup.lora_dropout,
+    )
     names = set(match_targets(module_infos(arch), cfg, head_names=HEADS))
     return tuple((m, cfg.rank_for(m.name)) for m in matrices(arch) if m.name in names)
 
@@ -136,8 +143,15 @@ class Memory:
 
     @property
     def total(self) -> float:
-        return (self.weights + self.master_weights + self.gradients + self.optimizer_states + self.activations
-                + self.transient + self.overhead)
+        return (
+            self.weights
+            + self.master_weights
+            + self.gradients
+            + self.optimizer_states
+            + self.activations
+            + self.transient
+            + self.overhead
+        )
 
     def sharded(self, gpus: int, gather_bytes: float) -> Memory:
         """Per-GPU memory when weights, gradients and optimizer states are split ``gpus`` ways (ZeRO-3 /
@@ -149,11 +163,27 @@ class Memory:
         if gpus == 1:
             return self
         k = gpus
-        return Memory(self.weights / k + gather_bytes, self.master_weights / k, self.gradients / k,
-                      self.optimizer_states / k, self.activations, self.transient, self.overhead, gpus)
+        return Memory(
+            self.weights / k + gather_bytes,
+            self.master_weights / k,
+            self.gradients / k,
+            self.optimizer_states / k,
+            self.activations,
+            self.transient,
+            self.overhead,
+            gpus,
+        )
 
     def as_gib(self) -> dict[str, float]:
-        names = ("weights", "master_weights", "gradients", "optimizer_states", "activations", "transient", "overhead")
+        names = (
+            "weights",
+            "master_weights",
+            "gradients",
+            "optimizer_states",
+            "activations",
+            "transient",
+            "overhead",
+        )
         out = {n: getattr(self, n) / GIB for n in names}
         out["total"] = self.total / GIB
         return out
@@ -163,14 +193,21 @@ _GROUPS = {  # matrices that read the same input tensor inside a block, by name 
     "llama": (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)),
     "gpt": (("q_proj", "k_proj", "v_proj"), ("out_proj",), ("fc1",), ("fc2",)),
     "gpt2": (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
-    "bert": (("query", "key", "value"), ("attention.output.dense",), ("intermediate.dense",), ("output.dense",)),
+    "bert": (
+        ("query", "key", "value"),
+        ("attention.output.dense",),
+        ("intermediate.dense",),
+        ("output.dense",),
+    ),
 }
 
 
 def _suffix_of(name: str, family: str) -> tuple[int, str]:
     for g, group in enumerate(_GROUPS[family]):
         for suffix in group:
-            if name.endswith("." + suffix) and not (suffix == "output.dense" and name.endswith("attention.output.dense")):
+            if name.endswith("." + suffix) and not (
+                suffix == "output.dense" and name.endswith("attention.output.dense")
+            ):
                 return g, suffix
     raise AssertionError(name)  # pragma: no cover - matrices() only yields known names
 
@@ -215,7 +252,9 @@ def layer_activation_bytes(arch: Arch, setup: Setup, adapted: Sequence[tuple[Mat
     return total
 
 
-def activation_bytes(arch: Arch, setup: Setup, adapted: Sequence[tuple[Matrix, int]] | None = None) -> tuple[float, float]:
+def activation_bytes(
+    arch: Arch, setup: Setup, adapted: Sequence[tuple[Matrix, int]] | None = None
+) -> tuple[float, float]:
     """(saved activations, transient backward buffers) in bytes for one micro-batch."""
     adapted = adapted_matrices(arch, setup) if adapted is None else adapted
     p, tokens, h = setup.act_bytes, setup.tokens_per_step, arch.hidden
@@ -264,7 +303,9 @@ def memory(arch: Arch, setup: Setup, gpu: Gpu | None = None, gpus: int = 1) -> M
     step_temp = 4.0 * n  # the optimizer step's fp32 temporaries (foreach AdamW), when activations are gone
     transient = max(transient, step_temp - acts)
     overhead = gpu.overhead_gb * GIB if gpu else 0.0
-    return Memory(weights, master, grads, opt, acts, transient, overhead).sharded(gpus, gather_bytes(arch, setup))
+    return Memory(weights, master, grads, opt, acts, transient, overhead).sharded(
+        gpus, gather_bytes(arch, setup)
+    )
 
 
 def gather_bytes(arch: Arch, setup: Setup) -> float:
@@ -313,56 +354,3 @@ def train_hours(total_flops: float, gpu: Gpu, gpus: int, mfu: float) -> float:
     if not 0 < mfu <= 1:
         raise PlanError(f"mfu={mfu!r} must be in (0, 1]")
     return total_flops / (gpus * gpu.peak_tflops * 1e12 * mfu) / 3600.0
-
-
-def serving_gpus(arch: Arch, gpu: Gpu, kv_headroom: float = 0.2) -> int:
-    """GPUs holding the bf16 model for inference, with ``kv_headroom`` extra for the KV cache (assumption)."""
-    need = count_params(arch).total * 2 * (1 + kv_headroom) + gpu.overhead_gb * GIB
-    return max(1, math.ceil(need / (gpu.memory_gb * GIB)))
-
-
-def serving_cost_per_month(arch: Arch, setup: Setup, gpu: Gpu, adapters_per_base: int = 1,
-                           hours_per_month: float = 730.0) -> float:
-    """Monthly serving cost of this fine-tune. A merged adapter (or a full fine-tune) needs its own copy
-    of the base: the base model's cost. ``adapters_per_base`` > 1 unmerged adapters share one base: each
-    pays 1/M of it, plus the unmerged adapters' extra FLOPs (2 N_adapter per token on top of 2 N)."""
-    if adapters_per_base < 1:
-        raise PlanError(f"adapters_per_base={adapters_per_base!r} must be >= 1")
-    if hours_per_month < 0:
-        raise PlanError(f"serving_hours_per_month={hours_per_month!r} must be >= 0")
-    base = serving_gpus(arch, gpu) * gpu.price_per_hour * hours_per_month
-    if setup.method == "full" or adapters_per_base == 1:
-        return base
-    n_ad = sum(r * (m.d_in + m.d_out) for m, r in adapted_matrices(arch, setup))
-    n_mm = count_params(arch).matmul
-    return base * (1 + n_ad / n_mm) / adapters_per_base
-
-
-@dataclass(frozen=True)
-class Roi:
-    """ROI over a horizon: (benefit - cost) / cost, where cost = training + serving over the horizon.
-    Payback = training cost / (monthly benefit - monthly serving cost); None if it never pays back."""
-
-    training_cost: float
-    serving_cost_per_month: float
-    benefit_per_month: float
-    horizon_months: float
-    total_cost: float = field(init=False)
-    total_benefit: float = field(init=False)
-    roi: float | None = field(init=False)
-    payback_months: float | None = field(init=False)
-
-    def __post_init__(self) -> None:
-        for name in ("training_cost", "serving_cost_per_month", "benefit_per_month"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise PlanError(f"{name}={value!r} must be a finite number >= 0")
-        if not (math.isfinite(self.horizon_months) and self.horizon_months > 0):
-            raise PlanError(f"horizon_months={self.horizon_months!r} must be > 0")
-        total_cost = self.training_cost + self.serving_cost_per_month * self.horizon_months
-        total_benefit = self.benefit_per_month * self.horizon_months
-        net = self.benefit_per_month - self.serving_cost_per_month
-        object.__setattr__(self, "total_cost", total_cost)
-        object.__setattr__(self, "total_benefit", total_benefit)
-        object.__setattr__(self, "roi", (total_benefit - total_cost) / total_cost if total_cost > 0 else None)
-        object.__setattr__(self, "payback_months", self.training_cost / net if net > 0 else None)

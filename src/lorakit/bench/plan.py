@@ -21,17 +21,16 @@ from lorakit.bench.cost import (
     METHOD_EFFICIENCY,
     METHODS,
     Memory,
-    Roi,
     Setup,
     flops_per_step_extra,
     flops_per_token,
     gather_bytes,
     gpus_needed,
     memory,
-    serving_cost_per_month,
     train_hours,
 )
 from lorakit.bench.gpus import Gpu, get_gpu, load_gpus
+from lorakit.bench.roi import Roi, serving_cost_per_month
 
 MAX_GPUS = 64  # assumption: the largest job considered (8 nodes x 8 GPUs)
 
@@ -43,7 +42,9 @@ class MethodPlan:
     method: str
     trainable_params: int
     trainable_pct: float
-    checkpoint_bytes: float  # what is saved: adapter tensors (or the whole model for full FT) at 2 bytes/param
+    checkpoint_bytes: (
+        float  # what is saved: adapter tensors (or the whole model for full FT) at 2 bytes/param
+    )
     gpus: int | None  # GPUs of the chosen type needed (None: does not fit on MAX_GPUS)
     memory: Memory | None  # per GPU, at ``gpus``
     single_gpu_memory: Memory  # on one GPU, whether it fits or not
@@ -93,8 +94,12 @@ class Plan:
                 if isinstance(obj, MethodPlan):
                     d["fits"] = obj.fits
                 if isinstance(obj, Roi):
-                    d.update(total_cost=obj.total_cost, total_benefit=obj.total_benefit, roi=obj.roi,
-                             payback_months=obj.payback_months)
+                    d.update(
+                        total_cost=obj.total_cost,
+                        total_benefit=obj.total_benefit,
+                        roi=obj.roi,
+                        payback_months=obj.payback_months,
+                    )
                 return d
             if isinstance(obj, dict):
                 return {k: conv(v) for k, v in obj.items()}
@@ -108,7 +113,9 @@ class Plan:
 
 
 def _positive(name: str, value: Any, integer: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    ok = (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
     if ok and integer:
         ok = float(value).is_integer()
     if not ok:
@@ -168,7 +175,11 @@ def plan(
         _positive("gpus", gpus, integer=True)
     if mfu is not None and not (isinstance(mfu, (int, float)) and 0 < mfu <= 1):
         raise PlanError(f"mfu={mfu!r} must be in (0, 1]")
-    if not (isinstance(benefit_per_month, (int, float)) and math.isfinite(benefit_per_month) and benefit_per_month >= 0):
+    if not (
+        isinstance(benefit_per_month, (int, float))
+        and math.isfinite(benefit_per_month)
+        and benefit_per_month >= 0
+    ):
         raise PlanError(f"benefit_per_month={benefit_per_month!r} must be a number >= 0")
     if task_complexity not in ("simple", "moderate", "complex"):
         raise PlanError(f"task_complexity={task_complexity!r}; expected 'simple', 'moderate' or 'complex'")
@@ -177,14 +188,35 @@ def plan(
     arch = resolve_arch(model, task=task)
     pc = count_params(arch)
     targets = tuple(targets) if isinstance(targets, list) else targets
-    base = Setup(method=method, r=r, targets=targets, seq_len=int(seq_len), micro_batch=micro_batch,
-                 precision=precision, grad_checkpointing=grad_checkpointing, attention=attention, optimizer=optimizer)
+    base = Setup(
+        method=method,
+        r=r,
+        targets=targets,
+        seq_len=int(seq_len),
+        micro_batch=micro_batch,
+        precision=precision,
+        grad_checkpointing=grad_checkpointing,
+        attention=attention,
+        optimizer=optimizer,
+    )
     total_tokens = per_epoch * float(epochs)
     methods = {}
     for m in METHODS:
         setup = dataclasses.replace(base, method=m)
-        methods[m] = _method_plan(arch, pc, setup, chosen, table, gpus if m == method else None, mfu, total_tokens,
-                                  benefit_per_month, horizon_months, adapters_per_base, serving_hours_per_month)
+        methods[m] = _method_plan(
+            arch,
+            pc,
+            setup,
+            chosen,
+            table,
+            gpus if m == method else None,
+            mfu,
+            total_tokens,
+            benefit_per_month,
+            horizon_months,
+            adapters_per_base,
+            serving_hours_per_month,
+        )
     sel = methods[method]
     if not any(sel.fits_on.values()):
         need = sel.single_gpu_memory.activations + sel.single_gpu_memory.transient
@@ -201,22 +233,44 @@ def plan(
         raise PlanError(
             f"method={method!r} on {arch.name} does not fit {gpus or 1} x {chosen.name} "
             f"({per_gpu:,.1f} GiB per GPU of {chosen.memory_gb} GiB)"
-            + (f"; it needs {first} of them" if first else "") + f"; it fits on: {where}"
+            + (f"; it needs {first} of them" if first else "")
+            + f"; it fits on: {where}"
         )
     from lorakit.bench.advice import assumptions, recommendations
 
-    p = Plan(model=str(model if isinstance(model, str) else arch.name), arch=arch, params=pc, gpu=chosen, setup=base,
-             tokens_per_epoch=per_epoch, epochs=float(epochs), total_tokens=total_tokens,
-             benefit_per_month=float(benefit_per_month), horizon_months=float(horizon_months),
-             adapters_per_base=adapters_per_base, methods=methods)
+    p = Plan(
+        model=str(model if isinstance(model, str) else arch.name),
+        arch=arch,
+        params=pc,
+        gpu=chosen,
+        setup=base,
+        tokens_per_epoch=per_epoch,
+        epochs=float(epochs),
+        total_tokens=total_tokens,
+        benefit_per_month=float(benefit_per_month),
+        horizon_months=float(horizon_months),
+        adapters_per_base=adapters_per_base,
+        methods=methods,
+    )
     p.recommendations = recommendations(p, table, task_complexity)
     p.assumptions = assumptions(p, mfu)
     return p
 
 
-def _method_plan(arch: Arch, pc: ParamCount, setup: Setup, gpu: Gpu, table: dict[str, Gpu], gpus: int | None,
-                 mfu: float | None, total_tokens: float, benefit: float, horizon: float, adapters_per_base: int,
-                 serving_hours: float) -> MethodPlan:
+def _method_plan(
+    arch: Arch,
+    pc: ParamCount,
+    setup: Setup,
+    gpu: Gpu,
+    table: dict[str, Gpu],
+    gpus: int | None,
+    mfu: float | None,
+    total_tokens: float,
+    benefit: float,
+    horizon: float,
+    adapters_per_base: int,
+    serving_hours: float,
+) -> MethodPlan:
     from lorakit.bench.cost import trainable_params
 
     mem1 = memory(arch, setup, None, 1)
@@ -231,7 +285,9 @@ def _method_plan(arch: Arch, pc: ParamCount, setup: Setup, gpu: Gpu, table: dict
         k = gpus if memory(arch, setup, gpu, gpus).total <= cap else None
     n = trainable_params(arch, setup)
     fpt = flops_per_token(arch, setup)
-    total_flops = fpt * total_tokens + flops_per_step_extra(arch, setup) * total_tokens / setup.tokens_per_step
+    total_flops = (
+        fpt * total_tokens + flops_per_step_extra(arch, setup) * total_tokens / setup.tokens_per_step
+    )
     eff_mfu = (mfu if mfu is not None else DEFAULT_MFU) * METHOD_EFFICIENCY[setup.method]
     serving = serving_cost_per_month(arch, setup, gpu, adapters_per_base, serving_hours)
     hours = cost = roi = None
@@ -240,8 +296,19 @@ def _method_plan(arch: Arch, pc: ParamCount, setup: Setup, gpu: Gpu, table: dict
         cost = hours * k * gpu.price_per_hour
         roi = Roi(cost, serving, benefit, horizon)
     return MethodPlan(
-        method=setup.method, trainable_params=n, trainable_pct=100.0 * n / pc.total,
-        checkpoint_bytes=2.0 * n, gpus=k, memory=memory(arch, setup, gpu, k) if k else None,
-        single_gpu_memory=memory(arch, setup, gpu, 1), fits_on=fits_on, flops_per_token=fpt,
-        total_flops=total_flops, mfu=eff_mfu, hours=hours, training_cost=cost, serving_cost_per_month=serving, roi=roi,
+        method=setup.method,
+        trainable_params=n,
+        trainable_pct=100.0 * n / pc.total,
+        checkpoint_bytes=2.0 * n,
+        gpus=k,
+        memory=memory(arch, setup, gpu, k) if k else None,
+        single_gpu_memory=memory(arch, setup, gpu, 1),
+        fits_on=fits_on,
+        flops_per_token=fpt,
+        total_flops=total_flops,
+        mfu=eff_mfu,
+        hours=hours,
+        training_cost=cost,
+        serving_cost_per_month=serving,
+        roi=roi,
     )
