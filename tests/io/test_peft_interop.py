@@ -9,11 +9,18 @@ import warnings
 
 import pytest
 import torch
-from helpers import logits_of
 
 import lorakit as lk
+from helpers import logits_of
 from lorakit.adapters.base import builder_for
-from lorakit.io import adapter_state, config_from_peft, config_to_peft, load_adapter, read_adapter, save_adapter
+from lorakit.io import (
+    adapter_state,
+    config_from_peft,
+    config_to_peft,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+)
 from lorakit.io.peft_format import _CODECS, adalora_rank_pattern, register_peft_type
 from lorakit.surgery.inject import adapted_layers
 
@@ -24,15 +31,41 @@ X = torch.tensor([[1, 5, 9, 200, 33, 7, 3], [4, 4, 100, 2, 255, 0, 17]])
 
 CASES = {
     # name: (model, task, PEFT config)
-    "llama-patterns-embedding": ("tiny-llama", "causal-lm", dict(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
-        rank_pattern={"v_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 3}, task_type="CAUSAL_LM")),
-    "gpt2-conv1d-rslora": ("tiny-gpt2", "causal-lm", dict(
-        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, use_rslora=True,
-        task_type="CAUSAL_LM")),
-    "bert-classifier": ("tiny-bert", "classification", dict(
-        r=4, lora_alpha=16, target_modules="bert.encoder.layer.1.attention.self.(query|value)",
-        modules_to_save=["classifier"], task_type="SEQ_CLS")),
+    "llama-patterns-embedding": (
+        "tiny-llama",
+        "causal-lm",
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"layers.1.self_attn.q_proj": 3},
+            task_type="CAUSAL_LM",
+        ),
+    ),
+    "gpt2-conv1d-rslora": (
+        "tiny-gpt2",
+        "causal-lm",
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["c_attn", "c_fc"],
+            fan_in_fan_out=True,
+            use_rslora=True,
+            task_type="CAUSAL_LM",
+        ),
+    ),
+    "bert-classifier": (
+        "tiny-bert",
+        "classification",
+        dict(
+            r=4,
+            lora_alpha=16,
+            target_modules="bert.encoder.layer.1.attention.self.(query|value)",
+            modules_to_save=["classifier"],
+            task_type="SEQ_CLS",
+        ),
+    ),
 }
 
 
@@ -50,7 +83,8 @@ def randomize(params, seed=1):
 
 def peft_model(case, seed=1):
     name, task, kwargs = CASES[case]
-    pm = peft.get_peft_model(model_of(name, task), peft.LoraConfig(**copy.deepcopy(kwargs)))  # PEFT edits lists
+    kwargs = copy.deepcopy(kwargs)  # PEFT appends to modules_to_save in place
+    pm = peft.get_peft_model(model_of(name, task), peft.LoraConfig(**kwargs))
     randomize([p for n, p in pm.named_parameters() if "lora_" in n or "modules_to_save" in n], seed)
     return pm.eval()
 
@@ -74,9 +108,13 @@ def test_peft_to_lorakit_logits_match(case, tmp_path):
 def test_lorakit_to_peft_logits_match(case, tmp_path):
     name, task, kwargs = CASES[case]
     cfg = lk.AdapterConfig(
-        r=kwargs["r"], alpha=kwargs["lora_alpha"], target_modules=kwargs["target_modules"],
-        use_rslora=kwargs.get("use_rslora", False), rank_pattern=kwargs.get("rank_pattern", {}),
-        alpha_pattern=kwargs.get("alpha_pattern", {}), modules_to_save=kwargs.get("modules_to_save", ()),
+        r=kwargs["r"],
+        alpha=kwargs["lora_alpha"],
+        target_modules=kwargs["target_modules"],
+        use_rslora=kwargs.get("use_rslora", False),
+        rank_pattern=kwargs.get("rank_pattern", {}),
+        alpha_pattern=kwargs.get("alpha_pattern", {}),
+        modules_to_save=kwargs.get("modules_to_save", ()),
     )
     model = lk.inject(model_of(name, task), cfg)
     randomize([p for p in model.parameters() if p.requires_grad])
@@ -89,14 +127,24 @@ def test_lorakit_to_peft_logits_match(case, tmp_path):
 
 
 def test_all_linear_targets_are_written_explicitly_for_peft(tmp_path):
-    model = lk.inject(model_of("tiny-llama", "causal-lm"), lk.AdapterConfig(r=2, target_modules="all-linear",
-                                                                             layers_to_transform=[1]))
+    model = lk.inject(
+        model_of("tiny-llama", "causal-lm"),
+        lk.AdapterConfig(r=2, target_modules="all-linear", layers_to_transform=[1]),
+    )
     randomize([p for p in model.parameters() if p.requires_grad])
     with torch.no_grad():
         ref = logits_of(model(X))
     save_adapter(model, tmp_path)
     cfg, _, _ = read_adapter(tmp_path)
-    assert sorted(cfg.target_modules) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert sorted(cfg.target_modules) == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
     pm = peft.PeftModel.from_pretrained(model_of("tiny-llama", "causal-lm"), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(logits_of(pm(X)), ref, rtol=1e-5, atol=1e-5)
@@ -122,14 +170,18 @@ def test_named_adapters_use_peft_subfolders(tmp_path):
 
 
 def test_file_holds_only_adapter_tensors(tmp_path):
-    model = lk.inject(model_of("tiny-bert", "classification"),
-                      lk.AdapterConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    model = lk.inject(
+        model_of("tiny-bert", "classification"),
+        lk.AdapterConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]),
+    )
     save_adapter(model, tmp_path)
     state = adapter_state(model)
     expected_bytes = sum(t.numel() * t.element_size() for t in state.values())
     size = os.path.getsize(tmp_path / "adapter_model.safetensors")
     assert expected_bytes < size < expected_bytes + 8192  # tensors + a small JSON header
-    base_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".adapters." not in n)
+    base_bytes = sum(
+        p.numel() * p.element_size() for n, p in model.named_parameters() if ".adapters." not in n
+    )
     assert size < base_bytes / 10
     assert sorted(k.rsplit(".", 2)[-2] for k in state if "classifier" in k) == ["classifier", "classifier"]
 
@@ -151,10 +203,19 @@ def test_legacy_bin_is_read_with_weights_only_and_a_warning(tmp_path):
 
 def test_config_json_round_trip_keeps_every_field():
     model = lk.build_model("tiny-llama")
-    cfg = lk.AdapterConfig(r=6, alpha=12.0, dropout=0.1, target_modules=["q_proj", "v_proj"],
-                           exclude_modules=["layers.0.self_attn.v_proj"], layers_to_transform=(0, 1),
-                           layers_pattern="layers", rank_pattern={"q_proj": 3}, alpha_pattern={"v_proj": 5.0},
-                           use_rslora=True, init="gaussian")
+    cfg = lk.AdapterConfig(
+        r=6,
+        alpha=12.0,
+        dropout=0.1,
+        target_modules=["q_proj", "v_proj"],
+        exclude_modules=["layers.0.self_attn.v_proj"],
+        layers_to_transform=(0, 1),
+        layers_pattern="layers",
+        rank_pattern={"q_proj": 3},
+        alpha_pattern={"v_proj": 5.0},
+        use_rslora=True,
+        init="gaussian",
+    )
     lk.inject(model, cfg)
     data = config_to_peft(cfg, model, "default", task_type="CAUSAL_LM", base_model_name_or_path="x/y")
     assert data["peft_type"] == "LORA" and data["init_lora_weights"] == "gaussian"
@@ -165,9 +226,16 @@ def test_config_json_round_trip_keeps_every_field():
 
 
 def test_adalora_json_maps_masks_to_ranks():
-    data = {"peft_type": "ADALORA", "init_r": 6, "target_r": 2, "lora_alpha": 8, "deltaT": 3, "total_step": 50,
-            "target_modules": ["q_proj"],
-            "rank_pattern": {"model.layers.0.self_attn.q_proj.lora_E": [True, False, True, False, False, False]}}
+    data = {
+        "peft_type": "ADALORA",
+        "init_r": 6,
+        "target_r": 2,
+        "lora_alpha": 8,
+        "deltaT": 3,
+        "total_step": 50,
+        "target_modules": ["q_proj"],
+        "rank_pattern": {"model.layers.0.self_attn.q_proj.lora_E": [True, False, True, False, False, False]},
+    }
     cfg, _ = config_from_peft(data)
     assert (cfg.method, cfg.init_r, cfg.target_r, cfg.delta_t, cfg.total_step) == ("adalora", 6, 2, 3, 50)
     assert cfg.rank_for("model.layers.0.self_attn.q_proj") == 2
@@ -200,8 +268,10 @@ def _has(method):
 
 @pytest.mark.skipif(not _has("dora"), reason="DoRA not available")
 def test_peft_dora_to_lorakit_and_back(tmp_path):
-    pm = peft.get_peft_model(model_of("tiny-llama", "causal-lm"),
-                             peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True))
+    pm = peft.get_peft_model(
+        model_of("tiny-llama", "causal-lm"),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True),
+    )
     randomize([p for n, p in pm.named_parameters() if "lora_A" in n or "lora_B" in n])
     with torch.no_grad():
         for n, p in pm.named_parameters():

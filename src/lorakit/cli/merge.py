@@ -14,20 +14,38 @@ import shutil
 
 from lorakit.cli.common import add_model_argument
 
-_TOKENIZER_FILES = ("vocab.txt", "vocab.json", "merges.txt", "special_tokens_map.json", "spiece.model",
-                    "sentencepiece.bpe.model", "added_tokens.json")
+_TOKENIZER_FILES = (
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "added_tokens.json",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
     parser.add_argument("--adapter", required=True, help="adapter directory (lorakit or PEFT format)")
-    parser.add_argument("--adapter-name", default="default",
-                        help="adapter to read when --adapter holds several in sub-folders (default: default)")
+    parser.add_argument(
+        "--adapter-name",
+        default="default",
+        help="adapter to read when --adapter holds several in sub-folders (default: default)",
+    )
     parser.add_argument("--out", required=True, help="output directory for the merged model")
-    parser.add_argument("--task", default=None, choices=["causal-lm", "classification", "base"],
-                        help="model head (default: from the adapter's task_type, else causal-lm)")
-    parser.add_argument("--num-labels", type=int, default=None,
-                        help="classification labels (default: from the adapter's saved classifier head)")
+    parser.add_argument(
+        "--task",
+        default=None,
+        choices=["causal-lm", "classification", "base"],
+        help="model head (default: from the adapter's task_type, else causal-lm)",
+    )
+    parser.add_argument(
+        "--num-labels",
+        type=int,
+        default=None,
+        help="classification labels (default: from the adapter's saved classifier head)",
+    )
 
 
 def _num_labels(tensors: dict, modules_to_save: tuple[str, ...]) -> int | None:
@@ -35,8 +53,11 @@ def _num_labels(tensors: dict, modules_to_save: tuple[str, ...]) -> int | None:
     from lorakit.io.peft_format import PREFIX
 
     for module in modules_to_save:
-        rows = [t.shape[0] for k, t in tensors.items()
-                if k.startswith(PREFIX) and f".{module}." in f".{k[len(PREFIX):]}" and k.endswith(".weight")]
+        rows = [
+            t.shape[0]
+            for k, t in tensors.items()
+            if k.startswith(PREFIX) and f".{module}." in f".{k[len(PREFIX) :]}" and k.endswith(".weight")
+        ]
         if rows:
             return int(rows[-1])
     return None
@@ -59,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
     for p in model.parameters():
         p.requires_grad_(True)  # a plain model, as transformers would load it
     if not hasattr(model, "save_pretrained"):
-        raise TypeError(f"{type(model).__name__} has no save_pretrained; lorakit merge writes Hugging Face models")
+        raise TypeError(
+            f"{type(model).__name__} has no save_pretrained; lorakit merge writes Hugging Face models"
+        )
     base_dir = resolve_model_path(args.model)
     with atomic_directory(args.out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -98,7 +98,9 @@ def save_adapter(
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise AdapterStateError(f"no adapter named {adapter_name!r} to save; the model has {list(configs)}")
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state(model, adapter_name).items()}
+    state = {
+        k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state(model, adapter_name).items()
+    }
     if not state:
         raise AdapterStateError(f"adapter {adapter_name!r} has no tensors in the model (nothing to save)")
     meta = getattr(model, "lorakit_peft_meta", {}).get(adapter_name, {})
@@ -108,7 +110,9 @@ def save_adapter(
         model,
         adapter_name,
         task_type=task_type or meta.get("task_type") or task_type_of(model),
-        base_model_name_or_path=base_model_name_or_path or meta.get("base_model_name_or_path") or name_or_path,
+        base_model_name_or_path=base_model_name_or_path
+        or meta.get("base_model_name_or_path")
+        or name_or_path,
     )
     out = os.fspath(path) if adapter_name == "default" else os.path.join(os.fspath(path), adapter_name)
     with atomic_directory(out) as tmp:
@@ -126,7 +130,9 @@ def read_adapter(
     """Read and check an adapter directory without a model: (config, metadata, tensors by PEFT key)."""
     folder = adapter_dir(path, adapter_name)
     if not os.path.isdir(folder):
-        raise AdapterNotFoundError(f"adapter directory {folder!r} does not exist (lorakit never downloads adapters)")
+        raise AdapterNotFoundError(
+            f"adapter directory {folder!r} does not exist (lorakit never downloads adapters)"
+        )
     config_path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise AdapterNotFoundError(f"{folder}: no {CONFIG_NAME} (is this an adapter directory?)")
@@ -148,8 +154,11 @@ def _read_tensors(folder: str) -> dict[str, torch.Tensor]:
             raise AdapterFileError(f"{st_path}: not a readable safetensors file ({e})") from None
         source = st_path
     elif os.path.isfile(bin_path):
-        warnings.warn(f"{bin_path}: legacy pickle format, read with torch.load(weights_only=True); "
-                      "re-save it with lorakit.save_adapter to get safetensors", stacklevel=3)
+        warnings.warn(
+            f"{bin_path}: legacy pickle format, read with torch.load(weights_only=True); "
+            "re-save it with lorakit.save_adapter to get safetensors",
+            stacklevel=3,
+        )
         try:
             tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
         except Exception as e:
@@ -161,7 +170,9 @@ def _read_tensors(folder: str) -> dict[str, torch.Tensor]:
         raise AdapterNotFoundError(f"{folder}: no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME})")
     for key, t in tensors.items():
         if not key.startswith(PREFIX):
-            raise AdapterFileError(f"{source}: key {key!r} does not start with {PREFIX!r} (not a PEFT adapter file)")
+            raise AdapterFileError(
+                f"{source}: key {key!r} does not start with {PREFIX!r} (not a PEFT adapter file)"
+            )
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise AdapterFileError(f"{source}: tensor {key!r} holds NaN or infinite values")
     return tensors
@@ -172,13 +183,16 @@ def _module_names(model: nn.Module) -> set[str]:
     return {n for n, _ in model.named_modules()}
 
 
-def _fit_modules_to_save(cfg: AdapterConfig, model: nn.Module, tensors: dict[str, torch.Tensor]) -> AdapterConfig:
+def _fit_modules_to_save(
+    cfg: AdapterConfig, model: nn.Module, tensors: dict[str, torch.Tensor]
+) -> AdapterConfig:
     """PEFT adds "classifier" and "score" to modules_to_save of every SEQ_CLS adapter; keep the names
     that exist in the model or have tensors in the file (the rest would be an error for nothing)."""
     names = _module_names(model)
-    keys = [k[len(PREFIX):] for k in tensors]
+    keys = [k[len(PREFIX) :] for k in tensors]
     kept = tuple(
-        m for m in cfg.modules_to_save
+        m
+        for m in cfg.modules_to_save
         if any(n == m or n.endswith("." + m) for n in names) or any(k.startswith(m + ".") for k in keys)
     )
     return cfg if kept == cfg.modules_to_save else cfg.replace(modules_to_save=kept)
@@ -189,8 +203,9 @@ def _first(items: list[str], n: int = 3) -> str:
     return ", ".join(repr(i) for i in items[:n]) + more
 
 
-def _fill(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], source: str,
-          snapshot: _Snapshot) -> None:
+def _fill(
+    model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], source: str, snapshot: _Snapshot
+) -> None:
     """Check the file's keys and shapes against the injected adapter, then load them.
 
     PEFT also stores the full base weight of an adapted embedding/output layer (key
@@ -201,7 +216,9 @@ def _fill(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor],
     for name, layer in adapted_layers(model):
         if adapter_name in layer.adapters:
             groups.append((name, layer.adapters[adapter_name], layer.adapters[adapter_name].peft_state()))
-            base_params.update({f"{PREFIX}{name}.base_layer.{k}": t for k, t in layer.base.state_dict().items()})
+            base_params.update(
+                {f"{PREFIX}{name}.base_layer.{k}": t for k, t in layer.base.state_dict().items()}
+            )
     for name, tc in trained_copies(model):
         if adapter_name in tc.copies:
             groups.append((name, tc.copies[adapter_name], tc.copies[adapter_name].state_dict()))
@@ -209,18 +226,28 @@ def _fill(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor],
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected and k not in base_params]
     if missing:
-        raise AdapterFileError(f"{source}: {len(missing)} tensors the model's adapter needs are missing: "
-                               f"{_first(missing)} (adapter saved for another model or config?)")
+        raise AdapterFileError(
+            f"{source}: {len(missing)} tensors the model's adapter needs are missing: "
+            f"{_first(missing)} (adapter saved for another model or config?)"
+        )
     if unexpected:
-        raise AdapterFileError(f"{source}: {len(unexpected)} unexpected tensors match no adapted module: "
-                               f"{_first(unexpected)} (adapter saved for another model or config?)")
-    checks = [(f"layer {name!r}: {key}", f"{PREFIX}{name}.{key}", t) for name, _, own in groups for key, t in own.items()]
-    checks += [(f"base weight {k[len(PREFIX):]!r}", k, t) for k, t in base_params.items() if k in tensors]
+        raise AdapterFileError(
+            f"{source}: {len(unexpected)} unexpected tensors match no adapted module: "
+            f"{_first(unexpected)} (adapter saved for another model or config?)"
+        )
+    checks = [
+        (f"layer {name!r}: {key}", f"{PREFIX}{name}.{key}", t)
+        for name, _, own in groups
+        for key, t in own.items()
+    ]
+    checks += [(f"base weight {k[len(PREFIX) :]!r}", k, t) for k, t in base_params.items() if k in tensors]
     for what, key, t in checks:
         got = tensors[key]
         if tuple(got.shape) != tuple(t.shape):
-            raise AdapterFileError(f"{source}: {what} has shape {tuple(got.shape)} in the file but the model "
-                                   f"needs {tuple(t.shape)} (adapter saved for another base model?)")
+            raise AdapterFileError(
+                f"{source}: {what} has shape {tuple(got.shape)} in the file but the model "
+                f"needs {tuple(t.shape)} (adapter saved for another base model?)"
+            )
     for name, module, own in groups:
         state = {key: tensors[f"{PREFIX}{name}.{key}"] for key in own}
         if hasattr(module, "load_peft_state"):
@@ -248,7 +275,9 @@ def load_adapter(
     """
     check_adapter_name(adapter_name)
     if adapter_name in adapter_configs(model):
-        raise AdapterStateError(f"adapter {adapter_name!r} is already in the model; delete it first or pick another name")
+        raise AdapterStateError(
+            f"adapter {adapter_name!r} is already in the model; delete it first or pick another name"
+        )
     cfg, meta, tensors = read_adapter(path, adapter_name)
     source = adapter_dir(path, adapter_name)
     cfg = _fit_modules_to_save(cfg, model, tensors)
@@ -274,7 +303,9 @@ class _Snapshot:
 
     def __init__(self, model: nn.Module, cfg: AdapterConfig) -> None:
         self.model = model
-        self.attrs = {a: getattr(model, a) for a in ("lorakit_configs", "lorakit_active") if hasattr(model, a)}
+        self.attrs = {
+            a: getattr(model, a) for a in ("lorakit_configs", "lorakit_active") if hasattr(model, a)
+        }
         self.active = active_adapter(model)
         self.grads = [(p, p.requires_grad) for p in model.parameters()]
         self.weights = []
@@ -301,5 +332,11 @@ class _Snapshot:
             p.requires_grad_(flag)
 
 
-__all__ = ["AdapterFileError", "AdapterNotFoundError", "adapter_state", "load_adapter", "read_adapter",
-           "save_adapter"]
+__all__ = [
+    "AdapterFileError",
+    "AdapterNotFoundError",
+    "adapter_state",
+    "load_adapter",
+    "read_adapter",
+    "save_adapter",
+]

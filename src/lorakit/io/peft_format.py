@@ -54,9 +54,18 @@ _TASK_BY_CLASS = (
 _PLAIN_INITS = {"gaussian": "gaussian", "eva": "default", "orthogonal": "default"}
 # PEFT features lorakit does not implement: each must be absent/null/false/empty.
 _UNSUPPORTED = (
-    "lora_bias", "use_qalora", "layer_replication", "target_parameters", "trainable_token_indices",
-    "alora_invocation_tokens", "megatron_config", "use_bdlora", "arrow_config", "kasa_config",
-    "monteclora_config", "velora_config",
+    "lora_bias",
+    "use_qalora",
+    "layer_replication",
+    "target_parameters",
+    "trainable_token_indices",
+    "alora_invocation_tokens",
+    "megatron_config",
+    "use_bdlora",
+    "arrow_config",
+    "kasa_config",
+    "monteclora_config",
+    "velora_config",
 )
 
 
@@ -95,7 +104,9 @@ def codec_for_peft_type(peft_type: Any, source: str = CONFIG_NAME) -> PeftCodec:
     if peft_type in _METHOD_OF_TYPE:
         _import_method(_METHOD_OF_TYPE[peft_type])
     if not isinstance(peft_type, str) or peft_type not in _CODECS:
-        raise ConfigError(f"{source}: peft_type={peft_type!r} is not supported; lorakit reads {sorted(_CODECS)}")
+        raise ConfigError(
+            f"{source}: peft_type={peft_type!r} is not supported; lorakit reads {sorted(_CODECS)}"
+        )
     return _CODECS[peft_type]
 
 
@@ -135,8 +146,10 @@ def _init_from_peft(value: Any) -> str:
         return _PLAIN_INITS[value]
     if isinstance(value, str) and (value == "pissa" or value.startswith("pissa_niter_")):
         if value != "pissa":
-            warnings.warn(f"init_lora_weights={value!r}: lorakit recomputes the PiSSA residual with an exact SVD",
-                          stacklevel=3)
+            warnings.warn(
+                f"init_lora_weights={value!r}: lorakit recomputes the PiSSA residual with an exact SVD",
+                stacklevel=3,
+            )
         return "pissa"
     raise ConfigError(
         f"init_lora_weights={value!r} is not supported; lorakit loads true/false, 'gaussian', 'eva', "
@@ -148,10 +161,14 @@ def common_from_peft(d: Mapping[str, Any]) -> dict[str, Any]:
     """AdapterConfig fields every LoRA-family peft_type shares (validated; errors name the field)."""
     for key in _UNSUPPORTED:
         if d.get(key):
-            raise ConfigError(f"{key}={d[key]!r} is a PEFT feature lorakit does not support (expected null/false)")
+            raise ConfigError(
+                f"{key}={d[key]!r} is a PEFT feature lorakit does not support (expected null/false)"
+            )
     bias = _get(d, "bias", str, "none")
     if bias != "none":
-        raise ConfigError(f"bias={bias!r} is not supported; lorakit adapters train no biases (expected 'none')")
+        raise ConfigError(
+            f"bias={bias!r} is not supported; lorakit adapters train no biases (expected 'none')"
+        )
     layers = _get(d, "layers_to_transform", (int, list))
     pattern = _get(d, "layers_pattern", (str, list))
     if isinstance(pattern, list):
@@ -196,11 +213,13 @@ def adalora_rank_pattern(masks: Mapping[str, Any]) -> dict[str, int]:
     for key, mask in masks.items():
         if not isinstance(mask, list) or not all(isinstance(b, bool) for b in mask):
             raise ConfigError(f"rank_pattern[{key!r}] must be a list of booleans (AdaLoRA's kept-rank mask)")
-        module = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        module = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         module = re.sub(r"\.lora_E(\.[^.]+)?$", "", module)
         kept = sum(mask)
         if kept == 0:
-            raise ConfigError(f"rank_pattern[{key!r}] keeps no rank; lorakit cannot load a rank-0 AdaLoRA layer")
+            raise ConfigError(
+                f"rank_pattern[{key!r}] keeps no rank; lorakit cannot load a rank-0 AdaLoRA layer"
+            )
         out[re.escape(module)] = kept
     return out
 
@@ -260,7 +279,10 @@ def _explicit_targets(cfg: AdapterConfig, model: nn.Module, adapter_name: str) -
     names = adapter_layer_names(model, adapter_name)
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     try:
-        if match_targets(describe_modules(model), cfg.replace(target_modules=leaves), head_names(model)) == names:
+        if (
+            match_targets(describe_modules(model), cfg.replace(target_modules=leaves), head_names(model))
+            == names
+        ):
             return leaves
     except TargetError:
         pass
@@ -294,8 +316,11 @@ def common_to_peft(cfg: AdapterConfig, model: nn.Module, adapter_name: str) -> d
 
 
 def _lora_to_peft(cfg: AdapterConfig, model: nn.Module, adapter_name: str) -> dict[str, Any]:
-    return {**common_to_peft(cfg, model, adapter_name), "use_rslora": cfg.use_rslora,
-            "use_dora": cfg.method == "dora"}
+    return {
+        **common_to_peft(cfg, model, adapter_name),
+        "use_rslora": cfg.use_rslora,
+        "use_dora": cfg.method == "dora",
+    }
 
 
 def _adalora_to_peft(cfg: AdapterConfig, model: nn.Module, adapter_name: str) -> dict[str, Any]:
@@ -309,9 +334,18 @@ def _adalora_to_peft(cfg: AdapterConfig, model: nn.Module, adapter_name: str) ->
         if adapter is not None and kept < cfg.init_r:
             masks[f"{name}.lora_E"] = [True] * kept + [False] * (cfg.init_r - kept)
     total = cfg.total_step if cfg.total_step is not None else cfg.tinit + cfg.tfinal + 1  # PEFT needs > 0
-    d.update(rank_pattern=masks or None, init_r=cfg.init_r, target_r=cfg.target_r, tinit=cfg.tinit,
-             tfinal=cfg.tfinal, deltaT=cfg.delta_t, beta1=cfg.beta1, beta2=cfg.beta2,
-             orth_reg_weight=cfg.orth_reg_weight, total_step=total)
+    d.update(
+        rank_pattern=masks or None,
+        init_r=cfg.init_r,
+        target_r=cfg.target_r,
+        tinit=cfg.tinit,
+        tfinal=cfg.tfinal,
+        deltaT=cfg.delta_t,
+        beta1=cfg.beta1,
+        beta2=cfg.beta2,
+        orth_reg_weight=cfg.orth_reg_weight,
+        total_step=total,
+    )
     return d
 
 
@@ -334,7 +368,9 @@ def config_to_peft(
     """The adapter_config.json mapping for adapter ``adapter_name`` of ``model``."""
     codec = codec_for_method(cfg.method)
     data = codec.to_peft(cfg, model, adapter_name)
-    data.update(peft_type=codec.peft_type, task_type=task_type, base_model_name_or_path=base_model_name_or_path)
+    data.update(
+        peft_type=codec.peft_type, task_type=task_type, base_model_name_or_path=base_model_name_or_path
+    )
     return dict(sorted(data.items()))
 
 

@@ -61,20 +61,35 @@ def merge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     name = active_adapter(model)
     if name is None:
         raise AdapterStateError("the model has no active adapter to merge")
+    layers = [(lname, layer) for lname, layer in adapted_layers(model) if name in layer.adapters]
+    for lname, layer in layers:  # check every layer before changing any, so a refusal changes nothing
+        _check_finite(lname, layer, name)
     done = []
     try:
-        for lname, layer in adapted_layers(model):
-            if name in layer.adapters:
-                try:
-                    layer.merge(name)
-                except AdapterStateError as e:
-                    raise AdapterStateError(f"layer {lname!r}: {e}") from None
-                done.append(layer)
+        for _, layer in layers:
+            layer.merge(name)
+            done.append(layer)
     except BaseException:
         for layer in reversed(done):
             layer.unmerge()
         raise
     return model
+
+
+@torch.no_grad()
+def _check_finite(lname: str, layer: nn.Module, name: str) -> None:
+    """What ``AdaptedLayer.merge`` would write must be finite (computed and discarded)."""
+    adapter, access = layer.adapters[name], layer.access
+    w = access.dense_weight(torch.float32)
+    merged = (
+        adapter.merge_weight(access, w)
+        if hasattr(adapter, "merge_weight")
+        else w + adapter.delta_weight(access)
+    )
+    if not torch.isfinite(merged).all():
+        raise AdapterStateError(
+            f"layer {lname!r}: merging adapter {name!r} gives non-finite weights; nothing was changed"
+        )
 
 
 _merge_active = merge  # ``unload``'s ``merge`` flag shadows the function's name
@@ -118,8 +133,16 @@ def _factors(adapter: nn.Module, owner: str) -> tuple[str, str, torch.Tensor, to
     state = adapter.peft_state()
     for a_key, b_key in _FACTORS:
         if set(state) == {a_key, b_key}:
-            return a_key, b_key, state[a_key].detach().float(), state[b_key].detach().float(), float(adapter.scaling)
-    raise ConfigError(f"combine_adapters supports plain LoRA adapters only; {owner} holds tensors {sorted(state)}")
+            return (
+                a_key,
+                b_key,
+                state[a_key].detach().float(),
+                state[b_key].detach().float(),
+                float(adapter.scaling),
+            )
+    raise ConfigError(
+        f"combine_adapters supports plain LoRA adapters only; {owner} holds tensors {sorted(state)}"
+    )
 
 
 def combine_adapters(
@@ -136,7 +159,9 @@ def combine_adapters(
         raise ConfigError(f"how={how!r} is not supported; expected 'cat' or 'linear'")
     names, weights = list(names), [float(w) for w in weights]
     if not names or len(names) != len(weights):
-        raise ConfigError(f"combine_adapters: give one weight per adapter (got {len(names)} names, {len(weights)} weights)")
+        raise ConfigError(
+            f"combine_adapters: give one weight per adapter (got {len(names)} names, {len(weights)} weights)"
+        )
     if len(set(names)) != len(names):
         raise ConfigError(f"combine_adapters: names {names} repeat an adapter")
     check_adapter_name(new_name)
@@ -145,19 +170,28 @@ def combine_adapters(
         if n not in configs:
             raise AdapterStateError(f"no adapter named {n!r}; the model has {list(configs)}")
         if configs[n].method != "lora":
-            raise ConfigError(f"combine_adapters supports method='lora' only; adapter {n!r} is {configs[n].method!r}")
+            raise ConfigError(
+                f"combine_adapters supports method='lora' only; adapter {n!r} is {configs[n].method!r}"
+            )
         if configs[n].modules_to_save:
-            raise ConfigError(f"combine_adapters: adapter {n!r} has modules_to_save {list(configs[n].modules_to_save)}; "
-                              "fully trained modules cannot be combined as low-rank updates")
+            raise ConfigError(
+                f"combine_adapters: adapter {n!r} has modules_to_save {list(configs[n].modules_to_save)}; "
+                "fully trained modules cannot be combined as low-rank updates"
+            )
     if new_name in configs:
-        raise AdapterStateError(f"adapter {new_name!r} is already in the model; delete it first or pick another name")
+        raise AdapterStateError(
+            f"adapter {new_name!r} is already in the model; delete it first or pick another name"
+        )
     if is_merged(model):
         raise AdapterStateError("combine_adapters needs unmerged adapters; call lorakit.unmerge first")
 
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for lname, layer in adapted_layers(model):
-        parts = [(w, _factors(layer.adapters[n], f"{lname!r} ({n!r})")) for n, w in zip(names, weights)
-                 if n in layer.adapters]
+        parts = [
+            (w, _factors(layer.adapters[n], f"{lname!r} ({n!r})"))
+            for n, w in zip(names, weights)
+            if n in layer.adapters
+        ]
         if not parts:
             continue
         a_key, b_key = parts[0][1][:2]
@@ -167,8 +201,10 @@ def combine_adapters(
         else:
             ranks = {fa.shape[0] for _, (_, _, fa, _, _) in parts}
             if len(ranks) != 1:
-                raise ConfigError(f"how='linear' needs equal ranks; layer {lname!r} has ranks {sorted(ranks)} "
-                                  "(use how='cat')")
+                raise ConfigError(
+                    f"how='linear' needs equal ranks; layer {lname!r} has ranks {sorted(ranks)} "
+                    "(use how='cat')"
+                )
             a = sum(math.copysign(math.sqrt(abs(w * s)), w * s) * fa for w, (_, _, fa, _, s) in parts)
             b = sum(math.sqrt(abs(w * s)) * fb for w, (_, _, _, fb, s) in parts)
         tensors[lname] = {a_key: a, b_key: b}
@@ -178,8 +214,14 @@ def combine_adapters(
     ranks = {lname: t[next(iter(t))].shape[0] for lname, t in tensors.items()}
     r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
     odd = {re.escape(lname): rank for lname, rank in ranks.items() if rank != r}
-    cfg = AdapterConfig(method="lora", r=r, alpha=float(r), target_modules=tuple(tensors), rank_pattern=odd,
-                        alpha_pattern={k: float(v) for k, v in odd.items()})  # alpha = rank: scaling 1
+    cfg = AdapterConfig(
+        method="lora",
+        r=r,
+        alpha=float(r),
+        target_modules=tuple(tensors),
+        rank_pattern=odd,
+        alpha_pattern={k: float(v) for k, v in odd.items()},
+    )  # alpha = rank: scaling 1
     with torch.random.fork_rng(devices=[]):
         inject(model, cfg, new_name, activate=False)
     try:
