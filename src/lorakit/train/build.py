@@ -139,7 +139,11 @@ def build_run_model(
             p.data = p.data.float()
     if cfg.training.gradient_checkpointing:
         if getattr(model, "supports_gradient_checkpointing", False):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}  # non-reentrant: works with frozen inputs and DDP
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()  # frozen embeddings: make checkpointed inputs carry grad
         else:
