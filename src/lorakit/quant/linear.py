@@ -235,10 +235,8 @@ class NF4Linear(nn.Module):
         spec = self.spec
         if tuple(weight.shape) != spec.shape:
             raise QuantError(f"weight shape {tuple(weight.shape)} != layer shape {spec.shape}")
-        if not torch.isfinite(weight).all():
-            raise QuantError(f"weight {spec.shape} holds NaN or Inf values; cannot quantize it")
         codes, absmax = quantize_blockwise(weight.detach(), spec.blocksize, spec.quant_type)
-        dev = self.qweight.device
+        dev = weight.device if self.qweight.is_meta else self.qweight.device  # meta: a loading shell
         self.qweight = codes.to(dev)
         if spec.double_quant:
             q, absmax2, offset = double_quantize(absmax, spec.double_quant_blocksize)

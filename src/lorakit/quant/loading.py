@@ -149,9 +149,8 @@ def load_quantized(
     kwargs = layer_kwargs(config)
     for name, layer in targets.items():
         n_in, n_out = layer.weight.shape if is_gpt2_conv1d(layer) else layer.weight.shape[::-1]
-        shell = NF4Linear(int(n_in), int(n_out), bias=getattr(layer, "bias", None) is not None, **kwargs)
-        if shell.bias is not None:
-            shell.bias = nn.Parameter(torch.empty(0, device="meta"), requires_grad=False)
+        has_bias = getattr(layer, "bias", None) is not None
+        shell = NF4Linear(int(n_in), int(n_out), bias=has_bias, device="meta", **kwargs)  # filled by _store
         _set_module(model, name, shell)
     expected = {n for n, p in model.named_parameters(remove_duplicate=False)} | {
         n for n, _ in model.named_buffers()
@@ -201,8 +200,10 @@ def _finish(model: nn.Module, path: Path, missing: set[str]) -> None:
     if callable(tie):
         tie()
     still = sorted(n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta")
+    # a quantized layer whose weight never arrived still has meta buffers: report its checkpoint key
+    empty = sorted({n.rpartition(".")[0] + ".weight" for n, b in model.named_buffers() if b.is_meta})
     heads = head_names(model)
-    not_head = [n for n in still if n.rpartition(".")[0] not in heads]
+    not_head = empty + [n for n in still if n.rpartition(".")[0] not in heads]
     if not_head:
         raise QuantError(f"{path}: the checkpoint lacks {len(not_head)} model tensors, e.g. {not_head[:5]}")
     untied = [n for n in missing if n in still]

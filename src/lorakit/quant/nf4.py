@@ -180,6 +180,8 @@ def quantize_blockwise(
     for start in range(0, n, step):
         stop = min(n, start + step)
         scaled, am = _blockwise_absmax(flat[start:stop], blocksize)
+        if not torch.isfinite(am).all():  # a NaN/Inf element makes its block's absmax non-finite
+            raise QuantError(f"tensor {tuple(weight.shape)} holds NaN or Inf values; cannot quantize it")
         absmax[start // blocksize : stop // blocksize] = am
         scaled = scaled.reshape(-1)
         if int8:
