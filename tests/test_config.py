@@ -60,3 +60,10 @@ def test_quant_config_validation():
         QuantConfig(dtype="nf3")
     with pytest.raises(ConfigError, match="compute_dtype"):
         QuantConfig(compute_dtype="float8")
+
+
+def test_public_api_resolves():
+    import lorakit
+
+    for name in lorakit.__all__:
+        assert getattr(lorakit, name) is not None, name

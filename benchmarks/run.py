@@ -1,0 +1,201 @@
+"""lorakit vs PEFT, same weights, same data, same settings, interleaved, each measurement in its own process.
+
+    python -m benchmarks.run --suite cpu-small [--cases lora_qv,dora_qv] [--out benchmarks/results]
+
+Per round, every (case, side) pair runs once in a fresh process, in alternating order (lorakit, PEFT,
+lorakit, ...), so drift on a noisy machine hits both sides alike. Reported: median step time over all
+timed steps of all rounds, tokens/s, peak RSS and the training working set (peak RSS minus RSS after
+building the model), trainable parameters, the loss at step 1 on both sides (must agree: same
+computation), and ratios lorakit/PEFT, lorakit/full FT and lorakit/no-adapter floor. Inference: median
+forward latency of the base, unmerged LoRA q,v and merged LoRA q,v. Writes ``<suite>.json`` and
+``<suite>.md`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from benchmarks.suites import SUITES
+
+TRAIN_CASES = ("lora_qv", "lora_all", "dora_qv", "qlora_qv", "adalora_qv")
+REFERENCE_CASES = ("floor", "full")
+# loss at step 1 must agree within this (NF4 double quantization differs slightly between implementations;
+# AdaLoRA's orthogonality term has a different form in PEFT, see lorakit.adapters.adalora)
+LOSS_TOL = {"qlora_qv": 1e-3, "adalora_qv": None}
+
+
+def _run(case: str, side: str, suite: str, timeout: float) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", case, side, suite, out], cwd=root,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        return {"case": case, "side": side, "error": tail}
+    with open(out) as f:
+        res = json.load(f)
+    os.unlink(out)
+    return res
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    import lorakit
+
+    return {"lorakit": lorakit.__version__, "peft": peft.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus"}
+
+
+def run_suite(suite_name: str, cases: list[str], timeout: float = 600.0) -> dict[str, Any]:
+    suite = SUITES[suite_name]
+    jobs: list[tuple[str, str]] = []
+    for case in cases:
+        if case in REFERENCE_CASES:
+            jobs.append((case, "torch"))
+        elif case in (*TRAIN_CASES, "infer"):
+            jobs += [(case, "lorakit"), (case, "peft")]
+        else:
+            raise SystemExit(f"unknown case {case!r}; cases: {[*REFERENCE_CASES, *TRAIN_CASES, 'infer']}")
+    raw: dict[tuple[str, str], list[dict[str, Any]]] = {j: [] for j in jobs}
+    start = time.perf_counter()
+    for rnd in range(suite.rounds):
+        order = jobs if rnd % 2 == 0 else [(c, s) for c, s in jobs[::-1]]  # ABAB..., then BABA...
+        for case, side in order:
+            res = _run(case, side, suite_name, timeout)
+            raw[(case, side)].append(res)
+            status = res.get("error", "ok").splitlines()[-1]
+            print(f"[{time.perf_counter() - start:6.0f}s] round {rnd + 1} {case:<11} {side:<8} {status}", flush=True)
+    return summarize(suite_name, raw, time.perf_counter() - start)
+
+
+def summarize(suite_name: str, raw: dict[tuple[str, str], list[dict[str, Any]]], wall: float) -> dict[str, Any]:
+    suite = SUITES[suite_name]
+    tokens = suite.batch * suite.seq
+    rows: dict[str, dict[str, Any]] = {}
+    for (case, side), results in raw.items():
+        ok = [r for r in results if "error" not in r]
+        key = f"{case}/{side}"
+        if not ok:
+            rows[key] = {"case": case, "side": side, "error": results[0].get("error") if results else "not run"}
+            continue
+        row: dict[str, Any] = {"case": case, "side": side}
+        if case == "infer":
+            for k in ("infer_base_s", "infer_unmerged_s", "infer_merged_s"):
+                row[k] = statistics.median(r[k] for r in ok)
+        else:
+            times = [t for r in ok for t in r["step_times"]]
+            row.update(step_s=statistics.median(times), best_step_s=min(times),
+                       tokens_per_s=tokens / statistics.median(times), loss_step1=ok[0]["loss_step1"],
+                       trainable=ok[0]["trainable"], peak_rss_mib=max(r["peak_rss_mib"] for r in ok),
+                       train_mem_mib=statistics.median(r["train_mem_mib"] for r in ok))
+            if "cuda_peak_mib" in ok[0]:
+                row["cuda_peak_mib"] = max(r["cuda_peak_mib"] for r in ok)
+        rows[key] = row
+    ratios: dict[str, Any] = {}
+    floor = rows.get("floor/torch", {}).get("step_s")
+    full = rows.get("full/torch", {}).get("step_s")
+    for case in TRAIN_CASES:
+        a, b = rows.get(f"{case}/lorakit", {}), rows.get(f"{case}/peft", {})
+        if "step_s" not in a:
+            continue
+        r: dict[str, Any] = {}
+        if "step_s" in b:
+            r["time_vs_peft"] = a["step_s"] / b["step_s"]
+            r["train_mem_vs_peft"] = a["train_mem_mib"] / max(b["train_mem_mib"], 1e-9)
+            r["peak_rss_vs_peft"] = a["peak_rss_mib"] / b["peak_rss_mib"]
+            tol = LOSS_TOL.get(case, 1e-5)
+            diff = abs(a["loss_step1"] - b["loss_step1"])
+            r["loss_step1_diff"] = diff
+            r["same_computation"] = None if tol is None else bool(diff <= tol)
+        if floor:
+            r["time_vs_floor"] = a["step_s"] / floor
+        if full:
+            r["time_vs_full"] = a["step_s"] / full
+        ratios[case] = r
+    if "step_s" in rows.get("dora_qv/lorakit", {}) and "step_s" in rows.get("lora_qv/lorakit", {}):
+        ratios["dora_over_lora_lorakit"] = rows["dora_qv/lorakit"]["step_s"] / rows["lora_qv/lorakit"]["step_s"]
+    if "step_s" in rows.get("dora_qv/peft", {}) and "step_s" in rows.get("lora_qv/peft", {}):
+        ratios["dora_over_lora_peft"] = rows["dora_qv/peft"]["step_s"] / rows["lora_qv/peft"]["step_s"]
+    if "step_s" in rows.get("lora_qv/peft", {}) and full:
+        ratios["peft_lora_vs_full"] = rows["lora_qv/peft"]["step_s"] / full
+    inf = rows.get("infer/lorakit", {})
+    if "infer_base_s" in inf:
+        ratios["infer_merged_vs_base"] = inf["infer_merged_s"] / inf["infer_base_s"]
+        ratios["infer_unmerged_vs_base"] = inf["infer_unmerged_s"] / inf["infer_base_s"]
+    return {"suite": suite_name, "settings": suite.__dict__ | {"dtype": str(suite.dtype),
+                                                                  "compute_dtype": str(suite.compute_dtype)},
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": wall, "versions": _versions(),
+            "rows": rows, "ratios": ratios}
+
+
+def _f(v: Any, spec: str = ".3f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def markdown(res: dict[str, Any]) -> str:
+    s = res["settings"]
+    v = res["versions"]
+    lines = [f"## Benchmark `{res['suite']}` — {res['date']}", "",
+             f"Model {s['model']}, batch {s['batch']} x {s['seq']} tokens, {s['threads']} threads, r=8, alpha 16, "
+             f"dropout 0, AdamW; {s['rounds']} interleaved rounds x {s['steps']} timed steps, each run in its own "
+             f"process. Versions: lorakit {v['lorakit']}, PEFT {v['peft']}, torch {v['torch']}, transformers "
+             f"{v['transformers']}; {v['machine']}. Wall time {res['wall_s']:.0f} s.", "",
+             "| case | side | median step s | tokens/s | trainable | peak RSS MiB | train mem MiB | loss@1 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in res["rows"].values():
+        if "error" in row:
+            lines.append(f"| {row['case']} | {row['side']} | error: {row['error'].splitlines()[-1][:80]} |||||||")
+        elif "step_s" in row:
+            lines.append(f"| {row['case']} | {row['side']} | {_f(row['step_s'])} | {_f(row['tokens_per_s'], '.0f')} | "
+                         f"{row['trainable']:,} | {_f(row['peak_rss_mib'], '.0f')} | {_f(row['train_mem_mib'], '.0f')} | "
+                         f"{_f(row['loss_step1'], '.6f')} |")
+    lines += ["", "| ratio | value |", "|---|---|"]
+    for case, r in res["ratios"].items():
+        if isinstance(r, dict):
+            for k, val in r.items():
+                lines.append(f"| {case}: {k} | {val if isinstance(val, bool) or val is None else format(val, '.3g')} |")
+        else:
+            lines.append(f"| {case} | {r:.3f} |")
+    infer = [row for row in res["rows"].values() if row["case"] == "infer" and "infer_base_s" in row]
+    if infer:
+        lines += ["", "| inference (forward, median s) | base | LoRA unmerged | LoRA merged |", "|---|---|---|---|"]
+        for row in infer:
+            lines.append(f"| {row['side']} | {_f(row['infer_base_s'], '.4f')} | {_f(row['infer_unmerged_s'], '.4f')} | "
+                         f"{_f(row['infer_merged_s'], '.4f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", default="cpu-small", choices=sorted(SUITES))
+    ap.add_argument("--cases", default=",".join((*REFERENCE_CASES, *TRAIN_CASES, "infer")))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args(argv)
+    res = run_suite(args.suite, [c for c in args.cases.split(",") if c])
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"{args.suite}.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    md = markdown(res)
+    with open(os.path.join(args.out, f"{args.suite}.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

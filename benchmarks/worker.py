@@ -1,0 +1,241 @@
+"""One benchmark measurement in its own process: ``python -m benchmarks.worker CASE SIDE SUITE OUT.json``.
+
+CASE: floor | full | lora_qv | lora_all | dora_qv | qlora_qv | adalora_qv | infer
+SIDE: lorakit | peft | torch (floor and full are plain PyTorch, the same for both libraries)
+
+Both sides build the same seeded model, the same batch, and give every adapter tensor the same values
+(filled in sorted PEFT-key order from one seeded generator, B non-zero), so the loss at step 1 must agree.
+Each training step is forward + backward + AdamW step (+ AdaLoRA's budget update); the first
+``warmup`` steps are not timed. Memory: peak RSS of the process (ru_maxrss) and its growth over the RSS
+after the model was built (the training working set).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+
+from benchmarks.suites import SUITES, Suite
+
+QV = ["q_proj", "v_proj"]
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def fill_adapters(named: dict[str, torch.Tensor], seed: int = 1) -> None:
+    """Same values on both sides: sorted PEFT keys, one generator. lora_E (AdaLoRA) and magnitude
+    vectors are left as initialised (they depend on the base weights identically on both sides)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key in sorted(named):
+            t = named[key]
+            if "magnitude" in key or "ranknum" in key:
+                continue
+            t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+
+
+def _peft_named(pm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, p in pm.named_parameters():
+        if "lora_" in k:
+            out[k.replace(".default", "")] = p
+    return out
+
+
+def sync(suite: Suite) -> None:
+    if suite.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(case: str, side: str, suite: Suite) -> tuple[torch.nn.Module, list[Any], Any]:
+    """(model, per-step hooks, extra loss or None) for one case/side. Hooks run after optimizer.step
+    (before zero_grad) with the step index; the extra loss (lorakit AdaLoRA's orthogonality term) is
+    added before backward. PEFT's AdaLoRA adds its own term inside forward."""
+    import lorakit as lk
+    from lorakit.io import adapter_state
+
+    model = lk.build_model(suite.model, seed=0, dtype=suite.dtype).to(suite.device)
+    hooks: list[Any] = []
+    if case in ("floor", "full"):
+        for p in model.parameters():
+            p.requires_grad_(case == "full")
+        if case == "floor":
+            model.enable_input_require_grads()
+        return model, hooks, None
+    method = {"dora_qv": "dora", "adalora_qv": "adalora"}.get(case, "lora")
+    targets = "all-linear" if case == "lora_all" else QV
+    total = suite.warmup + suite.steps
+    if side == "lorakit":
+        if case == "qlora_qv":
+            from lorakit.quant import quantize
+
+            quantize(model, lk.QuantConfig(compute_dtype=suite.compute_dtype))
+        kw: dict[str, Any] = {}
+        if method == "adalora":
+            kw = dict(init_r=12, target_r=8, tinit=1, tfinal=1, delta_t=1, total_step=total)
+        lk.inject(model, lk.AdapterConfig(method=method, r=8, alpha=16, target_modules=targets, **kw))
+        fill_adapters(adapter_state(model))
+        if method == "adalora":
+            from lorakit.adapters.base import method_callbacks
+            from lorakit.train.callbacks import TrainState
+
+            cbs = method_callbacks(model)
+            state = TrainState(model=model, total_steps=total)
+            for cb in cbs:
+                cb.on_train_begin(state)
+
+            def adalora_hook(step: int) -> None:
+                state.step = step
+                for cb in cbs:
+                    cb.on_step_end(state)
+
+            def extra_loss() -> torch.Tensor:
+                terms = [x for x in (cb.extra_loss(state) for cb in cbs) if x is not None]
+                return sum(terms, torch.zeros(()))
+
+            hooks.append(adalora_hook)
+            return model, hooks, extra_loss
+        return model, hooks, None
+    import peft
+
+    if case == "qlora_qv":
+        model = _bnb_model(suite)
+    if method == "adalora":
+        pcfg = peft.AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16, target_modules=targets, tinit=1,
+                                  tfinal=1, deltaT=1, total_step=total, lora_dropout=0.0)
+    else:
+        pcfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
+                               use_dora=method == "dora")
+    pm = peft.get_peft_model(model, pcfg)
+    fill_adapters(_peft_named(pm))
+    if method == "adalora":
+        hooks.append(lambda step: pm.base_model.update_and_allocate(step))
+    return pm, hooks, None
+
+
+def _bnb_model(suite: Suite) -> torch.nn.Module:
+    """The same seeded model, saved and reloaded through transformers with bitsandbytes NF4."""
+    import tempfile
+
+    import transformers
+
+    import lorakit as lk
+
+    path = os.path.join(tempfile.gettempdir(), f"lorakit-bench-{suite.model}")
+    if not os.path.isdir(path):
+        lk.build_model(suite.model, seed=0).save_pretrained(path)
+    qc = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                         bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=suite.compute_dtype,
+                                         llm_int8_skip_modules=["lm_head"])
+    return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=qc, device_map=suite.device)
+
+
+def batch_for(suite: Suite) -> dict[str, torch.Tensor]:
+    from lorakit.models import builtin_config
+
+    g = torch.Generator().manual_seed(123)
+    ids = torch.randint(0, builtin_config(suite.model).vocab_size, (suite.batch, suite.seq), generator=g)
+    return {"input_ids": ids.to(suite.device), "labels": ids.clone().to(suite.device)}
+
+
+def train_steps(case: str, side: str, suite: Suite) -> dict[str, Any]:
+    model, hooks, extra = build(case, side, suite)
+    model.train()
+    batch = batch_for(suite)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    rss_before = rss_mib()
+    times, losses = [], []
+    for step in range(suite.warmup + suite.steps):
+        sync(suite)
+        t = time.perf_counter()
+        out = model(**batch, use_cache=False)
+        loss = out.loss
+        losses.append(loss.item())
+        if extra is not None:
+            loss = loss + extra()
+        loss.backward()
+        if opt is not None:
+            opt.step()
+        for h in hooks:
+            h(step)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        else:
+            model.zero_grad(set_to_none=True)
+        sync(suite)
+        if step >= suite.warmup:
+            times.append(time.perf_counter() - t)
+    n_trainable = sum(p.numel() for p in params)
+    res = {"step_times": times, "loss_step1": losses[0], "trainable": n_trainable,
+           "rss_before_mib": rss_before, "peak_rss_mib": peak_rss_mib(),
+           "train_mem_mib": peak_rss_mib() - rss_before}
+    if suite.device == "cuda":
+        res["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return res
+
+
+def inference(side: str, suite: Suite) -> dict[str, Any]:
+    """Forward-only latency: base, unmerged LoRA q,v, merged LoRA q,v (eval mode, no_grad)."""
+    import lorakit as lk
+
+    model, _, _ = build("lora_qv", side, suite)
+    model.eval()
+    ids = batch_for(suite)["input_ids"]
+
+    def timed() -> float:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+        ts = []
+        for _ in range(suite.infer_repeats):
+            sync(suite)
+            t = time.perf_counter()
+            with torch.no_grad():
+                model(input_ids=ids, use_cache=False)
+            sync(suite)
+            ts.append(time.perf_counter() - t)
+        ts.sort()
+        return ts[len(ts) // 2]
+
+    if side == "lorakit":
+        with lk.disabled(model):
+            base = timed()
+        unmerged = timed()
+        lk.merge(model)
+        merged = timed()
+    else:
+        with model.disable_adapter():
+            base = timed()
+        unmerged = timed()
+        model.merge_adapter()
+        merged = timed()
+    return {"infer_base_s": base, "infer_unmerged_s": unmerged, "infer_merged_s": merged}
+
+
+def main(argv: list[str]) -> int:
+    case, side, suite_name, out = argv
+    suite = SUITES[suite_name]
+    torch.set_num_threads(suite.threads)
+    torch.manual_seed(0)
+    res = inference(side, suite) if case == "infer" else train_steps(case, side, suite)
+    res.update(case=case, side=side, suite=suite_name)
+    with open(out, "w") as f:
+        json.dump(res, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

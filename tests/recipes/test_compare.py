@@ -1,0 +1,52 @@
+"""compare on two small builtin configs: every column for every row, charts written."""
+
+import json
+import os
+
+import pytest
+
+from lorakit.recipes.compare import COLUMNS, derive_configs, run_compare
+
+
+def _config(tmp_path, method: str) -> dict:
+    data = tmp_path / "sft.jsonl"
+    if not data.exists():
+        rows = [{"prompt": f"count to {i}:", "completion": " " + " ".join(str(j) for j in range(i % 7 + 2))}
+                for i in range(40)]
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {
+        "model": {"name": "tiny-llama"},
+        "data": {"train": str(data), "val_fraction": 0.2, "task": "sft", "max_length": 64},
+        "adapter": {"method": method, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "training": {"max_steps": 3, "batch_size": 4, "grad_accumulation": 1, "lr": 1e-3, "num_workers": 0,
+                     "gradient_checkpointing": False, "eval_at_start": False},
+        "output": {"dir": str(tmp_path / method), "save_every": 0},
+    }
+
+
+def test_derive_configs_changes_only_the_method():
+    base = {"model": {"name": "m"}, "adapter": {"r": 8, "target_modules": ["q_proj"]}}
+    d = derive_configs(base, ["full", "lora", "dora", "qlora", "adalora"])
+    assert d["full"]["adapter"] is None
+    assert d["dora"]["adapter"]["method"] == "dora" and d["dora"]["adapter"]["r"] == 8
+    assert d["qlora"]["quant"]["dtype"] == "nf4" and d["qlora"]["adapter"]["method"] == "lora"
+    assert d["adalora"]["adapter"]["target_r"] == 8 and d["adalora"]["adapter"]["init_r"] == 12
+    with pytest.raises(ValueError, match="unknown method 'prefix'"):
+        derive_configs(base, ["prefix"])
+
+
+@pytest.mark.slow
+def test_compare_two_builtin_configs(tmp_path):
+    configs = {"lora": _config(tmp_path, "lora"), "dora": _config(tmp_path, "dora")}
+    out = tmp_path / "cmp"
+    rows = run_compare(configs, str(out))
+    assert [r["name"] for r in rows] == ["lora", "dora"]
+    for r in rows:
+        assert set(r) == set(COLUMNS)
+        assert all(r[c] is not None for c in COLUMNS), r
+        assert r["trainable_params"] > 0 and r["latency_unmerged_ms"] > 0 and r["adapter_bytes"] > 0
+    assert rows[1]["trainable_params"] > rows[0]["trainable_params"]  # DoRA adds the magnitude vectors
+    with open(out / "compare.json") as f:
+        assert json.load(f) == rows
+    for name in ("compare.md", "compare_metric.png", "compare_latency.png", "compare_memory.png"):
+        assert os.path.getsize(out / name) > 0
