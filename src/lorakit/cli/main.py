@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("plan", "plan a fine-tune: memory per GPU, GPUs, time, cost, ROI and recommendations per method"),
     "train": ("train", "fine-tune an adapter from a YAML run config (resumable; torchrun for several processes)"),
     "generate": ("generate", "complete a prompt with a causal LM, with or without an adapter"),
+    "serve": ("serve", "OpenAI-compatible server: one base model, many adapters batched together"),
 }
 
 

@@ -101,7 +101,12 @@ class RowPlan:
 
     def __init__(self, names: Sequence[str]) -> None:
         self.names = list(names)
-        self._index: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self.version = 0  # bumped by select(), so routers rebuild their row index
+
+    def select(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (generation dropping finished rows from the batch)."""
+        self.names = [self.names[i] for i in rows]
+        self.version += 1
 
     def rows(self, batch: int) -> list[str]:
         """Names for ``batch`` rows: generation may repeat each row (beams, num_return_sequences)."""
@@ -118,7 +123,7 @@ class _Router:
 
     def __init__(self, layer: AdaptedLayer, stacks: _Stacks, plan: RowPlan) -> None:
         self.stacks, self.plan = stacks, plan
-        self._idx: dict[int, torch.Tensor] = {}
+        self._idx: dict[tuple[int, int], torch.Tensor] = {}
         uniq = set(plan.names)
         # whole batch on one adapter (or all base): the plain single-adapter path, no gather
         self.single = next(iter(uniq)) if len(uniq) == 1 else None
@@ -126,11 +131,13 @@ class _Router:
             self.single = BASE  # this adapter does not touch this layer
 
     def index(self, batch: int) -> torch.Tensor:
-        idx = self._idx.get(batch)
+        key = (self.plan.version, batch)
+        idx = self._idx.get(key)
         if idx is None:
             zero = len(self.stacks.slots)
             slots = [self.stacks.slots.get(n, zero) for n in self.plan.rows(batch)]
-            idx = self._idx[batch] = torch.tensor(slots, dtype=torch.long, device=self.stacks.a.device)
+            self._idx = {key: torch.tensor(slots, dtype=torch.long, device=self.stacks.a.device)}
+            idx = self._idx[key]
         return idx
 
     def __call__(self, layer: AdaptedLayer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
