@@ -21,7 +21,7 @@ from lorakit.io import (
     read_adapter,
     save_adapter,
 )
-from lorakit.io.peft_format import _CODECS, adalora_rank_pattern, register_peft_type
+from lorakit.io.peft_format import _CODECS, register_peft_type
 from lorakit.surgery.inject import adapted_layers
 
 peft = pytest.importorskip("peft")
@@ -225,7 +225,16 @@ def test_config_json_round_trip_keeps_every_field():
     peft.LoraConfig(**{k: v for k, v in data.items() if k != "peft_type"})  # PEFT accepts every field
 
 
-def test_adalora_json_maps_masks_to_ranks():
+def _has(method):
+    try:
+        builder_for(method)
+        return True
+    except lk.ConfigError:
+        return False
+
+
+def test_adalora_json_maps_fields_and_masks():
+    mask = [True, False, True, False, False, False]
     data = {
         "peft_type": "ADALORA",
         "init_r": 6,
@@ -234,14 +243,47 @@ def test_adalora_json_maps_masks_to_ranks():
         "deltaT": 3,
         "total_step": 50,
         "target_modules": ["q_proj"],
-        "rank_pattern": {"model.layers.0.self_attn.q_proj.lora_E": [True, False, True, False, False, False]},
+        "rank_pattern": {"model.layers.0.self_attn.q_proj.lora_E": mask},
     }
-    cfg, _ = config_from_peft(data)
+    cfg, meta = config_from_peft(data)
     assert (cfg.method, cfg.init_r, cfg.target_r, cfg.delta_t, cfg.total_step) == ("adalora", 6, 2, 3, 50)
-    assert cfg.rank_for("model.layers.0.self_attn.q_proj") == 2
-    assert adalora_rank_pattern({"a.b.lora_E": [True] * 3}) == {r"a\.b": 3}
-    with pytest.raises(lk.ConfigError, match="keeps no rank"):
-        adalora_rank_pattern({"a.lora_E": [False, False]})
+    assert cfg.rank_pattern == {}  # the masks are not rank overrides ...
+    assert meta["layer_kwargs"] == {
+        "model.layers.0.self_attn.q_proj": {"rank_mask": mask}
+    }  # ... they go here
+    data["rank_pattern"] = {"model.layers.0.self_attn.q_proj.lora_E": [True, 1]}
+    with pytest.raises(lk.ConfigError, match="must be a list of booleans"):
+        config_from_peft(data)
+    data["rank_pattern"] = {"model.layers.0.self_attn.q_proj.lora_E": [True]}
+    with pytest.raises(lk.ConfigError, match="has 1 entries; expected init_r=6"):
+        config_from_peft(data)
+
+
+@pytest.mark.skipif(not _has("adalora"), reason="AdaLoRA not available")
+def test_peft_adalora_with_pruned_ranks_to_lorakit_and_back(tmp_path):
+    cfg = peft.AdaLoraConfig(
+        init_r=4, target_r=2, deltaT=1, total_step=4, target_modules=["q_proj", "v_proj"]
+    )
+    pm = peft.get_peft_model(model_of("tiny-llama", "causal-lm"), cfg)
+    randomize([p for n, p in pm.named_parameters() if "lora_" in n])
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.01)
+    for step in range(1, 5):  # PEFT's budget loop: prunes ranks and records the masks in rank_pattern
+        pm(input_ids=X, labels=X).loss.backward()
+        opt.step()
+        pm.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    masks = pm.peft_config["default"].rank_pattern
+    assert any(not all(m) for m in masks.values())
+    with torch.no_grad():
+        ref = logits_of(pm.eval()(X))
+    pm.save_pretrained(tmp_path / "peft")
+    model = load_adapter(model_of("tiny-llama", "causal-lm"), tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(model(X)), ref, rtol=1e-5, atol=1e-5)
+    save_adapter(model, tmp_path / "mine")
+    back = peft.PeftModel.from_pretrained(model_of("tiny-llama", "causal-lm"), tmp_path / "mine").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(back(X)), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_peft_type_codec_registry_hook():
@@ -256,14 +298,6 @@ def test_peft_type_codec_registry_hook():
         _CODECS.pop("TOYLORA")
     with pytest.raises(lk.ConfigError, match="peft_type='TOYLORA' is not supported"):
         config_from_peft({"peft_type": "TOYLORA", "rank": 3})
-
-
-def _has(method):
-    try:
-        builder_for(method)
-        return True
-    except lk.ConfigError:
-        return False
 
 
 @pytest.mark.skipif(not _has("dora"), reason="DoRA not available")

@@ -204,27 +204,40 @@ def _first(items: list[str], n: int = 3) -> str:
 
 
 def _fill(
-    model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], source: str, snapshot: _Snapshot
+    model: nn.Module,
+    adapter_name: str,
+    tensors: dict[str, torch.Tensor],
+    source: str,
+    snapshot: _Snapshot,
+    layer_kwargs: dict[str, dict[str, Any]],
 ) -> None:
-    """Check the file's keys and shapes against the injected adapter, then load them.
+    """Check the file's keys against the injected adapter, then load them layer by layer.
 
-    PEFT also stores the full base weight of an adapted embedding/output layer (key
-    ``<path>.base_layer.weight``, written when the vocabulary may have been resized); such tensors are
-    loaded into the base module (saved first in ``snapshot`` so a failure can undo it)."""
-    groups: list[tuple[str, Any, dict[str, torch.Tensor]]] = []
+    Adapter tensors go through ``adapter.load_peft_state(state, **layer_kwargs.get(path, {}))``, which
+    checks their shapes (an AdaLoRA adapter accepts fewer ranks than it was built with); its error is
+    re-raised naming the file and the layer. PEFT also stores the full base weight of an adapted
+    embedding/output layer (``<path>.base_layer.weight``, written when the vocabulary may have been
+    resized); such tensors are loaded into the base module (saved first in ``snapshot``)."""
+    adapters: list[tuple[str, nn.Module, list[str]]] = []
+    fixed: dict[str, torch.Tensor] = {}  # trained copies and base weights: shapes must match exactly
+    copies: list[tuple[str, nn.Module, list[str]]] = []
     base_params: dict[str, torch.Tensor] = {}
     for name, layer in adapted_layers(model):
         if adapter_name in layer.adapters:
-            groups.append((name, layer.adapters[adapter_name], layer.adapters[adapter_name].peft_state()))
+            adapters.append(
+                (name, layer.adapters[adapter_name], list(layer.adapters[adapter_name].peft_state()))
+            )
             base_params.update(
                 {f"{PREFIX}{name}.base_layer.{k}": t for k, t in layer.base.state_dict().items()}
             )
     for name, tc in trained_copies(model):
         if adapter_name in tc.copies:
-            groups.append((name, tc.copies[adapter_name], tc.copies[adapter_name].state_dict()))
-    expected = {f"{PREFIX}{name}.{key}": t for name, _, own in groups for key, t in own.items()}
+            own = tc.copies[adapter_name].state_dict()
+            copies.append((name, tc.copies[adapter_name], list(own)))
+            fixed.update({f"{PREFIX}{name}.{k}": t for k, t in own.items()})
+    expected = [f"{PREFIX}{name}.{key}" for name, _, keys in adapters + copies for key in keys]
     missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected and k not in base_params]
+    unexpected = [k for k in tensors if k not in set(expected) and k not in base_params]
     if missing:
         raise AdapterFileError(
             f"{source}: {len(missing)} tensors the model's adapter needs are missing: "
@@ -235,25 +248,24 @@ def _fill(
             f"{source}: {len(unexpected)} unexpected tensors match no adapted module: "
             f"{_first(unexpected)} (adapter saved for another model or config?)"
         )
-    checks = [
-        (f"layer {name!r}: {key}", f"{PREFIX}{name}.{key}", t)
-        for name, _, own in groups
-        for key, t in own.items()
-    ]
-    checks += [(f"base weight {k[len(PREFIX) :]!r}", k, t) for k, t in base_params.items() if k in tensors]
-    for what, key, t in checks:
-        got = tensors[key]
-        if tuple(got.shape) != tuple(t.shape):
+    fixed.update({k: t for k, t in base_params.items() if k in tensors})
+    for key, t in fixed.items():
+        if tuple(tensors[key].shape) != tuple(t.shape):
             raise AdapterFileError(
-                f"{source}: {what} has shape {tuple(got.shape)} in the file but the model "
-                f"needs {tuple(t.shape)} (adapter saved for another base model?)"
+                f"{source}: {key[len(PREFIX) :]!r} has shape {tuple(tensors[key].shape)} in the file but the "
+                f"model needs {tuple(t.shape)} (adapter saved for another base model?)"
             )
-    for name, module, own in groups:
-        state = {key: tensors[f"{PREFIX}{name}.{key}"] for key in own}
-        if hasattr(module, "load_peft_state"):
-            module.load_peft_state(state)
-        else:
-            module.load_state_dict(state)
+    for name, module, keys in adapters:
+        state = {key: tensors[f"{PREFIX}{name}.{key}"] for key in keys}
+        try:
+            module.load_peft_state(state, **layer_kwargs.get(name, {}))
+        except (ValueError, KeyError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise AdapterFileError(
+                f"{source}: layer {name!r}: {msg} (adapter saved for another base model or config?)"
+            ) from None
+    for name, module, keys in copies:
+        module.load_state_dict({key: tensors[f"{PREFIX}{name}.{key}"] for key in keys})
     with torch.no_grad():
         for key, t in base_params.items():
             if key in tensors:
@@ -286,7 +298,7 @@ def load_adapter(
     try:
         with torch.random.fork_rng(devices=[]):  # initialising the adapter must not move the user's RNG
             inject(model, cfg, adapter_name, activate=activate)
-        _fill(model, adapter_name, tensors, source, snapshot)
+        _fill(model, adapter_name, tensors, source, snapshot, meta.pop("layer_kwargs", {}))
     except BaseException:
         snapshot.restore(adapter_name)
         raise

@@ -9,12 +9,14 @@ Config: one *codec* per ``peft_type`` converts the json both ways. lorakit ships
 :func:`register_peft_type`; the io layer imports the method's module (``lorakit.adapters.<method>``)
 before looking a codec up, so a registration there takes effect without io changes::
 
-    register_peft_type("ADALORA", ("adalora",), from_peft=my_from_peft, to_peft=my_to_peft)
+    register_peft_type("ADALORA", ("adalora",), from_peft=..., to_peft=..., layer_kwargs=...)
 
 ``from_peft(data: dict) -> AdapterConfig`` validates the json (raise ConfigError naming the field);
 ``to_peft(cfg, model, adapter_name) -> dict`` returns the json fields (use :func:`common_to_peft` for
-the fields every LoRA-family type shares). ``peft_type``, ``task_type`` and
-``base_model_name_or_path`` are added by the caller.
+the fields every LoRA-family type shares); the optional ``layer_kwargs(data) -> {module path: kwargs}``
+passes per-layer extras to ``adapter.load_peft_state(state, **kwargs)`` -- AdaLoRA's kept-rank masks
+(PEFT's ``rank_pattern``: ``"<path>.lora_E"`` -> init_r booleans) reach the adapter this way as
+``rank_mask``. ``peft_type``, ``task_type`` and ``base_model_name_or_path`` are added by the caller.
 
 What PEFT accepts quietly and we refuse: ``r = 0``, an unknown ``peft_type``, ``bias`` other than
 "none", and PEFT features lorakit does not implement (``lora_bias``, ``layer_replication``, ...).
@@ -77,6 +79,7 @@ class PeftCodec:
     methods: tuple[str, ...]
     from_peft: Callable[[Mapping[str, Any]], AdapterConfig]
     to_peft: Callable[[AdapterConfig, nn.Module, str], dict[str, Any]]
+    layer_kwargs: Callable[[Mapping[str, Any]], dict[str, dict[str, Any]]] | None = None
 
 
 _CODECS: dict[str, PeftCodec] = {}
@@ -88,9 +91,12 @@ def register_peft_type(
     methods: tuple[str, ...],
     from_peft: Callable[[Mapping[str, Any]], AdapterConfig],
     to_peft: Callable[[AdapterConfig, nn.Module, str], dict[str, Any]],
+    layer_kwargs: Callable[[Mapping[str, Any]], dict[str, dict[str, Any]]] | None = None,
 ) -> None:
-    """Register (or replace) the codec for ``peft_type``, used to save adapters of ``methods``."""
-    _CODECS[peft_type] = PeftCodec(peft_type, tuple(methods), from_peft, to_peft)
+    """Register (or replace) the codec for ``peft_type``, used to save adapters of ``methods``.
+    ``layer_kwargs(json) -> {module path: kwargs}`` optionally passes per-layer extras from the json
+    to ``adapter.load_peft_state(state, **kwargs)`` (AdaLoRA: its kept-rank mask)."""
+    _CODECS[peft_type] = PeftCodec(peft_type, tuple(methods), from_peft, to_peft, layer_kwargs)
 
 
 def _import_method(method: str) -> None:
@@ -205,22 +211,15 @@ def _lora_from_peft(d: Mapping[str, Any]) -> AdapterConfig:
     )
 
 
-def adalora_rank_pattern(masks: Mapping[str, Any]) -> dict[str, int]:
-    """PEFT's AdaLoRA ``rank_pattern`` (``"<module>.lora_E"`` -> list of kept-rank booleans over init_r)
-    -> lorakit ``rank_pattern`` (exact module name regex -> number of kept ranks). The saved tensors
-    hold only the kept ranks (PEFT slices them on save), so the count is all loading needs."""
-    out: dict[str, int] = {}
+def adalora_rank_masks(masks: Mapping[str, Any]) -> dict[str, list[bool]]:
+    """PEFT's AdaLoRA ``rank_pattern`` (``"<module>.lora_E"`` -> kept-rank booleans over init_r) keyed by
+    module path. The saved tensors hold only the kept ranks (PEFT slices them on save)."""
+    out: dict[str, list[bool]] = {}
     for key, mask in masks.items():
         if not isinstance(mask, list) or not all(isinstance(b, bool) for b in mask):
             raise ConfigError(f"rank_pattern[{key!r}] must be a list of booleans (AdaLoRA's kept-rank mask)")
         module = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        module = re.sub(r"\.lora_E(\.[^.]+)?$", "", module)
-        kept = sum(mask)
-        if kept == 0:
-            raise ConfigError(
-                f"rank_pattern[{key!r}] keeps no rank; lorakit cannot load a rank-0 AdaLoRA layer"
-            )
-        out[re.escape(module)] = kept
+        out[re.sub(r"\.lora_E(\.[^.]+)?$", "", module)] = mask
     return out
 
 
@@ -230,11 +229,16 @@ def _adalora_from_peft(d: Mapping[str, Any]) -> AdapterConfig:
     if d.get("use_rslora"):
         raise ConfigError("use_rslora=true cannot be combined with peft_type='ADALORA'")
     fields = common_from_peft(d)
-    target_r = _get(d, "target_r", int, 8)
+    target_r, init_r = _get(d, "target_r", int, 8), _get(d, "init_r", int, 12)
+    for key, mask in adalora_rank_masks(_get(d, "rank_pattern", dict, {})).items():
+        if len(mask) != init_r:
+            raise ConfigError(f"rank_pattern[{key!r}] has {len(mask)} entries; expected init_r={init_r}")
+    # rank_pattern is AdaLoRA's kept-rank masks, not a rank override: it reaches the adapter through
+    # load_peft_state(rank_mask=...) (see _adalora_layer_kwargs), not through the config.
     return AdapterConfig(
         method="adalora",
         r=target_r,
-        init_r=_get(d, "init_r", int, 12),
+        init_r=init_r,
         target_r=target_r,
         tinit=_get(d, "tinit", int, 0),
         tfinal=_get(d, "tfinal", int, 0),
@@ -243,22 +247,30 @@ def _adalora_from_peft(d: Mapping[str, Any]) -> AdapterConfig:
         beta2=_get(d, "beta2", (int, float), 0.85),
         orth_reg_weight=_get(d, "orth_reg_weight", (int, float), 0.5),
         total_step=_get(d, "total_step", int),
-        rank_pattern=adalora_rank_pattern(_get(d, "rank_pattern", dict, {})),
         **fields,
     )
 
 
+def _adalora_layer_kwargs(d: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    masks = adalora_rank_masks(d.get("rank_pattern") or {})
+    return {path: {"rank_mask": mask} for path, mask in masks.items()}
+
+
 def config_from_peft(data: Any, source: str = CONFIG_NAME) -> tuple[AdapterConfig, dict[str, Any]]:
-    """Parse an adapter_config.json mapping: (AdapterConfig, metadata with task_type and
-    base_model_name_or_path). Every error is a ConfigError starting with ``source``."""
+    """Parse an adapter_config.json mapping: (AdapterConfig, metadata with task_type,
+    base_model_name_or_path and, if the codec has any, "layer_kwargs" for ``load_peft_state``).
+    Every error is a ConfigError starting with ``source``."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
     codec = codec_for_peft_type(data.get("peft_type"), source)
     try:
         cfg = codec.from_peft(data)
+        layer_kwargs = codec.layer_kwargs(data) if codec.layer_kwargs else {}
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     meta = {k: data.get(k) for k in ("task_type", "base_model_name_or_path")}
+    if layer_kwargs:
+        meta["layer_kwargs"] = layer_kwargs
     return cfg, meta
 
 
@@ -329,10 +341,17 @@ def _adalora_to_peft(cfg: AdapterConfig, model: nn.Module, adapter_name: str) ->
     # count matters on load (the tensors are saved with the kept ranks).
     masks = {}
     for name, layer in adapted_layers(model):
-        adapter = layer.adapters[adapter_name] if adapter_name in layer.adapters else None
-        kept = int(getattr(adapter, "r", cfg.init_r)) if adapter is not None else cfg.init_r
-        if adapter is not None and kept < cfg.init_r:
+        if adapter_name not in layer.adapters:
+            continue
+        adapter = layer.adapters[adapter_name]
+        mask = getattr(adapter, "rank_mask", None)
+        if mask is not None:
+            masks[f"{name}.lora_E"] = [bool(b) for b in mask.tolist()]
+        else:
+            kept = int(getattr(adapter, "r", cfg.init_r))
             masks[f"{name}.lora_E"] = [True] * kept + [False] * (cfg.init_r - kept)
+    if all(all(m) for m in masks.values()):
+        masks = {}  # nothing pruned: PEFT's rank_pattern stays null
     total = cfg.total_step if cfg.total_step is not None else cfg.tinit + cfg.tfinal + 1  # PEFT needs > 0
     d.update(
         rank_pattern=masks or None,
@@ -375,4 +394,4 @@ def config_to_peft(
 
 
 register_peft_type("LORA", ("lora", "dora"), _lora_from_peft, _lora_to_peft)
-register_peft_type("ADALORA", ("adalora",), _adalora_from_peft, _adalora_to_peft)
+register_peft_type("ADALORA", ("adalora",), _adalora_from_peft, _adalora_to_peft, _adalora_layer_kwargs)
