@@ -6,7 +6,8 @@ Writes a random-init Llama of the chosen size as bf16 safetensors shards (tensor
 writer never holds the model either), then in a fresh process per loader measures
 peak RSS = ru_maxrss after loading - RSS before loading (same process, after a warm-up load of a
 tiny model so imports and lazy initialisation are in the baseline), load time,
-and the model's stored bytes (lorakit.quant.storage_bytes). --compare-hf also loads the same
+and the model's stored bytes (lorakit.quant.storage_bytes); the peak includes one short forward pass
+(batch 1, 8 tokens) so lazily mapped weights are really read. --compare-hf also loads the same
 directory with transformers' from_pretrained(dtype=bfloat16) for the full-precision reference.
 Figures depend on this machine (CPU only); the shard size bounds the file pages touched at once.
 """
@@ -109,6 +110,8 @@ def worker(kind: str, path: str) -> None:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
         bits = 16.0
     seconds = time.perf_counter() - t0
+    with torch.no_grad():  # touch every weight (transformers maps safetensors lazily)
+        model(torch.zeros(1, 8, dtype=torch.long))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
     out = dict(
         loader=kind,
