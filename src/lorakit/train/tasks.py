@@ -69,6 +69,9 @@ class EncodedDataset:
     n_truncated: int = 0
     n_dropped: int = 0
     source_rows: list[int] = field(default_factory=list)
+    raw: RawData | None = field(
+        default=None, repr=False
+    )  # the rows this was encoded from (for the data check)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -261,7 +264,7 @@ def encode_records(
             full_lengths.append(n)
             source_rows.append(i)
         return EncodedDataset(
-            task, "classification", examples, full_lengths, max_length, names, n_trunc, 0, source_rows
+            task, "classification", examples, full_lengths, max_length, names, n_trunc, 0, source_rows, raw
         )
     fmt = detect_format(raw.records[0], raw.where(0)) if format == "auto" else format
     if fmt not in SFT_FORMATS:
@@ -279,7 +282,9 @@ def encode_records(
         source_rows.append(i)
     if not examples:
         raise DataError(f"{raw.path}: no row has a target token left within max_length={max_length}")
-    return EncodedDataset(task, fmt, examples, full_lengths, max_length, None, n_trunc, n_drop, source_rows)
+    return EncodedDataset(
+        task, fmt, examples, full_lengths, max_length, None, n_trunc, n_drop, source_rows, raw
+    )
 
 
 def load_datasets(
