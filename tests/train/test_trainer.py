@@ -4,6 +4,7 @@ losses, gradient checkpointing, evaluation metrics, artifacts and the one-line e
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -191,6 +192,23 @@ def test_gradient_checkpointing_gives_the_same_trajectory(tmp_path):
     b = train(run_config(tmp_path, "b", max_steps=3, gradient_checkpointing=True))
     la, lb = losses(a.output_dir), losses(b.output_dir)
     assert la == pytest.approx(lb, rel=1e-6) and la[0] != la[-1]
+    from lorakit.train.build import Precision, build_run_model
+
+    model = build_run_model(run_config(tmp_path, "c", gradient_checkpointing=True), 2, 256,
+                            Precision("fp32", None, False), torch.device("cpu"))
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing  # really on
+
+
+def test_quant_section_trains_qlora(tmp_path):
+    pytest.importorskip("lorakit.quant")
+    import dataclasses
+
+    from lorakit.config import QuantConfig
+
+    cfg = dataclasses.replace(run_config(tmp_path, max_steps=3), quant=QuantConfig(compute_dtype="fp32"))
+    res = train(cfg)
+    assert res.steps == 3 and res.skipped_steps == 0 and math.isfinite(res.train_loss)
+    assert res.summary["efficiency"]["trainable_params"] == 1792  # only the adapters train
 
 
 def test_artifacts_summary_and_classification_metrics(tmp_path):
