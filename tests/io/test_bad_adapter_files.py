@@ -212,3 +212,13 @@ def test_failure_after_injection_removes_the_half_loaded_adapter(adapter_dir, tm
         load_adapter(model, tmp_path / "bert")
     assert_same(before, fingerprint(model))
     assert not any(isinstance(x, (AdaptedLayer, TrainedCopy)) for x in model.modules())
+
+
+def test_failed_pissa_load_restores_the_base_weights(tmp_path):
+    """PiSSA rewrites the base weights when injected; a failed load must put them back."""
+    m = lk.inject(build(), lk.AdapterConfig(init="pissa", r=2, target_modules=["q_proj"]))
+    save_adapter(m, tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors.pop("base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight")
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    check_fails(build(), tmp_path, AdapterFileError, "missing")

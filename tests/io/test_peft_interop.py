@@ -336,3 +336,47 @@ def test_loaded_adapter_keeps_rng_and_metadata(tmp_path):
     # PEFT lists "classifier" twice and adds "score" for SEQ_CLS; only the real head is kept.
     assert lk.adapter_configs(model)["default"].modules_to_save == ("classifier",)
     assert len(list(adapted_layers(model))) == 2
+
+
+def test_pissa_adapter_round_trip_recomputes_the_residual(tmp_path):
+    cfg = lk.AdapterConfig(init="pissa", r=4, target_modules=["q_proj", "v_proj"])
+    model = lk.inject(model_of("tiny-llama", "causal-lm"), cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+        ref = logits_of(model(X))
+    save_adapter(model, tmp_path)
+    fresh = load_adapter(model_of("tiny-llama", "causal-lm"), tmp_path)  # base -> residual, then A, B
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(fresh(X)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_many_adapters_on_one_base(tmp_path):
+    """Load several adapters, switch between them, disable them, delete them."""
+    refs = {}
+    pm = peft_model("llama-patterns-embedding")
+    pm.save_pretrained(tmp_path / "a")
+    with torch.no_grad():
+        refs["a"] = logits_of(pm(X))
+    model = lk.inject(
+        model_of("tiny-llama", "causal-lm"), lk.AdapterConfig(r=2, target_modules=["k_proj"]), "b"
+    )
+    randomize([p for p in model.parameters() if p.requires_grad], seed=9)
+    with torch.no_grad():
+        refs["b"] = logits_of(model(X))
+        base = logits_of(model_of("tiny-llama", "causal-lm")(X))
+    save_adapter(model, tmp_path, adapter_name="b")  # -> tmp_path/b
+    model = model_of("tiny-llama", "causal-lm")
+    load_adapter(model, tmp_path / "a", adapter_name="a")
+    load_adapter(model, tmp_path, adapter_name="b")
+    with torch.no_grad():
+        for name in ("a", "b", "a"):
+            lk.set_adapter(model, name)
+            torch.testing.assert_close(logits_of(model(X)), refs[name], rtol=1e-5, atol=1e-5)
+        with lk.disabled(model):
+            torch.testing.assert_close(logits_of(model(X)), base, rtol=1e-5, atol=1e-5)
+        lk.delete_adapter(model, "a")
+        torch.testing.assert_close(logits_of(model(X)), refs["b"], rtol=1e-5, atol=1e-5)
+        lk.delete_adapter(model, "b")
+        torch.testing.assert_close(logits_of(model(X)), base, rtol=1e-5, atol=1e-5)
