@@ -27,9 +27,26 @@ def test_budget_equals_formula_at_chosen_steps():
     s = BudgetSchedule(init_budget=48, target_budget=32, tinit=10, tfinal=20, total_step=100, delta_t=5)
     for t in (0, 1, 10, 11, 25, 50, 79, 80, 81, 100):
         assert s.budget(t) == _cubic(t, 48, 32, 10, 20, 100), t
-    assert s.budget(10) == 48 and s.budget(80) == 32 and s.budget(45) == int(32 + 16 * (1 - 35 / 70) ** 3) == 34
+    assert (
+        s.budget(10) == 48 and s.budget(80) == 32 and s.budget(45) == int(32 + 16 * (1 - 35 / 70) ** 3) == 34
+    )
     masking = [t for t in range(0, 101) if s.is_masking_step(t)]
-    assert masking == [15, 20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70, 75, 80]  # every delta_t, and T - tfinal
+    assert masking == [
+        15,
+        20,
+        25,
+        30,
+        35,
+        40,
+        45,
+        50,
+        55,
+        60,
+        65,
+        70,
+        75,
+        80,
+    ]  # every delta_t, and T - tfinal
 
 
 def _model(seed=0, **kw):
@@ -112,8 +129,10 @@ def test_masks_match_peft_rank_allocator():
             for key in ("lora_A", "lora_E", "lora_B"):
                 getattr(a, key).copy_(theirs[f"{path}.{key}.default"])
     ctl = AdaLoraController(ours, total_step=10)
-    for model, update in ((pm, lambda: pm.base_model.rankallocator.update_ipt(pm.base_model.model)),
-                          (ours, ctl.allocator.update_importance)):
+    for model, update in (
+        (pm, lambda: pm.base_model.rankallocator.update_ipt(pm.base_model.model)),
+        (ours, ctl.allocator.update_importance),
+    ):
         for ids in (_batch(1), _batch(2)):  # two EMA steps with different data (no orth term in the loss)
             logits = model(input_ids=ids).logits
             torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()

@@ -50,8 +50,16 @@ class AdaLoraLinear(nn.Module):
         compact: True when the parameters hold only the kept ranks (after loading a pruned adapter).
     """
 
-    def __init__(self, in_features: int, out_features: int, init_r: int, alpha: float, dropout: float = 0.0,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        init_r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         self.init_r, self.alpha = init_r, alpha
         self.ranknum = float(init_r)
@@ -63,7 +71,9 @@ class AdaLoraLinear(nn.Module):
         nn.init.normal_(self.lora_A, std=0.02)
         nn.init.normal_(self.lora_B, std=0.02)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.register_buffer("rank_mask", torch.ones(init_r, dtype=torch.bool, device=device), persistent=False)
+        self.register_buffer(
+            "rank_mask", torch.ones(init_r, dtype=torch.bool, device=device), persistent=False
+        )
         self.compact = False
 
     @property
@@ -89,6 +99,21 @@ class AdaLoraLinear(nn.Module):
         if not self.compact:
             self.lora_E.masked_fill_(~self.rank_mask.view(-1, 1), 0.0)
 
+    @torch.no_grad()
+    def compact_(self) -> None:
+        """Drop the pruned ranks from the parameters (done at the end of training): the adapter then
+        computes exactly what its saved file holds, and costs only its kept ranks. ``ranknum`` is kept."""
+        if self.compact or bool(self.rank_mask.all()):
+            return
+        keep = self.rank_mask
+        for key, value in (
+            ("lora_A", self.lora_A[keep]),
+            ("lora_E", self.lora_E[keep]),
+            ("lora_B", self.lora_B[:, keep]),
+        ):
+            setattr(self, key, nn.Parameter(value.clone(), requires_grad=getattr(self, key).requires_grad))
+        self.compact = True
+
     def orth_penalty(self) -> torch.Tensor:
         """||PᵀP - I||²_F + ||QQᵀ - I||²_F (the paper's Eq. 4, squared Frobenius norms)."""
         a, b = self.lora_A, self.lora_B
@@ -103,7 +128,9 @@ class AdaLoraLinear(nn.Module):
         return {"lora_A": self.lora_A[keep], "lora_E": self.lora_E[keep], "lora_B": self.lora_B[:, keep]}
 
     @torch.no_grad()
-    def load_peft_state(self, state: dict[str, torch.Tensor], rank_mask: torch.Tensor | list[bool] | None = None) -> None:
+    def load_peft_state(
+        self, state: dict[str, torch.Tensor], rank_mask: torch.Tensor | list[bool] | None = None
+    ) -> None:
         """Load ``lora_A`` (k, in), ``lora_E`` (k, 1), ``lora_B`` (out, k) for any k <= init_r.
 
         With k < init_r the parameters are resized to the k kept ranks (``compact``) and ``ranknum`` stays
@@ -117,15 +144,21 @@ class AdaLoraLinear(nn.Module):
         expected = {"lora_A": (k, self.in_features), "lora_E": (k, 1), "lora_B": (self.out_features, k)}
         for key, shape in expected.items():
             if tuple(state[key].shape) != shape:
-                raise ValueError(f"adalora.{key}: shape {tuple(state[key].shape)} does not match the model's {shape}")
+                raise ValueError(
+                    f"adalora.{key}: shape {tuple(state[key].shape)} does not match the model's {shape}"
+                )
         if k > self.init_r:
-            raise ValueError(f"adalora.lora_E: {k} ranks stored but init_r={self.init_r}; expected at most init_r")
+            raise ValueError(
+                f"adalora.lora_E: {k} ranks stored but init_r={self.init_r}; expected at most init_r"
+            )
         mask = torch.zeros(self.init_r, dtype=torch.bool)
         if rank_mask is not None:
             mask = torch.as_tensor(rank_mask, dtype=torch.bool).view(-1)
             if mask.numel() != self.init_r or int(mask.sum()) != k:
-                raise ValueError(f"adalora: rank_pattern entry has {mask.numel()} entries with {int(mask.sum())} "
-                                 f"kept; expected {self.init_r} entries with {k} kept (the stored ranks)")
+                raise ValueError(
+                    f"adalora: rank_pattern entry has {mask.numel()} entries with {int(mask.sum())} "
+                    f"kept; expected {self.init_r} entries with {k} kept (the stored ranks)"
+                )
         else:
             mask[:k] = True
         for key in _KEYS:
@@ -145,21 +178,29 @@ class AdaLoraLinear(nn.Module):
 @register_method("adalora")
 def build_adalora(access: WeightAccess, cfg: AdapterConfig, module_name: str) -> nn.Module:
     if access.kind != "linear":
-        raise ConfigError(f"method='adalora' adapts linear layers (nn.Linear, GPT-2 Conv1D, quantized linear); "
-                          f"{module_name!r} is {access.kind}: drop it from target_modules")
+        raise ConfigError(
+            f"method='adalora' adapts linear layers (nn.Linear, GPT-2 Conv1D, quantized linear); "
+            f"{module_name!r} is {access.kind}: drop it from target_modules"
+        )
     for name in ("rank_pattern", "alpha_pattern"):
         if getattr(cfg, name):
-            raise ConfigError(f"{name} cannot be combined with method='adalora': every matrix starts at init_r "
-                              f"with the same alpha and the budget decides the ranks")
-    return AdaLoraLinear(access.in_features, access.out_features, cfg.init_r, cfg.alpha, cfg.dropout,
-                         device=access.device)
+            raise ConfigError(
+                f"{name} cannot be combined with method='adalora': every matrix starts at init_r "
+                f"with the same alpha and the budget decides the ranks"
+            )
+    return AdaLoraLinear(
+        access.in_features, access.out_features, cfg.init_r, cfg.alpha, cfg.dropout, device=access.device
+    )
 
 
 def _adalora_layers(model: nn.Module, adapter_name: str) -> dict[str, AdaLoraLinear]:
     from lorakit.surgery.inject import adapted_layers  # surgery imports the adapter registry
 
-    return {name: layer.adapters[adapter_name] for name, layer in adapted_layers(model)
-            if adapter_name in layer.adapters and isinstance(layer.adapters[adapter_name], AdaLoraLinear)}
+    return {
+        name: layer.adapters[adapter_name]
+        for name, layer in adapted_layers(model)
+        if adapter_name in layer.adapters and isinstance(layer.adapters[adapter_name], AdaLoraLinear)
+    }
 
 
 def _resolve_adapter(model: nn.Module, adapter_name: str | None) -> tuple[str, AdapterConfig]:
@@ -191,18 +232,24 @@ class AdaLoraController:
             optimizer.zero_grad()
 
     ``step`` counts completed optimizer steps from 1. ``total_step`` defaults to the config's. An adapter
-    loaded with pruned ranks (``compact``) trains with its ranks fixed: ``step`` only keeps masks.
+    loaded with pruned ranks (``compact``) trains with its ranks fixed: ``step`` only keeps masks. Call
+    ``finalize()`` after the last step to drop the pruned ranks before saving or serving.
     """
 
-    def __init__(self, model: nn.Module, adapter_name: str | None = None, total_step: int | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, adapter_name: str | None = None, total_step: int | None = None
+    ) -> None:
         self.model = model
         self.adapter_name, self.cfg = _resolve_adapter(model, adapter_name)
         self.layers = _adalora_layers(model, self.adapter_name)
         if not self.layers:
             raise ConfigError(f"adapter {self.adapter_name!r}: no AdaLoRA layers found in the model")
         self.fixed = any(a.compact for a in self.layers.values())
-        self.allocator = RankAllocator({n: (a.lora_A, a.lora_E, a.lora_B) for n, a in self.layers.items()},
-                                       self.cfg.beta1, self.cfg.beta2)
+        self.allocator = RankAllocator(
+            {n: (a.lora_A, a.lora_E, a.lora_B) for n, a in self.layers.items()},
+            self.cfg.beta1,
+            self.cfg.beta2,
+        )
         self.schedule: BudgetSchedule | None = None
         self.budget = sum(a.r for a in self.layers.values())
         if total_step is not None or self.cfg.total_step is not None:
@@ -213,8 +260,14 @@ class AdaLoraController:
         if isinstance(total_step, bool) or not isinstance(total_step, int) or total_step <= 0:
             raise ConfigError(f"total_step={total_step!r} is invalid; expected a positive integer")
         n = len(self.layers)
-        self.schedule = BudgetSchedule(self.cfg.init_r * n, self.cfg.target_r * n, self.cfg.tinit, self.cfg.tfinal,
-                                       total_step, self.cfg.delta_t)
+        self.schedule = BudgetSchedule(
+            self.cfg.init_r * n,
+            self.cfg.target_r * n,
+            self.cfg.tinit,
+            self.cfg.tfinal,
+            total_step,
+            self.cfg.delta_t,
+        )
         if self.cfg.total_step != total_step:
             self.cfg = self.cfg.replace(total_step=total_step)
             configs = dict(self.model.lorakit_configs)
@@ -233,8 +286,10 @@ class AdaLoraController:
     def step(self, step: int) -> int:
         """Update importance and prune to the budget b(step) when due; returns the budget in force."""
         if self.schedule is None:
-            raise ConfigError("AdaLoRA: total_step is not set; pass total_step= to AdaLoraController or set "
-                              "AdapterConfig.total_step (the trainer sets it from its step count)")
+            raise ConfigError(
+                "AdaLoRA: total_step is not set; pass total_step= to AdaLoraController or set "
+                "AdapterConfig.total_step (the trainer sets it from its step count)"
+            )
         if not self.fixed and step <= self.schedule.final_step:
             if step < self.schedule.final_step:
                 self.allocator.update_importance()
@@ -249,20 +304,33 @@ class AdaLoraController:
             a.apply_mask()
         return self.budget
 
+    def finalize(self) -> dict[str, int]:
+        """End of training: drop every pruned rank from the parameters (``AdaLoraLinear.compact_``), so the
+        model computes exactly what ``save_adapter`` stores; further training keeps these ranks fixed.
+        Rebuild the optimizer if training continues (the parameters are new tensors). Returns ``ranks()``."""
+        for a in self.layers.values():
+            a.compact_()
+        self.fixed = True
+        return self.ranks()
+
     def ranks(self) -> dict[str, int]:
         """Module path -> singular values kept."""
         return {n: a.r for n, a in self.layers.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"budget": self.budget, "masks": {n: a.rank_mask.clone() for n, a in self.layers.items()},
-                "allocator": self.allocator.state_dict()}
+        return {
+            "budget": self.budget,
+            "masks": {n: a.rank_mask.clone() for n, a in self.layers.items()},
+            "allocator": self.allocator.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.budget = int(state["budget"])
         for name, mask in state["masks"].items():
             if name not in self.layers:
                 raise KeyError(f"AdaLoRA state: layer {name!r} is not in the model")
-            self.layers[name].apply_mask(mask.bool())
+            if not self.fixed:
+                self.layers[name].apply_mask(mask.bool())
         self.allocator.load_state_dict(state["allocator"])
 
 
@@ -270,20 +338,26 @@ class AdaLoraCallback(Callback):
     """Runs :class:`AdaLoraController` inside lorakit's trainer: penalty in ``extra_loss``, budget step in
     ``on_step_end``. T is the config's ``total_step`` or else the trainer's step count."""
 
-    def __init__(self, model: nn.Module, adapter_name: str | None = None, cfg: AdapterConfig | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, adapter_name: str | None = None, cfg: AdapterConfig | None = None
+    ) -> None:
         self.controller = AdaLoraController(model, adapter_name)
 
     def on_train_begin(self, state: TrainState) -> None:
         ctl = self.controller
         if ctl.cfg.total_step is None:
             if not state.total_steps:
-                raise ConfigError("AdaLoRA: total_step is not set in the adapter config and the trainer "
-                                  "reports no total step count")
+                raise ConfigError(
+                    "AdaLoRA: total_step is not set in the adapter config and the trainer "
+                    "reports no total step count"
+                )
             ctl.set_total_step(int(state.total_steps))
         elif state.total_steps and state.total_steps < ctl.cfg.total_step - ctl.cfg.tfinal:
-            warnings.warn(f"AdaLoRA: training stops at step {state.total_steps}, before the final masking at "
-                          f"total_step - tfinal = {ctl.cfg.total_step - ctl.cfg.tfinal}; ranks stay unfinished",
-                          stacklevel=2)
+            warnings.warn(
+                f"AdaLoRA: training stops at step {state.total_steps}, before the final masking at "
+                f"total_step - tfinal = {ctl.cfg.total_step - ctl.cfg.tfinal}; ranks stay unfinished",
+                stacklevel=2,
+            )
 
     def extra_loss(self, state: TrainState) -> torch.Tensor | None:
         return self.controller.orth_loss() if self.controller.cfg.orth_reg_weight > 0 else None
@@ -292,7 +366,7 @@ class AdaLoraCallback(Callback):
         state.metrics["adalora_budget"] = self.controller.step(state.step)
 
     def on_train_end(self, state: TrainState) -> None:
-        state.metrics["adalora_ranks"] = sum(self.controller.ranks().values())
+        state.metrics["adalora_ranks"] = sum(self.controller.finalize().values())
 
     def state_dict(self) -> dict[str, Any]:
         return self.controller.state_dict()
@@ -306,7 +380,9 @@ def adalora_callbacks(model: nn.Module, adapter_name: str, cfg: AdapterConfig) -
     return [AdaLoraCallback(model, adapter_name, cfg)]
 
 
-def adalora_step(model: nn.Module, step: int, total_step: int | None = None, adapter_name: str | None = None) -> int:
+def adalora_step(
+    model: nn.Module, step: int, total_step: int | None = None, adapter_name: str | None = None
+) -> int:
     """One call per optimizer step for your own loop (after ``optimizer.step()``, before ``zero_grad()``):
     AdaLoRA's importance update and budget masking, with a controller kept on the model. Add
     ``adalora_orth_loss(model)`` to the loss for the orthogonal regulariser. Returns the budget in force."""

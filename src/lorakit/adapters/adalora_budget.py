@@ -170,6 +170,8 @@ class RankAllocator:
         for key in ("ipt_avg", "unc_avg"):
             unknown = sorted(set(state.get(key, {})) - set(self.triplets))
             if unknown:
-                raise KeyError(f"AdaLoRA allocator state: {key} names matrices not in the model: {unknown[:3]}")
+                raise KeyError(
+                    f"AdaLoRA allocator state: {key} names matrices not in the model: {unknown[:3]}"
+                )
         self.ipt_avg = {n: [t.clone() for t in v] for n, v in state.get("ipt_avg", {}).items()}
         self.unc_avg = {n: [t.clone() for t in v] for n, v in state.get("unc_avg", {}).items()}

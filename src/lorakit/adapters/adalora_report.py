@@ -41,9 +41,11 @@ class RankReport:
 
     def table(self) -> str:
         width = max(len("module"), *(len(r.module) for r in self.rows))
-        lines = [f"AdaLoRA ranks of adapter {self.adapter_name!r}: {self.total} of "
-                 f"{sum(r.init_r for r in self.rows)} singular values kept over {len(self.rows)} matrices",
-                 f"{'module':<{width}}  {'init_r':>6}  {'rank':>4}"]
+        lines = [
+            f"AdaLoRA ranks of adapter {self.adapter_name!r}: {self.total} of "
+            f"{sum(r.init_r for r in self.rows)} singular values kept over {len(self.rows)} matrices",
+            f"{'module':<{width}}  {'init_r':>6}  {'rank':>4}",
+        ]
         lines += [f"{r.module:<{width}}  {r.init_r:>6}  {r.rank:>4}" for r in self.rows]
         return "\n".join(lines)
 
@@ -87,7 +89,11 @@ class RankReport:
         return path
 
     def as_dict(self) -> dict[str, Any]:
-        return {"adapter_name": self.adapter_name, "total": self.total, "rows": [asdict(r) for r in self.rows]}
+        return {
+            "adapter_name": self.adapter_name,
+            "total": self.total,
+            "rows": [asdict(r) for r in self.rows],
+        }
 
 
 def rank_report(model: nn.Module, adapter_name: str | None = None) -> RankReport:
