@@ -36,7 +36,9 @@ def build_pair(n_adapters: int, seed: int = 0):
     gen = torch.Generator().manual_seed(1)
     peft_model = None
     for name in names:
-        lorakit.inject(ours, lorakit.AdapterConfig(r=8, alpha=16, target_modules=TARGETS), name, activate=False)
+        lorakit.inject(
+            ours, lorakit.AdapterConfig(r=8, alpha=16, target_modules=TARGETS), name, activate=False
+        )
         cfg = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0)
         if peft_model is None:
             peft_model = get_peft_model(theirs, cfg, adapter_name=name)
@@ -112,8 +114,13 @@ def variants(ours, peft_model, names, rows):
         return call(peft_model, adapter_names=mixed)
 
     return {
-        "lorakit base": lk_base, "lorakit single": lk_single, "lorakit mixed": lk_mixed,
-        "lorakit segment": lk_segment, "peft base": pf_base, "peft single": pf_single, "peft mixed": pf_mixed,
+        "lorakit base": lk_base,
+        "lorakit single": lk_single,
+        "lorakit mixed": lk_mixed,
+        "lorakit segment": lk_segment,
+        "peft base": pf_base,
+        "peft single": pf_single,
+        "peft mixed": pf_mixed,
     }
 
 
@@ -151,7 +158,7 @@ def measure(ours, peft_model, names, rows, shape, repeats):
         for k in keys:  # warm up (and build lorakit's stacks once)
             fns[k](call)
         for rep in range(repeats):
-            order = keys[rep % len(keys):] + keys[: rep % len(keys)]
+            order = keys[rep % len(keys) :] + keys[: rep % len(keys)]
             for k in order:
                 times[k].append(fns[k](call))
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
@@ -177,21 +184,29 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, rows {args.rows}, llama-15m fp32 CPU")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, rows {args.rows}, llama-15m fp32 CPU"
+    )
     for n in args.adapters:
         ours, peft_model, names = build_pair(n)
-        print(f"\n== {n} adapters r=8 on q_proj,v_proj; max |lorakit mixed - peft mixed| logits = "
-              f"{check_equal(ours, peft_model, names, args.rows):.2e}")
+        print(
+            f"\n== {n} adapters r=8 on q_proj,v_proj; max |lorakit mixed - peft mixed| logits = "
+            f"{check_equal(ours, peft_model, names, args.rows):.2e}"
+        )
         for shape, reps in (("decode", args.repeats), ("prefill", args.prefill_repeats)):
             res = measure(ours, peft_model, names, args.rows, shape, reps)
-            print(f"-- {shape} ({'1 token/row, KV cache 64' if shape == 'decode' else '128 tokens/row'}), "
-                  f"median ms over {reps} interleaved repeats")
+            print(
+                f"-- {shape} ({'1 token/row, KV cache 64' if shape == 'decode' else '128 tokens/row'}), "
+                f"median ms over {reps} interleaved repeats"
+            )
             for k, v in res.items():
                 print(f"   {k:16s} {v:8.2f}")
-            print(f"   lorakit mixed / lorakit single = {res['lorakit mixed'] / res['lorakit single']:.3f}   "
-                  f"peft mixed / lorakit mixed = {res['peft mixed'] / res['lorakit mixed']:.2f}x   "
-                  f"peft mixed / peft single = {res['peft mixed'] / res['peft single']:.2f}   "
-                  f"lorakit segment / lorakit mixed = {res['lorakit segment'] / res['lorakit mixed']:.2f}")
+            print(
+                f"   lorakit mixed / lorakit single = {res['lorakit mixed'] / res['lorakit single']:.3f}   "
+                f"peft mixed / lorakit mixed = {res['peft mixed'] / res['lorakit mixed']:.2f}x   "
+                f"peft mixed / peft single = {res['peft mixed'] / res['peft single']:.2f}   "
+                f"lorakit segment / lorakit mixed = {res['lorakit segment'] / res['lorakit mixed']:.2f}"
+            )
 
 
 if __name__ == "__main__":

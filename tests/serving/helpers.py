@@ -16,7 +16,9 @@ def write_adapters(root: str, names: list[str], model_name: str = "tiny-llama") 
     gen = torch.Generator().manual_seed(123)
     dirs = {}
     for i, name in enumerate(names):
-        cfg = lorakit.AdapterConfig(r=2 + i % 5, alpha=8, use_rslora=bool(i % 2), target_modules=["q_proj", "v_proj"])
+        cfg = lorakit.AdapterConfig(
+            r=2 + i % 5, alpha=8, use_rslora=bool(i % 2), target_modules=["q_proj", "v_proj"]
+        )
         lorakit.inject(model, cfg, name)
         with torch.no_grad():
             for n, p in model.named_parameters():

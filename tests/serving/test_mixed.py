@@ -21,7 +21,9 @@ def build(specs=SPECS, name="tiny-llama"):
     model = lorakit.build_model(name)
     gen = torch.Generator().manual_seed(0)
     for adapter, r, rs, targets in specs:
-        lorakit.inject(model, lorakit.AdapterConfig(r=r, alpha=8, use_rslora=rs, target_modules=targets), adapter)
+        lorakit.inject(
+            model, lorakit.AdapterConfig(r=r, alpha=8, use_rslora=rs, target_modules=targets), adapter
+        )
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if f".{adapter}." in n or n.endswith(f".{adapter}"):
@@ -93,7 +95,8 @@ def test_generate_with_kv_cache_matches_each_row_alone():
     with torch.no_grad():
         both = model.generate(batch, max_new_tokens=6, do_sample=False, adapter_names=["a1", "a3"])
     assert both[0].tolist() != both[1].tolist()
-    alone = generate(model, [[257, 5, 6]], ["a3"], max_new_tokens=6)[0]  # cut after EOS; generate pads after it
+    # generate() cuts after EOS; model.generate pads the finished row after it
+    alone = generate(model, [[257, 5, 6]], ["a3"], max_new_tokens=6)[0]
     assert both[1, 3 : 3 + len(alone)].tolist() == alone
 
 
@@ -141,7 +144,9 @@ def test_clear_errors():
 
 def test_modules_to_save_refused_and_bypassed():
     model = lorakit.build_model("tiny-bert", task="classification")
-    lorakit.inject(model, lorakit.AdapterConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]), "c")
+    lorakit.inject(
+        model, lorakit.AdapterConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]), "c"
+    )
     lorakit.inject(model, lorakit.AdapterConfig(r=2, target_modules=["value"]), "v")
     x = torch.randint(0, 256, (2, 6))
     with pytest.raises(MixedBatchError, match="modules_to_save"):

@@ -48,16 +48,23 @@ def offline(dirs, adapter: str | None, prompt: str, max_tokens: int) -> str:
         load_adapter(model, dirs[adapter], adapter)
     ids = torch.tensor([[tok.bos_token_id, *tok.encode(prompt, add_special_tokens=False)]])
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)[0, ids.shape[1] :].tolist()
+        out = model.generate(
+            ids,
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )[0, ids.shape[1] :].tolist()
     if tok.eos_token_id in out:
         out = out[: out.index(tok.eos_token_id)]
     return tok.decode(out, skip_special_tokens=True)
 
 
 def complete(client, model, prompt="Hello", max_tokens=12, **kw):
-    r = client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                                             "temperature": 0, **kw})
+    r = client.post(
+        "/v1/completions",
+        json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **kw},
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -81,9 +88,13 @@ def test_concurrent_requests_for_different_adapters_batch_together(server, clien
 
     async def burst():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as ac:
-            reqs = [ac.post("/v1/completions", json={"model": m, "prompt": f"row {i}", "max_tokens": 6,
-                                                      "temperature": 0})
-                    for i, m in enumerate(["ad1", "ad2", "ad5", "tiny-llama", "ad1", "ad4"])]
+            reqs = [
+                ac.post(
+                    "/v1/completions",
+                    json={"model": m, "prompt": f"row {i}", "max_tokens": 6, "temperature": 0},
+                )
+                for i, m in enumerate(["ad1", "ad2", "ad5", "tiny-llama", "ad1", "ad4"])
+            ]
             return await asyncio.gather(*reqs)
 
     responses = asyncio.run(burst())
@@ -99,8 +110,11 @@ def test_concurrent_requests_for_different_adapters_batch_together(server, clien
 
 def test_streaming_completion_and_chat(client):
     plain = complete(client, "ad2", "stream me", max_tokens=8)["choices"][0]["text"]
-    with client.stream("POST", "/v1/completions", json={"model": "ad2", "prompt": "stream me", "max_tokens": 8,
-                                                         "temperature": 0, "stream": True}) as r:
+    with client.stream(
+        "POST",
+        "/v1/completions",
+        json={"model": "ad2", "prompt": "stream me", "max_tokens": 8, "temperature": 0, "stream": True},
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         lines = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
     assert lines[-1] == "[DONE]"
@@ -108,11 +122,15 @@ def test_streaming_completion_and_chat(client):
     assert "".join(c["choices"][0]["text"] for c in chunks) == plain
     assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
     msgs = [{"role": "user", "content": "hi"}]
-    chat = client.post("/v1/chat/completions", json={"model": "ad6", "messages": msgs, "max_tokens": 5,
-                                                     "temperature": 0}).json()
+    chat = client.post(
+        "/v1/chat/completions", json={"model": "ad6", "messages": msgs, "max_tokens": 5, "temperature": 0}
+    ).json()
     assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
-    with client.stream("POST", "/v1/chat/completions", json={"model": "ad6", "messages": msgs, "max_tokens": 5,
-                                                              "temperature": 0, "stream": True}) as r:
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={"model": "ad6", "messages": msgs, "max_tokens": 5, "temperature": 0, "stream": True},
+    ) as r:
         data = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
     text = "".join(json.loads(d)["choices"][0]["delta"].get("content", "") for d in data[:-1])
     assert text == chat["choices"][0]["message"]["content"]
@@ -149,7 +167,9 @@ def test_unknown_route_and_chat_errors(client):
 def test_add_and_remove_adapter_while_serving(client, dirs):
     r = client.post("/v1/adapters", json={"name": "extra", "path": dirs["extra"]})
     assert r.status_code == 200, r.text
-    assert complete(client, "extra", "The cat", max_tokens=6)["choices"][0]["text"] == offline(dirs, "extra", "The cat", 6)
+    assert complete(client, "extra", "The cat", max_tokens=6)["choices"][0]["text"] == offline(
+        dirs, "extra", "The cat", 6
+    )
     assert client.delete("/v1/adapters/extra").status_code == 200
     assert client.post("/v1/completions", json={"model": "extra", "prompt": "x"}).status_code == 404
     assert client.delete("/v1/adapters/extra").status_code == 404
@@ -161,10 +181,19 @@ def test_bounded_load(server, client):
     async def load():
         sem = asyncio.Semaphore(32)
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as ac:
+
             async def one(i):
                 async with sem:
-                    return await ac.post("/v1/completions", json={"model": NAMES[i % 8], "prompt": f"load {i}",
-                                                                   "max_tokens": 4, "temperature": 0.7})
+                    return await ac.post(
+                        "/v1/completions",
+                        json={
+                            "model": NAMES[i % 8],
+                            "prompt": f"load {i}",
+                            "max_tokens": 4,
+                            "temperature": 0.7,
+                        },
+                    )
+
             return await asyncio.gather(*(one(i) for i in range(200)))
 
     before = client.get("/metrics").json()
@@ -174,6 +203,8 @@ def test_bounded_load(server, client):
     assert m["requests"] - before["requests"] == 200
     assert m["latency_s"]["p50"] is not None and m["latency_s"]["p99"] >= m["latency_s"]["p50"]
     assert m["adapters"]["evictions"] > 0 and len(m["adapters"]["loaded"]) <= 6
-    print(f"\nload test: 200 requests, p50 {m['latency_s']['p50'] * 1e3:.0f} ms, p99 {m['latency_s']['p99'] * 1e3:.0f} ms, "
-          f"{m['tokens_per_s']:.0f} tokens/s, mean batch {m['mean_batch_rows']:.1f} rows")
+    print(
+        f"\nload test: 200 requests, p50 {m['latency_s']['p50'] * 1e3:.0f} ms, p99 {m['latency_s']['p99'] * 1e3:.0f} ms, "
+        f"{m['tokens_per_s']:.0f} tokens/s, mean batch {m['mean_batch_rows']:.1f} rows"
+    )
     assert client.get("/health").status_code == 200

@@ -16,10 +16,20 @@ def _adapter_pair(value: str) -> tuple[str, str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
-    parser.add_argument("--adapter", action="append", type=_adapter_pair, default=[], metavar="NAME=DIR",
-                        help="an adapter directory served as model NAME (repeatable)")
-    parser.add_argument("--max-loaded", type=int, default=None,
-                        help="most adapters kept in memory; others reload from disk on demand (LRU)")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        type=_adapter_pair,
+        default=[],
+        metavar="NAME=DIR",
+        help="an adapter directory served as model NAME (repeatable)",
+    )
+    parser.add_argument(
+        "--max-loaded",
+        type=int,
+        default=None,
+        help="most adapters kept in memory; others reload from disk on demand (LRU)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, local only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch-size", type=int, default=32, help="most rows decoded together")
@@ -37,9 +47,18 @@ def run(args: argparse.Namespace) -> int:
     adapters = dict(args.adapter)
     if len(adapters) != len(args.adapter):
         raise ValueError("--adapter: the same NAME is given twice")
-    app = build_app(args.model, adapters, max_loaded=args.max_loaded, max_batch_size=args.max_batch_size,
-                    batch_wait_ms=args.batch_wait_ms, max_context=args.max_context, admin=args.admin,
-                    served_name=args.served_name)
-    print(f"serving {args.served_name or args.model} + {len(adapters)} adapters on http://{args.host}:{args.port}")
+    app = build_app(
+        args.model,
+        adapters,
+        max_loaded=args.max_loaded,
+        max_batch_size=args.max_batch_size,
+        batch_wait_ms=args.batch_wait_ms,
+        max_context=args.max_context,
+        admin=args.admin,
+        served_name=args.served_name,
+    )
+    print(
+        f"serving {args.served_name or args.model} + {len(adapters)} adapters on http://{args.host}:{args.port}"
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -65,7 +65,7 @@ class GenRequest:
             if full.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for the next byte
                 full = full[:-1]
         if len(full) > len(self.text) and full.startswith(self.text):
-            self.emit(("delta", full[len(self.text):]))
+            self.emit(("delta", full[len(self.text) :]))
             self.text = full
         return self.finish_reason is not None
 
@@ -93,15 +93,24 @@ class Engine:
         max_batch_size: most rows decoded together. batch_wait_s: how long to gather a batch.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, registry: AdapterRegistry, max_batch_size: int = 32,
-                 batch_wait_s: float = 0.005, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        registry: AdapterRegistry,
+        max_batch_size: int = 32,
+        batch_wait_s: float = 0.005,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.model, self.tokenizer, self.registry = model, tokenizer, registry
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
         self.metrics = metrics or Metrics()
         self.pad_id = tokenizer_pad_id(tokenizer)
         eos = getattr(tokenizer, "eos_token_id", None)
         cfg_eos = getattr(getattr(model, "config", None), "eos_token_id", None)
-        self.eos_ids = {int(e) for e in ([eos] + (cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])) if e is not None}
+        self.eos_ids = {
+            int(e) for e in ([eos] + (cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])) if e is not None
+        }
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = "logits_to_keep" in params
@@ -150,7 +159,12 @@ class Engine:
             if req is None:
                 self._stopping = True
                 break
-            if cap is not None and req.adapter != BASE and req.adapter not in adapters and len(adapters) >= cap:
+            if (
+                cap is not None
+                and req.adapter != BASE
+                and req.adapter not in adapters
+                and len(adapters) >= cap
+            ):
                 self._deferred.append(req)  # would need more adapters in memory than allowed: next batch
                 continue
             batch.append(req)
@@ -192,10 +206,17 @@ class Engine:
                 self._decode(ok)
                 self.metrics.record_batch([r.adapter for r in ok], time.perf_counter() - start)
         for req in ok:
-            usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.tokens),
-                     "total_tokens": len(req.prompt_ids) + len(req.tokens)}
-            self.metrics.record_request(req.model_name or req.adapter, time.perf_counter() - req.created,
-                                        len(req.prompt_ids), len(req.tokens))
+            usage = {
+                "prompt_tokens": len(req.prompt_ids),
+                "completion_tokens": len(req.tokens),
+                "total_tokens": len(req.prompt_ids) + len(req.tokens),
+            }
+            self.metrics.record_request(
+                req.model_name or req.adapter,
+                time.perf_counter() - req.created,
+                len(req.prompt_ids),
+                len(req.tokens),
+            )
             req.emit(("done", {"finish_reason": req.finish_reason, "usage": usage, "text": req.text}))
 
     @torch.inference_mode()
@@ -211,7 +232,11 @@ class Engine:
             while True:
                 cache = out.get("cache", None) or out.get("past_key_values", None)
                 tokens = sample(out.logits[:, -1], temps, top_ps).tolist()
-                keep = [j for j, i in enumerate(live) if not batch[i].feed(tokens[j], self.tokenizer, self.eos_ids)]
+                keep = [
+                    j
+                    for j, i in enumerate(live)
+                    if not batch[i].feed(tokens[j], self.tokenizer, self.eos_ids)
+                ]
                 if not keep:
                     return
                 if len(keep) < len(live):  # finished rows leave the batch and its KV cache
@@ -223,5 +248,6 @@ class Engine:
                 next_ids = torch.tensor([[tokens[j]] for j in keep], device=self.device)
                 mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
                 pos = pos[:, -1:] + 1
-                out = self.model(next_ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                                 **{self._cache_kw: cache})
+                out = self.model(
+                    next_ids, attention_mask=mask, position_ids=pos, use_cache=True, **{self._cache_kw: cache}
+                )

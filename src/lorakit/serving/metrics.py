@@ -40,7 +40,9 @@ class Metrics:
         self.busy_s = 0.0
         self.latencies: deque[float] = deque(maxlen=window)
 
-    def record_request(self, model: str, latency_s: float, prompt_tokens: int, completion_tokens: int) -> None:
+    def record_request(
+        self, model: str, latency_s: float, prompt_tokens: int, completion_tokens: int
+    ) -> None:
         with self._lock:
             self.requests += 1
             self.by_model[model] += 1
@@ -78,6 +80,10 @@ class Metrics:
                 "max_batch_rows": self.max_batch_rows,
                 "busy_s": self.busy_s,
                 "uptime_s": uptime,
-                "latency_s": {"p50": percentile(lat, 50), "p90": percentile(lat, 90), "p99": percentile(lat, 99),
-                              "count": len(lat)},
+                "latency_s": {
+                    "p50": percentile(lat, 50),
+                    "p90": percentile(lat, 90),
+                    "p99": percentile(lat, 99),
+                    "count": len(lat),
+                },
             }

@@ -151,7 +151,8 @@ class _Router:
         b = self.stacks.b.index_select(0, idx)  # (b, R, d)
         if self.stacks.embedding:
             ids = x.reshape(batch, -1)
-            t = a[torch.arange(batch, device=ids.device)[:, None], ids]  # (b, s, R): row i reads its own table
+            rows = torch.arange(batch, device=ids.device)[:, None]
+            t = a[rows, ids]  # (b, s, R): row i reads its own table
         else:
             t = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(a.dtype), a)  # (b, s, R)
         y = torch.bmm(t, b)  # (b, s, d)
@@ -166,11 +167,15 @@ def _check_rows(model: nn.Module, names: Sequence[str]) -> None:
         if n == BASE or n in RESERVED_NAMES:
             continue
         if n not in known:
-            raise MixedBatchError(f"adapter_names: no adapter named {n!r}; the model has {list(known)} (or {BASE!r})")
+            raise MixedBatchError(
+                f"adapter_names: no adapter named {n!r}; the model has {list(known)} (or {BASE!r})"
+            )
     used = set(names) - {BASE}
     for lname, layer in adapted_layers(model):
         if layer.merged:
-            raise MixedBatchError(f"layer {lname!r} has merged adapters {layer.merged}; unmerge before mixed batches")
+            raise MixedBatchError(
+                f"layer {lname!r} has merged adapters {layer.merged}; unmerge before mixed batches"
+            )
         for n in used & set(layer.adapters):
             if not _supported(layer.adapters[n]):
                 raise MixedBatchError(
@@ -246,7 +251,9 @@ def enable_adapter_names(model: nn.Module) -> nn.Module:
     return model
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, device: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists into ``(input_ids, attention_mask)``, both (batch, longest)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise MixedBatchError("every prompt needs at least one token")
@@ -282,8 +289,14 @@ def generate(
         ids, mask = left_pad(prompts, pad_token_id, device)
     generate_kwargs.setdefault("do_sample", False)
     with adapter_rows(model, adapter_names), torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
-                             eos_token_id=eos, **generate_kwargs)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos,
+            **generate_kwargs,
+        )
     new = out[:, ids.shape[1] :].tolist()
     eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
     result = []

@@ -138,5 +138,10 @@ class AdapterRegistry:
 
     def stats(self) -> dict[str, object]:
         with self.lock:
-            return {"registered": len(self.sources), "loaded": list(self._lru), "max_loaded": self.max_loaded,
-                    "loads": self.loads, "evictions": self.evictions}
+            return {
+                "registered": len(self.sources),
+                "loaded": list(self._lru),
+                "max_loaded": self.max_loaded,
+                "loads": self.loads,
+                "evictions": self.evictions,
+            }

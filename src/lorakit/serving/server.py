@@ -41,16 +41,24 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     kind = {400: "invalid_request_error", 404: "invalid_request_error"}.get(status, "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _field(body: dict, name: str, types: type | tuple[type, ...], default: Any, check=None, expect: str = "") -> Any:
+def _field(
+    body: dict, name: str, types: type | tuple[type, ...], default: Any, check=None, expect: str = ""
+) -> Any:
     """``body[name]`` (``default`` when absent or null), checked for type (bools are not numbers) and ``check``."""
     value = body.get(name)
     value = default if value is None else value
-    if not isinstance(value, types) or (isinstance(value, bool) and types is not bool) or (check and not check(value)):
+    if (
+        not isinstance(value, types)
+        or (isinstance(value, bool) and types is not bool)
+        or (check and not check(value))
+    ):
         raise ApiError(400, f"'{name}' must be {expect}, got {value!r}", param=name, code="invalid_value")
     return value
 
@@ -89,7 +97,9 @@ def create_app(engine: Engine, base_name: str, max_context: int, admin: bool = F
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ApiError(400, f"request body is not valid UTF-8 (byte {e.start})", code="invalid_encoding") from None
+            raise ApiError(
+                400, f"request body is not valid UTF-8 (byte {e.start})", code="invalid_encoding"
+            ) from None
         try:
             body = json.loads(text)
         except json.JSONDecodeError as e:
@@ -103,26 +113,42 @@ def create_app(engine: Engine, base_name: str, max_context: int, admin: bool = F
         if name == base_name or name in RESERVED_NAMES:
             return name, BASE
         if name not in registry:
-            raise ApiError(404, f"The model '{name}' does not exist; available: {[base_name, *registry.names()]}",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"The model '{name}' does not exist; available: {[base_name, *registry.names()]}",
+                param="model",
+                code="model_not_found",
+            )
         return name, name
 
     def sampling(body: dict, prompt_len: int) -> dict[str, Any]:
         room = max_context - prompt_len
         max_tokens = _field(body, "max_tokens", int, 16, lambda v: v >= 1, "a positive integer")
         if room < 1 or max_tokens > room:
-            raise ApiError(400, f"This model's maximum context length is {max_context} tokens; the prompt has "
-                           f"{prompt_len} and max_tokens is {max_tokens}", param="max_tokens",
-                           code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {max_context} tokens; the prompt has "
+                f"{prompt_len} and max_tokens is {max_tokens}",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         stop = body.get("stop")
         stop = [stop] if isinstance(stop, str) else stop
-        if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop)):
-            raise ApiError(400, f"'stop' must be a string or a list of up to 4 non-empty strings, got {stop!r}", "stop")
+        if stop is not None and (
+            not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop)
+        ):
+            raise ApiError(
+                400, f"'stop' must be a string or a list of up to 4 non-empty strings, got {stop!r}", "stop"
+            )
         _field(body, "n", int, 1, lambda v: v == 1, "1 (one choice per prompt)")
         return {
             "max_tokens": max_tokens,
-            "temperature": float(_field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]")),
-            "top_p": float(_field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")),
+            "temperature": float(
+                _field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]")
+            ),
+            "top_p": float(
+                _field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
+            ),
             "stop": stop or [],
         }
 
@@ -138,8 +164,12 @@ def create_app(engine: Engine, base_name: str, max_context: int, admin: bool = F
             emit = functools.partial(_post, loop, events, i)
             engine.submit(GenRequest(ids, adapter, emit=emit, model_name=model_name, **lim))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": model_name}
+        head = {
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model_name,
+        }
         if stream:
             return StreamingResponse(sse(head, events, len(prompts), chat), media_type="text/event-stream")
         texts, done = [""] * len(prompts), [None] * len(prompts)
@@ -150,13 +180,24 @@ def create_app(engine: Engine, base_name: str, max_context: int, admin: bool = F
             if kind == "done":
                 done[i] = data
                 texts[i] = data["text"]
-        usage = {k: sum(d["usage"][k] for d in done) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        usage = {
+            k: sum(d["usage"][k] for d in done)
+            for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+        }
         if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": d["finish_reason"]}
-                       for i, (t, d) in enumerate(zip(texts, done))]
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": t},
+                    "finish_reason": d["finish_reason"],
+                }
+                for i, (t, d) in enumerate(zip(texts, done))
+            ]
         else:
-            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": d["finish_reason"]}
-                       for i, (t, d) in enumerate(zip(texts, done))]
+            choices = [
+                {"index": i, "text": t, "logprobs": None, "finish_reason": d["finish_reason"]}
+                for i, (t, d) in enumerate(zip(texts, done))
+            ]
         return {**head, "choices": choices, "usage": usage}
 
     async def sse(head: dict, events: asyncio.Queue, n: int, chat: bool) -> AsyncIterator[str]:
@@ -190,7 +231,9 @@ def create_app(engine: Engine, base_name: str, max_context: int, admin: bool = F
         prompt = body.get("prompt")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ApiError(400, f"'prompt' must be a string or a non-empty list of strings, got {prompt!r}", "prompt")
+            raise ApiError(
+                400, f"'prompt' must be a string or a non-empty list of strings, got {prompt!r}", "prompt"
+            )
         return await run(body, model_name, adapter, [encode(p) for p in prompts], chat=False)
 
     @app.post("/v1/chat/completions")
@@ -198,10 +241,17 @@ def create_app(engine: Engine, base_name: str, max_context: int, admin: bool = F
         body = await read_json(request)
         model_name, adapter = resolve_model(body)
         messages = body.get("messages")
-        if (not isinstance(messages, list) or not messages
-                or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                           for m in messages)):
-            raise ApiError(400, "'messages' must be a non-empty list of {\"role\": str, \"content\": str}", "messages")
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            )
+        ):
+            raise ApiError(
+                400, '\'messages\' must be a non-empty list of {"role": str, "content": str}', "messages"
+            )
         if not has_chat_template(tokenizer):
             raise ApiError(400, f"the tokenizer of {base_name!r} has no chat template; use /v1/completions")
         msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
@@ -213,8 +263,17 @@ def create_app(engine: Engine, base_name: str, max_context: int, admin: bool = F
     async def models():
         loaded = set(registry.loaded())
         data = [{"id": base_name, "object": "model", "created": created, "owned_by": "lorakit"}]
-        data += [{"id": n, "object": "model", "created": created, "owned_by": "lorakit", "parent": base_name,
-                  "loaded": n in loaded} for n in registry.names()]
+        data += [
+            {
+                "id": n,
+                "object": "model",
+                "created": created,
+                "owned_by": "lorakit",
+                "parent": base_name,
+                "loaded": n in loaded,
+            }
+            for n in registry.names()
+        ]
         return {"object": "list", "data": data}
 
     @app.get("/health")
@@ -226,6 +285,7 @@ def create_app(engine: Engine, base_name: str, max_context: int, admin: bool = F
         return {**metrics.snapshot(), "adapters": registry.stats()}
 
     if admin:
+
         @app.post("/v1/adapters")
         async def add_adapter(request: Request):
             body = await read_json(request)
@@ -309,6 +369,11 @@ def build_app(
     limit = max_context or getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     if not limit:
         raise ValueError(f"--max-context is needed: {model!r} does not state its maximum positions")
-    engine = Engine(base, load_tokenizer(model), registry, max_batch_size=max_batch_size,
-                    batch_wait_s=batch_wait_ms / 1000)
+    engine = Engine(
+        base,
+        load_tokenizer(model),
+        registry,
+        max_batch_size=max_batch_size,
+        batch_wait_s=batch_wait_ms / 1000,
+    )
     return create_app(engine, served_name or model, int(limit), admin=admin)
