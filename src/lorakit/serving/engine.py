@@ -67,6 +67,8 @@ class GenRequest:
         if len(full) > len(self.text) and full.startswith(self.text):
             self.emit(("delta", full[len(self.text) :]))
             self.text = full
+        if self.finish_reason is not None:
+            self.text = full  # the final text, even if a tokenizer re-spelled an earlier prefix
         return self.finish_reason is not None
 
 
@@ -102,7 +104,7 @@ class Engine:
         batch_wait_s: float = 0.005,
         metrics: Metrics | None = None,
     ) -> None:
-        self.model, self.tokenizer, self.registry = model, tokenizer, registry
+        self.model, self.tokenizer, self.registry = model.eval(), tokenizer, registry
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
         self.metrics = metrics or Metrics()
         self.pad_id = tokenizer_pad_id(tokenizer)

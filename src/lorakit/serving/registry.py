@@ -62,15 +62,15 @@ class AdapterRegistry:
         self.evictions = 0
 
     # ------------------------------------------------------------------ queries
+    # Reads take no lock (list() of a dict is atomic under the GIL): the server answers /v1/models and
+    # /metrics while the engine holds the lock for a whole batch.
     def names(self) -> list[str]:
         """Every registered adapter (loaded or not)."""
-        with self.lock:
-            return list(self.sources)
+        return list(self.sources)
 
     def loaded(self) -> list[str]:
         """Adapters in memory, least recently used first."""
-        with self.lock:
-            return list(self._lru)
+        return list(self._lru)
 
     def __contains__(self, name: object) -> bool:
         return name in self.sources
@@ -137,11 +137,10 @@ class AdapterRegistry:
             self.evictions += 1
 
     def stats(self) -> dict[str, object]:
-        with self.lock:
-            return {
-                "registered": len(self.sources),
-                "loaded": list(self._lru),
-                "max_loaded": self.max_loaded,
-                "loads": self.loads,
-                "evictions": self.evictions,
-            }
+        return {
+            "registered": len(self.sources),
+            "loaded": list(self._lru),
+            "max_loaded": self.max_loaded,
+            "loads": self.loads,
+            "evictions": self.evictions,
+        }

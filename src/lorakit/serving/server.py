@@ -175,8 +175,8 @@ def create_app(engine: Engine, base_name: str, max_context: int, admin: bool = F
         texts, done = [""] * len(prompts), [None] * len(prompts)
         while any(d is None for d in done):
             i, (kind, data) = await events.get()
-            if kind == "error":
-                raise ApiError(500, data, code="generation_failed")
+            if kind == "error":  # already counted by the engine
+                return JSONResponse(error_body(500, data, code="generation_failed"), status_code=500)
             if kind == "done":
                 done[i] = data
                 texts[i] = data["text"]
