@@ -182,7 +182,7 @@ def test_consecutive_non_finite_losses_stop_with_last_checkpoint_intact(tmp_path
     m4 = inject(build_model("tiny-llama"), cfg.adapter)
     m6 = inject(build_model("tiny-llama"), cfg.adapter)
     load_checkpoint(ckpts[0][1], m4)
-    assert load_checkpoint(ckpts[1][1], m6)["skipped"] == 2
+    assert load_checkpoint(ckpts[1][1], m6)["progress"]["skipped"] == 2
     for (n, a), (_, b) in zip(m4.state_dict().items(), m6.state_dict().items()):
         assert torch.equal(a, b), n  # skipped steps did not touch the weights
 

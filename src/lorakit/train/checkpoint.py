@@ -163,9 +163,15 @@ def save_checkpoint(
     write_safetensors(tensors, os.path.join(tmp, "state.safetensors"))
     write_json(structure, os.path.join(tmp, "state.json"))  # written last: marks the directory complete
     _fsync_dir(tmp)
-    if os.path.exists(final):  # re-saving the same step (e.g. end of run right after a periodic save)
-        shutil.rmtree(final)
+    old = None
+    if os.path.exists(
+        final
+    ):  # the same step again: swap, so a complete copy exists at every moment but one rename
+        old = f"{tmp}-old"
+        os.rename(final, old)
     os.rename(tmp, final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(root)
     for _, old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)

@@ -44,6 +44,7 @@ from lorakit.train.collate import BatchPlan, Collator
 from lorakit.train.config import RunConfig, load_run_config
 from lorakit.train.evaluate import evaluate, forward_loss, n_targets
 from lorakit.train.metrics import MetricsLog, format_summary, peak_memory, plot_curves
+from lorakit.train.progress import Progress, restore_run, run_state
 from lorakit.train.schedule import make_scheduler, warmup_steps
 
 
@@ -67,16 +68,6 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _callback_keys(callbacks: Sequence[Callback]) -> list[str]:
-    seen: dict[str, int] = {}
-    keys = []
-    for cb in callbacks:
-        name = type(cb).__qualname__
-        keys.append(f"{name}#{seen.get(name, 0)}")
-        seen[name] = seen.get(name, 0) + 1
-    return keys
 
 
 def train(
@@ -154,11 +145,7 @@ class _Run:
         self.callbacks = method_callbacks(self.model) + user_cbs
         self.state = TrainState(model=self.model, total_steps=self.total, optimizer=self.opt)
         self.targets = [n_targets(ex, self.task) for ex in self.train_ds.examples]
-        self.epoch = self.batch_index = self.skipped = self.nonfinite_run = self.tokens = 0
-        self.eval_before: dict[str, float] | None = None
-        self.last_eval: dict[str, float] | None = None
-        self.last_eval_step = -1
-        self.last_loss: float | None = None
+        self.progress = Progress()
         if d.is_main:
             for r in reports:
                 print(r.table())
@@ -168,60 +155,16 @@ class _Run:
                 f"{self.precision.name}; {self.total} steps of {self.global_batch} rows; device {d.device}"
             )
 
-    # --- checkpoints -------------------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
-        return {
-            "step": self.state.step,
-            "epoch": self.epoch,
-            "batch_index": self.batch_index,
-            "skipped": self.skipped,
-            "nonfinite_run": self.nonfinite_run,
-            "tokens": self.tokens,
-            "global_batch": self.global_batch,
-            "seed": self.cfg.training.seed,
-            "total": self.total,
-            "eval_before": self.eval_before,
-            "last_eval": self.last_eval,
-            "last_loss": self.last_loss,
-            "last_eval_step": self.last_eval_step,
-            "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "rng": ckpt.rng_state(),
-            "callbacks": dict(
-                zip(_callback_keys(self.callbacks), (cb.state_dict() for cb in self.callbacks))
-            ),
-        }
-
     def _save(self) -> None:
+        if self.progress.saved_step == self.state.step:  # e.g. the end of the run right after a periodic save
+            return
+        self.progress.saved_step = self.state.step
         if self.d.is_main:
             root = os.path.join(self.cfg.output.dir, "checkpoints")
-            ckpt.save_checkpoint(root, self.state.step, self.model, self._state(), self.cfg.output.keep_last)
+            ckpt.save_checkpoint(
+                root, self.state.step, self.model, run_state(self), self.cfg.output.keep_last
+            )
         dd.barrier(self.d)
-
-    def _restore(self, path: str) -> None:
-        s = ckpt.load_checkpoint(path, self.model)
-        for key, want in (("global_batch", self.global_batch), ("seed", self.cfg.training.seed)):
-            if s[key] != want:
-                raise ckpt.CheckpointError(
-                    f"cannot resume {path}: it was written with {key}={s[key]}, now {want}"
-                )
-        self.opt.load_state_dict(s["optimizer"])
-        self.sched.load_state_dict(s["scheduler"])
-        if self.scaler and s["scaler"]:
-            self.scaler.load_state_dict(s["scaler"])
-        states = s["callbacks"]
-        for key, cb in zip(_callback_keys(self.callbacks), self.callbacks):
-            if key in states:
-                cb.load_state_dict(states[key])
-        unclaimed = [k for k, v in states.items() if v and k not in _callback_keys(self.callbacks)]
-        if unclaimed:
-            raise ckpt.CheckpointError(f"cannot resume {path}: no callback to restore state of {unclaimed}")
-        self.state.step, self.epoch, self.batch_index = s["step"], s["epoch"], s["batch_index"]
-        self.skipped, self.nonfinite_run, self.tokens = s["skipped"], s["nonfinite_run"], s["tokens"]
-        self.eval_before, self.last_eval, self.last_loss = s["eval_before"], s["last_eval"], s["last_loss"]
-        self.last_eval_step = s["last_eval_step"]
-        ckpt.set_rng_state(s["rng"])
 
     # --- one optimizer step ------------------------------------------------------------------------
     def _step(self, micro: list[dict[str, torch.Tensor]], n_tgt: int) -> tuple[float, float | None]:
@@ -285,14 +228,14 @@ class _Run:
         )
         for cb in self.callbacks:
             cb.on_evaluate(self.state, m)
-        self.last_eval, self.last_eval_step = m, self.state.step
+        self.progress.last_eval, self.progress.last_eval_step = m, self.state.step
         return m
 
     # --- the loop ----------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, t, d, out = self.cfg, self.cfg.training, self.d, self.cfg.output.dir
         if self.resume_from:
-            self._restore(self.resume_from)
+            restore_run(self, self.resume_from)
         main = d.is_main
         if main:
             os.makedirs(out, exist_ok=True)
@@ -304,10 +247,11 @@ class _Run:
         )
         for cb in self.callbacks:
             cb.on_train_begin(self.state)
+        pg = self.progress
         if self.resume_from is None and t.eval_at_start:
-            self.eval_before = self._evaluate()
-            if self.eval_before and main:
-                log.write({"step": 0, **self.eval_before})
+            pg.eval_before = self._evaluate()
+            if pg.eval_before and main:
+                log.write({"step": 0, **pg.eval_before})
         bar = None
         if main and cfg.output.progress:
             from tqdm.auto import tqdm
@@ -316,33 +260,33 @@ class _Run:
                 total=self.total, initial=self.state.step, desc="train", dynamic_ncols=True, file=sys.stderr
             )
         save_every = cfg.output.save_every
-        start, start_step = time.perf_counter(), self.state.step
+        start, start_tokens = time.perf_counter(), pg.tokens
         B, A = t.batch_size, t.grad_accumulation
         while self.state.step < self.total:
-            batches = self.plan.batches(self.epoch)
-            mine = [self.plan.shard(b, d.rank, d.world_size) for b in batches[self.batch_index :]]
+            batches = self.plan.batches(pg.epoch)
+            mine = [self.plan.shard(b, d.rank, d.world_size) for b in batches[pg.batch_index :]]
             micro = [m[i * B : (i + 1) * B] for m in mine for i in range(A)]
             loader = torch.utils.data.DataLoader(
                 self.train_ds,
                 batch_sampler=[[tuple(r) for r in mb] for mb in micro],
                 collate_fn=self.collate,
                 num_workers=cfg.workers,
-                generator=torch.Generator().manual_seed(t.seed + self.epoch),
+                generator=torch.Generator().manual_seed(t.seed + pg.epoch),
             )
             it = iter(loader)
-            for gb in batches[self.batch_index :]:
+            for gb in batches[pg.batch_index :]:
                 if self.state.step >= self.total:
                     break
                 t0 = time.perf_counter()
                 n_tgt = sum(self.targets[i] for row in gb for i in row)
                 loss, norm = self._step([next(it) for _ in range(A)], max(n_tgt, 1))
-                self.batch_index += 1
+                pg.batch_index += 1
                 real = self.plan.real_tokens(gb)
-                self.tokens += real
+                pg.tokens += real
                 lr = self.sched.get_last_lr()[0]
                 if norm is None:
-                    self.skipped += 1
-                    self.nonfinite_run += 1
+                    pg.skipped += 1
+                    pg.nonfinite_run += 1
                     self.state.step += 1
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
@@ -351,26 +295,26 @@ class _Run:
                         print(
                             f"warning: step {self.state.step}: loss is {loss}; step skipped", file=sys.stderr
                         )
-                    if self.nonfinite_run >= t.max_nonfinite:
+                    if pg.nonfinite_run >= t.max_nonfinite:
                         last = ckpt.latest_checkpoint(os.path.join(out, "checkpoints"))
                         raise NonFiniteLossError(
-                            f"the loss was not finite for {self.nonfinite_run} steps in a row (up to step "
+                            f"the loss was not finite for {pg.nonfinite_run} steps in a row (up to step "
                             f"{self.state.step}); training stopped. Last good checkpoint: {last or 'none'}. "
                             "Lower training.lr or check the data."
                         )
                 else:
-                    self.nonfinite_run = 0
-                    self.last_loss = loss
+                    pg.nonfinite_run = 0
+                    pg.last_loss = loss
                 dt = time.perf_counter() - t0
                 step = self.state.step
                 if main and (step % t.log_every == 0 or step == self.total):
                     rec = {
                         "step": step,
-                        "epoch": self.epoch,
+                        "epoch": pg.epoch,
                         "loss": loss,
                         "lr": lr,
                         "grad_norm": norm,
-                        "tokens": self.tokens,
+                        "tokens": pg.tokens,
                         "tokens_per_s": real / max(dt, 1e-9),
                         "elapsed_s": time.perf_counter() - start,
                         **self.state.metrics,
@@ -379,7 +323,7 @@ class _Run:
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{real / max(dt, 1e-9):,.0f}")
                     bar.update(1)
-                end_of_epoch = self.batch_index == len(batches)
+                end_of_epoch = pg.batch_index == len(batches)
                 if (t.eval_every and step % t.eval_every == 0) or (t.eval_every is None and end_of_epoch):
                     m = self._evaluate()
                     if m and main:
@@ -387,13 +331,13 @@ class _Run:
                 if save_every and step % save_every == 0 or save_every is None and end_of_epoch:
                     self._save()
             else:
-                self.epoch, self.batch_index = self.epoch + 1, 0
+                pg.epoch, pg.batch_index = pg.epoch + 1, 0
                 continue
             break
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - start
-        if self.last_eval_step != self.state.step:
+        if pg.last_eval_step != self.state.step:
             m = self._evaluate()
             if m and main:
                 log.write({"step": self.state.step, **m})
@@ -409,21 +353,19 @@ class _Run:
         )
         summary = {
             "steps": self.state.step,
-            "skipped_steps": self.skipped,
-            "train_loss": self.last_loss,
+            "skipped_steps": pg.skipped,
+            "train_loss": pg.last_loss,
             "wall_time_s": round(elapsed, 2),
-            "tokens": self.tokens,
-            "tokens_per_s": round(
-                (self.tokens / max(elapsed, 1e-9)) if self.state.step > start_step else 0.0, 1
-            ),
+            "tokens": pg.tokens,
+            "tokens_per_s": round((pg.tokens - start_tokens) / max(elapsed, 1e-9), 1),
             "world_size": d.world_size,
             "global_batch": self.global_batch,
             "precision": self.precision.name,
             "device": str(d.device),
             **peak_memory(d.device),
             "adapter_dir": adapter_dir,
-            "eval_before": self.eval_before,
-            "eval_after": self.last_eval,
+            "eval_before": pg.eval_before,
+            "eval_after": pg.last_eval,
             "rank_max_abs_diff": rank_diff,
             "efficiency": {k: v for k, v in self.report.as_dict().items() if k != "layers"},
         }
@@ -438,9 +380,9 @@ class _Run:
             out,
             adapter_dir,
             self.state.step,
-            self.skipped,
-            self.last_loss,
-            self.eval_before,
-            self.last_eval,
+            pg.skipped,
+            pg.last_loss,
+            pg.eval_before,
+            pg.last_eval,
             summary,
         )
