@@ -37,7 +37,16 @@ def run_config(method: str, rows: int, out: str, seed: int) -> dict:
     if method == "lora":
         adapter.update(r=8, alpha=16.0)
     else:
-        adapter.update(init_r=12, target_r=8, alpha=24.0, delta_t=5, orth_reg_weight=0.5)
+        steps = rows // 16  # one epoch of full batches of 16
+        adapter.update(
+            init_r=12,
+            target_r=8,
+            alpha=24.0,
+            delta_t=5,
+            orth_reg_weight=0.5,
+            tinit=steps // 10,
+            tfinal=steps // 5,
+        )
     return {
         "model": {"name": "minilm"},
         "data": {
