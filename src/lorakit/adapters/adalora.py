@@ -6,10 +6,10 @@ training starts at the base, P and Q ~ N(0, 0.02). The layer computes (PEFT's SV
 
     h = W0 x + (alpha / (ranknum + 1e-5)) * P (λ ⊙ (Q x))
 
-with ``ranknum = init_r``, the number of ranks the matrix started with, held fixed while ranks are pruned and
-after a pruned adapter is loaded, as PEFT does (peft/tuners/adalora/layer.py ``ranknum``; its
-``resize_modules_by_rank_pattern`` copies the old ranknum). So pruning a singular value removes its term and
-does not rescale the others. Names follow PEFT: Q = ``lora_A`` (r, in), λ = ``lora_E`` (r, 1),
+with ``ranknum = init_r``, the number of ranks the matrix started with, not the count still kept: PEFT sets
+ranknum once at layer creation, never updates it when it masks, and copies it when it loads a pruned adapter
+(peft/tuners/adalora/layer.py, model.py ``resize_modules_by_rank_pattern``). So pruning a singular value
+removes its term without rescaling the others. Names follow PEFT: Q = ``lora_A`` (r, in), λ = ``lora_E`` (r, 1),
 P = ``lora_B`` (out, r), saved without a ``.weight`` suffix.
 
 Pruning is driven by :class:`AdaLoraController` (a trainer callback, :class:`AdaLoraCallback`, or one call
