@@ -88,6 +88,17 @@ def test_init_equals_base_exactly():
     )
 
 
+def test_zero_row_in_base_stays_finite_and_starts_at_base():
+    base = nn.Linear(6, 4)
+    with torch.no_grad():
+        base.weight[1] = 0.0
+    ad = DoraLinear(6, 4, r=2, alpha=2)
+    ad.init_magnitude(weight_access(base))
+    x = torch.randn(3, 6)
+    y = ad(x, base(x), weight_access(base))
+    assert torch.isfinite(y).all() and torch.equal(y, base(x))
+
+
 def test_gradients_reach_a_b_and_magnitude_only_with_detached_norm():
     base, ad = _dora()
     for p in base.parameters():

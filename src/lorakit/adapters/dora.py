@@ -35,6 +35,8 @@ from lorakit.weights import WeightAccess
 # Below this ratio ||W0 + sBA||^2 / ||W0||^2 the expanded formula loses too many digits to cancellation
 # (fp32: ~1e-7 / ratio relative error), and the rows' norms are taken directly from the dense sum.
 _CANCELLATION_RATIO = 1e-3
+# A row of W0 + sBA that is all zeros (e.g. pruned) gets this norm instead of 0, so m / norm stays finite.
+_MIN_NORM = 1e-12
 
 
 def _fingerprint(module: nn.Module) -> tuple:
@@ -96,12 +98,12 @@ class DoraLinear(LoraLinear):
         w = w.float()
         a, b, s = self.lora_A.weight.float(), self.lora_B.weight.float(), self.scaling  # (r, k), (d, r)
         base_sq = self._base_row_sq(access, w)  # (d,)
-        cross = torch.linalg.vecdot(w @ a.t(), b)  # rowsum(W0 * BA) = rowsum((W0 A^T) * B): (d,)
-        lora_sq = torch.linalg.vecdot(b @ (a @ a.t()), b)  # rowsum((BA)^2) = rowsum((B A A^T) * B): (d,)
-        sq = base_sq + (2.0 * s) * cross + (s * s) * lora_sq
+        # rowsum((W0 + sBA)^2) - ||W0||^2 = rowsum(B * (2s W0 A^T + s^2 B A A^T)): (d, r) and (r, r) products only
+        t = torch.addmm(w @ a.t(), b, a @ a.t(), beta=2.0 * s, alpha=s * s)  # (d, r)
+        sq = base_sq + torch.linalg.vecdot(t, b)  # (d,)
         if bool((sq < _CANCELLATION_RATIO * base_sq).any()):
-            return torch.linalg.vector_norm(torch.addmm(w, b, a, alpha=s), dim=1)
-        return sq.clamp_min_(0.0).sqrt_()
+            return torch.linalg.vector_norm(torch.addmm(w, b, a, alpha=s), dim=1).clamp_min_(_MIN_NORM)
+        return sq.sqrt_().clamp_min_(_MIN_NORM)
 
     @torch.no_grad()
     def init_magnitude(self, access: WeightAccess) -> None:

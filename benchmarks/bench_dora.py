@@ -1,0 +1,252 @@
+"""DoRA vs LoRA, lorakit vs PEFT: training-step time and peak memory in one run on one machine.
+
+    python benchmarks/bench_dora.py                      # ~2-4 min on 2 CPU cores
+    python benchmarks/bench_dora.py --steps 3 --no-rss   # quicker
+
+Setup (issue 5): builtin llama-15m (hidden 512, 4 layers, vocab 2000), adapters r=8 alpha=16 on q_proj and
+v_proj, dropout 0, batch 8 x 256 tokens, causal-LM loss, AdamW (lr 1e-4), torch.set_num_threads(2).
+
+Figures and their formulas:
+- step time: median over ``--steps`` timed steps (after ``--warmup``) of one full training step
+  (zero_grad + forward + backward + optimizer step), wall clock, ``time.perf_counter``. The four
+  configurations run interleaved (lk-LoRA, lk-DoRA, PEFT-LoRA, PEFT-DoRA, then again), so a slow
+  spell of a shared machine hits all of them alike.
+- layer time: the same comparison on one adapted q_proj alone (forward + backward of a (2048, 512)
+  input that requires grad), median of many repeats: the adapter's own cost without the model around it.
+- saved for backward: bytes of the distinct tensor storages autograd keeps for backward during one
+  forward (``torch.autograd.graph.saved_tensors_hooks``), a torch-aware measure of training memory.
+- peak RSS: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of a fresh subprocess per configuration that
+  imports the same libraries, builds the model and runs two training steps (``--no-rss`` skips it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+CONFIGS = ("lk-lora", "lk-dora", "peft-lora", "peft-dora")
+MODEL, R, ALPHA, TARGETS, BATCH, SEQ, THREADS = "llama-15m", 8, 16, ["q_proj", "v_proj"], 8, 256, 2
+
+
+def build(config: str, base: torch.nn.Module | None = None) -> torch.nn.Module:
+    """The llama-15m model with the configuration's adapter (same base weights and seed for all)."""
+    import lorakit as lk
+
+    model = copy.deepcopy(base) if base is not None else lk.build_model(MODEL, task="causal-lm", seed=0)
+    lib, method = config.split("-")
+    torch.manual_seed(0)
+    if lib == "lk":
+        lk.inject(model, lk.AdapterConfig(method=method, r=R, alpha=ALPHA, target_modules=TARGETS))
+    else:
+        import peft
+
+        cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, use_dora=method == "dora")
+        model = peft.get_peft_model(model, cfg)
+    with torch.no_grad():  # non-zero B so DoRA's norm and rescaling are exercised as in training
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    return model.train()
+
+
+def batch() -> torch.Tensor:
+    return torch.randint(0, 2000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+
+
+def step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor) -> tuple[float, float]:
+    """One training step; returns (wall seconds, process CPU seconds of all threads)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    opt.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """Bytes of distinct storages autograd saves for backward in one forward."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    del loss
+    return sum(seen.values())
+
+
+def layer_times(base: torch.nn.Module, repeats: int) -> dict[str, float]:
+    """Median forward+backward time (ms) of one adapted q_proj per configuration, interleaved."""
+    layers = {}
+    for config in CONFIGS:
+        model = build(config, base)
+        layers[config] = next(m for n, m in model.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+    x = torch.randn(BATCH * SEQ, 512, requires_grad=True)
+    g = torch.randn(BATCH * SEQ, 512)
+    times: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    for i in range(repeats + 3):
+        for config, layer in layers.items():
+            t0 = time.perf_counter()
+            layer(x).backward(g)
+            if i >= 3:
+                times[config].append(time.perf_counter() - t0)
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+    return {c: 1e3 * statistics.median(t) for c, t in times.items()}
+
+
+def peak_rss_child(config: str) -> None:
+    """Subprocess body: same imports for every configuration, two steps, print ru_maxrss (MiB)."""
+    import peft  # noqa: F401  (imported by every child so the baselines are equal)
+
+    import lorakit  # noqa: F401
+
+    torch.set_num_threads(THREADS)
+    model = build(config)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    for _ in range(2):
+        step(model, opt, batch())
+    print(json.dumps({"rss_mib": peak_rss_mib()}))
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident memory. VmHWM is per address space and starts afresh at exec;
+    ru_maxrss would carry the parent's peak over into the child on Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def peak_rss() -> dict[str, float]:
+    """One fresh process per configuration, run two at a time (RSS is per process, not shared)."""
+    out: dict[str, float] = {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+    for pair in (CONFIGS[:2], CONFIGS[2:]):
+        procs = {
+            c: subprocess.Popen(
+                [sys.executable, __file__, "--child", c], stdout=subprocess.PIPE, text=True, env=env
+            )
+            for c in pair
+        }
+        for c, p in procs.items():
+            stdout, _ = p.communicate()
+            if p.returncode != 0:
+                raise RuntimeError(f"peak-RSS subprocess for {c} failed with exit code {p.returncode}")
+            out[c] = json.loads(stdout.strip().splitlines()[-1])["rss_mib"]
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5, help="timed training steps per configuration")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration first")
+    ap.add_argument("--layer-repeats", type=int, default=20, help="timed repeats of the single-layer test")
+    ap.add_argument("--no-rss", action="store_true", help="skip the per-configuration peak-RSS subprocesses")
+    ap.add_argument("--json", help="also write the figures to this JSON file")
+    ap.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        peak_rss_child(args.child)
+        return 0
+    torch.set_num_threads(THREADS)
+    import lorakit as lk
+    import peft
+
+    t_start = time.perf_counter()
+    base = lk.build_model(MODEL, task="causal-lm", seed=0)
+    ids = batch()
+    models = {c: build(c, base) for c in CONFIGS}
+    opts = {
+        c: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+        for c, m in models.items()
+    }
+    saved = {c: saved_bytes(m, ids) / 2**20 for c, m in models.items()}
+    times: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    cpu: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    for i in range(args.warmup + args.steps):  # interleaved: A B C D A B C D ...
+        for c in CONFIGS:
+            t, tc = step(models[c], opts[c], ids)
+            if i >= args.warmup:
+                times[c].append(t)
+                cpu[c].append(tc)
+    del models, opts
+    layer = layer_times(base, args.layer_repeats)
+    rss = {} if args.no_rss else peak_rss()
+
+    med = {c: statistics.median(t) for c, t in times.items()}
+    med_cpu = {c: statistics.median(t) for c, t in cpu.items()}
+
+    def paired(a: str, b: str) -> float:  # median over rounds of the per-round ratio (cancels slow spells)
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+    print(
+        f"# DoRA benchmark: {MODEL}, r={R}, alpha={ALPHA}, {'+'.join(TARGETS)}, batch {BATCH}x{SEQ}, AdamW, "
+        f"{THREADS} threads, torch {torch.__version__}, peft {peft.__version__}, cpu_count {os.cpu_count()}, "
+        f"load avg {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"{'config':<10} {'step s (median)':>15} {'min':>7} {'max':>7} {'CPU s':>7} {'layer ms':>9} "
+        f"{'saved MiB':>10} {'peak RSS MiB':>13}"
+    )
+    for c in CONFIGS:
+        rss_s = f"{rss[c]:13.0f}" if c in rss else f"{'-':>13}"
+        print(
+            f"{c:<10} {med[c]:15.3f} {min(times[c]):7.3f} {max(times[c]):7.3f} {med_cpu[c]:7.2f} "
+            f"{layer[c]:9.2f} {saved[c]:10.1f} {rss_s}"
+        )
+    ratios = {
+        "lk DoRA / lk LoRA step": med["lk-dora"] / med["lk-lora"],
+        "lk DoRA / lk LoRA step (paired)": paired("lk-dora", "lk-lora"),
+        "lk DoRA / lk LoRA step CPU": med_cpu["lk-dora"] / med_cpu["lk-lora"],
+        "PEFT DoRA / PEFT LoRA step": med["peft-dora"] / med["peft-lora"],
+        "PEFT DoRA / PEFT LoRA step (paired)": paired("peft-dora", "peft-lora"),
+        "lk DoRA / PEFT DoRA step": med["lk-dora"] / med["peft-dora"],
+        "lk DoRA / PEFT DoRA step (paired)": paired("lk-dora", "peft-dora"),
+        "lk DoRA / PEFT DoRA step CPU": med_cpu["lk-dora"] / med_cpu["peft-dora"],
+        "lk DoRA / lk LoRA layer": layer["lk-dora"] / layer["lk-lora"],
+        "lk DoRA / PEFT DoRA layer": layer["lk-dora"] / layer["peft-dora"],
+        "lk DoRA / PEFT DoRA saved-for-backward": saved["lk-dora"] / saved["peft-dora"],
+    }
+    if rss:
+        ratios["lk DoRA / PEFT DoRA peak RSS"] = rss["lk-dora"] / rss["peft-dora"]
+    for k, v in ratios.items():
+        print(f"{k:<42} {v:6.3f}")
+    print(f"# total {time.perf_counter() - t_start:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "step_s": times,
+                    "cpu_s": cpu,
+                    "median_step_s": med,
+                    "layer_ms": layer,
+                    "saved_mib": saved,
+                    "peak_rss_mib": rss,
+                    "ratios": ratios,
+                },
+                f,
+                indent=2,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
