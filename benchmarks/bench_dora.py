@@ -167,8 +167,9 @@ def main() -> int:
         peak_rss_child(args.child)
         return 0
     torch.set_num_threads(THREADS)
-    import lorakit as lk
     import peft
+
+    import lorakit as lk
 
     t_start = time.perf_counter()
     base = lk.build_model(MODEL, task="causal-lm", seed=0)
