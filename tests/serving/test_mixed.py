@@ -154,3 +154,31 @@ def test_modules_to_save_refused_and_bypassed():
     with torch.no_grad(), adapter_rows(model, ["v", BASE]):
         mixed = model(x).logits
     torch.testing.assert_close(mixed[0], row_alone(model, x[:1], "v")[0], atol=1e-5, rtol=0)
+
+
+def test_matches_peft_mixed_batch():
+    """Independent reference: PEFT's own mixed batch (``adapter_names=``, "__base__" for the base) on the
+    same weights, with different ranks and rsLoRA."""
+    from peft import LoraConfig, get_peft_model
+
+    specs = [("p0", 2, False), ("p1", 6, True), ("p2", 4, False)]
+    ours = build([(n, r, rs, ["q_proj", "v_proj"]) for n, r, rs in specs])
+    theirs = None
+    for n, r, rs in specs:
+        cfg = LoraConfig(r=r, lora_alpha=8, use_rslora=rs, target_modules=["q_proj", "v_proj"])
+        if theirs is None:
+            theirs = get_peft_model(lorakit.build_model("tiny-llama"), cfg, adapter_name=n)
+        else:
+            theirs.add_adapter(n, cfg)
+    with torch.no_grad():
+        for path, layer in lorakit.surgery.inject.adapted_layers(ours):
+            peft_layer = theirs.base_model.model.get_submodule(path)
+            for n, _, _ in specs:
+                peft_layer.lora_A[n].weight.copy_(layer.adapters[n].lora_A.weight)
+                peft_layer.lora_B[n].weight.copy_(layer.adapters[n].lora_B.weight)
+    names = ["p1", "__base__", "p0", "p2", "p1"]
+    x = torch.randint(0, 256, (5, 10))
+    with torch.no_grad():
+        expected = theirs.eval()(x, adapter_names=names).logits
+        got = mixed_forward(ours, x, adapter_names=names).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
