@@ -77,7 +77,6 @@ class SegmentRouter:
 
 def variants(ours, peft_model, names, rows):
     mixed = [names[i % len(names)] for i in range(rows)]
-    single = [names[0]] * rows
 
     def lk_base(call):
         with lorakit.disabled(ours):
@@ -106,9 +105,9 @@ def variants(ours, peft_model, names, rows):
         with peft_model.disable_adapter():
             return call(peft_model)
 
-    def pf_single(call):
+    def pf_single(call):  # PEFT's plain single-adapter batch (no adapter_names)
         peft_model.set_adapter(names[0])
-        return call(peft_model, adapter_names=single)
+        return call(peft_model)
 
     def pf_mixed(call):
         return call(peft_model, adapter_names=mixed)
