@@ -313,3 +313,16 @@ def test_cli_refuses_occupied_output_dir_then_overwrites(tmp_path, capsys):
     assert code == 2 and "already holds a run; pass --resume" in err and len(err.splitlines()) == 1
     assert cli(["train", path, "--overwrite", "--set", "training.max_steps=2"], capsys)[0] == 0
     assert json.load(open(tmp_path / "out" / "summary.json"))["steps"] == 2
+
+
+def test_cli_generate_with_and_without_the_trained_adapter(tmp_path, capsys):
+    path = yaml_config(tmp_path, write_sft(str(tmp_path / "d.jsonl"), 8))
+    assert cli(["train", path, "--set", "training.lr=0.5", "--set", "training.max_steps=3"], capsys)[0] == 0
+    base = ["generate", "--model", "tiny-llama", "--prompt", "1+1=", "--max-new-tokens", "4"]
+    assert cli_main(base) == 0
+    plain = capsys.readouterr().out
+    assert cli_main([*base, "--adapter", str(tmp_path / "out" / "adapter")]) == 0
+    adapted = capsys.readouterr().out
+    assert plain != adapted  # the adapter changed the greedy continuation
+    code, err = cli([*base, "--adapter", str(tmp_path / "nope")], capsys)
+    assert code == 2 and "does not exist" in err
