@@ -277,13 +277,12 @@ class _Run:
             for gb in batches[pg.batch_index :]:
                 if self.state.step >= self.total:
                     break
-                t0 = time.perf_counter()
+                t0, lr = time.perf_counter(), self.sched.get_last_lr()[0]  # the lr this step uses
                 n_tgt = sum(self.targets[i] for row in gb for i in row)
                 loss, norm = self._step([next(it) for _ in range(A)], max(n_tgt, 1))
                 pg.batch_index += 1
                 real = self.plan.real_tokens(gb)
                 pg.tokens += real
-                lr = self.sched.get_last_lr()[0]
                 if norm is None:
                     pg.skipped += 1
                     pg.nonfinite_run += 1
