@@ -57,12 +57,19 @@ class _Stacks:
     embedding: bool
 
 
+def _factors(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of a LoRA adapter: (r, k) and (d, r) for linear; (r, V) and (d, r) for embedding."""
+    if isinstance(adapter, LoraEmbedding):
+        return adapter.lora_embedding_A, adapter.lora_embedding_B
+    return adapter.lora_A.weight, adapter.lora_B.weight
+
+
 def _stack_key(layer: AdaptedLayer, names: Sequence[str]) -> tuple:
+    """Changes when an adapter is added/removed or its tensors are replaced or modified in place."""
     key = []
     for n in names:
-        ad = layer.adapters[n]
-        for p in ad.peft_state().values():
-            key.append((n, id(ad), p.data_ptr(), p._version))
+        a, b = _factors(layer.adapters[n])
+        key.append((n, a.data_ptr(), a._version, b.data_ptr(), b._version))
     return tuple(key)
 
 
@@ -76,12 +83,8 @@ def layer_stacks(layer: AdaptedLayer) -> _Stacks:
         return cached
     embedding = layer.access.kind == "embedding"
     adapters = [layer.adapters[n] for n in names]
-    if embedding:
-        a_list = [ad.lora_embedding_A.t() for ad in adapters]  # (V, r)
-        b_list = [ad.lora_embedding_B.t() * ad.scaling for ad in adapters]  # (r, d)
-    else:
-        a_list = [ad.lora_A.weight.t() for ad in adapters]  # (k, r)
-        b_list = [ad.lora_B.weight.t() * ad.scaling for ad in adapters]  # (r, d)
+    a_list = [_factors(ad)[0].t() for ad in adapters]  # (k, r), or (V, r) for an embedding
+    b_list = [_factors(ad)[1].t() * ad.scaling for ad in adapters]  # (r, d)
     ref = next(iter(layer.adapters.values()))
     p0 = next(ref.parameters())
     k, d = layer.access.in_features, layer.access.out_features
