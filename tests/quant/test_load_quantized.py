@@ -101,3 +101,26 @@ def test_truncated_checkpoint_is_an_error(tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(QuantError, match=r"lacks 2 model tensors.*up_proj.weight"):
         load_quantized(tmp_path, FP32)
+
+
+def test_reader_matches_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lorakit.quant.loading import iter_safetensors
+
+    tensors = {
+        "a": torch.randn(3, 5),
+        "b": torch.randn(7).to(torch.bfloat16),
+        "c": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "empty": torch.zeros(0, 4),
+        "flag": torch.tensor([True, False]),
+    }
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    ours = dict(iter_safetensors(tmp_path / "t.safetensors"))
+    ref = load_file(str(tmp_path / "t.safetensors"))
+    assert sorted(ours) == sorted(ref)
+    for k in ref:
+        assert ours[k].dtype == ref[k].dtype and torch.equal(ours[k], ref[k]), k
+    (tmp_path / "bad.safetensors").write_bytes(b"\x05\x00")
+    with pytest.raises(QuantError, match="not a valid safetensors"):
+        list(iter_safetensors(tmp_path / "bad.safetensors"))

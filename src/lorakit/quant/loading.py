@@ -4,15 +4,17 @@ QLoRA's point (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314) is fine-t
 16-bit weights do not fit in memory, so the full-precision model must never be materialised: the
 model skeleton is built with its parameters on the ``meta`` device (buffers such as rotary
 frequencies stay real), eligible Linear layers are swapped for empty NF4Linear shells, and every
-tensor of every shard is read one at a time (``safetensors.safe_open``): a Linear weight is quantized
-as it arrives and dropped; anything else becomes the model's parameter. Peak memory is about the
-quantized model plus one full-precision tensor.
+tensor of every shard is read one at a time with plain file reads (no memory map, whose touched pages
+would stay resident for the whole shard): a Linear weight is quantized as it arrives and dropped;
+anything else becomes the model's parameter. Peak memory is about the quantized model plus one
+full-precision tensor (and its fp32 quantization chunk).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,6 +67,40 @@ def _shards(path: Path) -> list[Path]:
             "save_pretrained(dir, safe_serialization=True) - pickled .bin weights are not loaded"
         )
     return files
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from a safetensors file one tensor at a time, each read into its own
+    memory with plain file reads (the safetensors format: 8-byte little-endian header length, JSON
+    header, raw little-endian data). Unlike a memory map, no page of the file stays in this process's
+    resident memory after its tensor is dropped, so peak memory is the largest tensor, not the shard."""
+    with open(path, "rb") as f:
+        try:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        except (struct.error, ValueError) as e:
+            raise QuantError(f"{path}: not a valid safetensors file ({e})") from None
+        header.pop("__metadata__", None)
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            dtype = _ST_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise QuantError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            begin, end = info["data_offsets"]
+            if end == begin:
+                yield name, torch.empty(info["shape"], dtype=dtype)
+                continue
+            f.seek(8 + n + begin)
+            buf = bytearray(end - begin)
+            if f.readinto(buf) != end - begin:
+                raise QuantError(f"{path}: truncated data for tensor {name!r}")
+            yield name, torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
 
 
 def _build_empty(path: Path, task: str, num_labels: int) -> nn.Module:
@@ -159,30 +195,26 @@ def load_quantized(
     resolve = _key_resolver(model, expected)
     loaded: set[str] = set()
     unexpected: list[str] = []
-    from safetensors import safe_open
-
     for shard in shards:
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
-                name = resolve(key)
-                if name is None:
-                    unexpected.append(key)
-                    continue
-                tensor = f.get_tensor(key)
-                mod_name, _, attr = name.rpartition(".")
-                if mod_name in targets and attr == "weight":
-                    w = tensor.t() if is_gpt2_conv1d(targets[mod_name]) else tensor
-                    model.get_submodule(mod_name)._store(w)
-                elif mod_name in targets and attr == "bias":
-                    model.get_submodule(mod_name).bias = nn.Parameter(tensor, requires_grad=False)
-                else:
-                    _set_tensor(
-                        model,
-                        name,
-                        tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype),
-                    )
-                loaded.add(name)
-                del tensor
+        for key, tensor in iter_safetensors(shard):
+            name = resolve(key)
+            if name is None:
+                unexpected.append(key)
+                continue
+            mod_name, _, attr = name.rpartition(".")
+            if mod_name in targets and attr == "weight":
+                w = tensor.t() if is_gpt2_conv1d(targets[mod_name]) else tensor
+                model.get_submodule(mod_name)._store(w)
+            elif mod_name in targets and attr == "bias":
+                model.get_submodule(mod_name).bias = nn.Parameter(tensor, requires_grad=False)
+            else:
+                _set_tensor(
+                    model,
+                    name,
+                    tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype),
+                )
+            loaded.add(name)
+            del tensor
     if unexpected:
         warnings.warn(
             f"{path}: {len(unexpected)} checkpoint tensors not used by the model: {unexpected[:5]}",
