@@ -152,7 +152,7 @@ def test_rank_report_table_and_heatmap(tmp_path):
     assert rep.total == sum(a.r for a in AdaLoraController(m).layers.values())
     assert "model.layers.1.self_attn.v_proj" in rep.table()
     layers, kinds, cells = rep.grid()
-    assert layers == [0, 1] and kinds == ["q_proj", "v_proj"]
+    assert layers == [0, 1] and kinds == ["self_attn.q_proj", "self_attn.v_proj"]
     assert cells[1][1] == AdaLoraController(m).layers["model.layers.1.self_attn.v_proj"].r
     path = rep.heatmap(str(tmp_path / "ranks.png"))
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

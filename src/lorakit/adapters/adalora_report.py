@@ -25,7 +25,7 @@ _LAYER_RE = re.compile(r"\.(\d+)\.")
 class RankRow:
     module: str  # full module path
     layer: int | None  # index of the block the module sits in (None outside numbered blocks)
-    kind: str  # last name component, e.g. "q_proj"
+    kind: str  # path inside the numbered block, e.g. "self_attn.q_proj" (the full path outside blocks)
     init_r: int
     rank: int  # singular values kept
 
@@ -101,6 +101,7 @@ def rank_report(model: nn.Module, adapter_name: str | None = None) -> RankReport
     name, _ = _resolve_adapter(model, adapter_name)
     rows = []
     for path, a in _adalora_layers(model, name).items():
-        m = _LAYER_RE.search(f".{path}.")
-        rows.append(RankRow(path, int(m.group(1)) if m else None, path.rsplit(".", 1)[-1], a.init_r, a.r))
+        m = _LAYER_RE.search(f".{path}.")  # kind: the path inside the numbered block (attention.self.query)
+        kind = f"{path}."[m.end() - 1 :].rstrip(".") if m else path
+        rows.append(RankRow(path, int(m.group(1)) if m else None, kind, a.init_r, a.r))
     return RankReport(name, tuple(rows))
