@@ -72,7 +72,7 @@ class RankReport:
         layers, kinds, cells = self.grid()
         data = np.array([[np.nan if c is None else c for c in row] for row in cells], dtype=float)
         vmax = max(r.init_r for r in self.rows)
-        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(kinds), 1.0 + 0.45 * len(layers)))
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 1.1 * len(kinds)), 1.4 + 0.45 * len(layers)))
         im = ax.imshow(data, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
         ax.set_xticks(range(len(kinds)), kinds, rotation=30, ha="right")
         ax.set_yticks(range(len(layers)), ["-" if v is None else str(v) for v in layers])
@@ -82,7 +82,7 @@ class RankReport:
                 if c is not None:
                     ax.text(j, i, str(c), ha="center", va="center", color="w" if c < vmax * 0.6 else "k")
         fig.colorbar(im, ax=ax, label="kept rank")
-        ax.set_title(title or f"AdaLoRA kept ranks ({self.total} total)")
+        ax.set_title(title or f"AdaLoRA kept ranks ({self.total} total)", fontsize=10)
         fig.tight_layout()
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
         plt.close(fig)
