@@ -15,6 +15,7 @@ Figures and their formulas:
   input that requires grad), median of many repeats: the adapter's own cost without the model around it.
 - saved for backward: bytes of the distinct tensor storages autograd keeps for backward during one
   forward (``torch.autograd.graph.saved_tensors_hooks``), a torch-aware measure of training memory.
+- OpenMP: OMP_WAIT_POLICY=PASSIVE unless set (see below): figures measure work, not spin-waiting.
 - peak RSS: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of a fresh subprocess per configuration that
   imports the same libraries, builds the model and runs two training steps (``--no-rss`` skips it).
 """
@@ -32,7 +33,12 @@ import sys
 import time
 import warnings
 
-import torch
+# Idle OpenMP threads sleep instead of spinning (set before torch loads OpenMP). On a shared, loaded
+# machine spinning threads steal the cores the working threads wait for, and every parallel kernel
+# then costs a scheduling round: wall times became 3-5x longer and noisy. Override by exporting
+# OMP_WAIT_POLICY=ACTIVE before running.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 warnings.filterwarnings("ignore")
 CONFIGS = ("lk-lora", "lk-dora", "peft-lora", "peft-dora")
@@ -201,7 +207,7 @@ def main() -> int:
     print(
         f"# DoRA benchmark: {MODEL}, r={R}, alpha={ALPHA}, {'+'.join(TARGETS)}, batch {BATCH}x{SEQ}, AdamW, "
         f"{THREADS} threads, torch {torch.__version__}, peft {peft.__version__}, cpu_count {os.cpu_count()}, "
-        f"load avg {os.getloadavg()[0]:.1f}"
+        f"load avg {os.getloadavg()[0]:.1f}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
     )
     print(
         f"{'config':<10} {'step s (median)':>15} {'min':>7} {'max':>7} {'CPU s':>7} {'layer ms':>9} "
