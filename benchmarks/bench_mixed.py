@@ -1,6 +1,7 @@
 """Mixed-adapter batches: lorakit (stacked gather + bmm) vs PEFT (``adapter_names=``, a loop per adapter).
 
     python benchmarks/bench_mixed.py [--adapters 16 64] [--rows 32] [--repeats 40] [--prefill-repeats 8]
+                                     [--shapes decode prefill] [--threads N]
 
 Model: builtin llama-15m (hidden 512, 4 layers), fp32, CPU, eval + inference_mode. N adapters of r=8 on
 q_proj, v_proj (random non-zero weights; the same tensors in lorakit and PEFT). Shapes:
@@ -179,7 +180,10 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--prefill-repeats", type=int, default=8)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--shapes", nargs="+", default=["decode", "prefill"], choices=["decode", "prefill"])
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (1 is steadier on a busy machine)"
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -192,7 +196,8 @@ def main() -> None:
             f"\n== {n} adapters r=8 on q_proj,v_proj; max |lorakit mixed - peft mixed| logits = "
             f"{check_equal(ours, peft_model, names, args.rows):.2e}"
         )
-        for shape, reps in (("decode", args.repeats), ("prefill", args.prefill_repeats)):
+        for shape in args.shapes:
+            reps = args.repeats if shape == "decode" else args.prefill_repeats
             res = measure(ours, peft_model, names, args.rows, shape, reps)
             print(
                 f"-- {shape} ({'1 token/row, KV cache 64' if shape == 'decode' else '128 tokens/row'}), "
