@@ -27,7 +27,7 @@ def _config(tmp_path, method: str) -> dict:
 def test_derive_configs_changes_only_the_method():
     base = {"model": {"name": "m"}, "adapter": {"r": 8, "target_modules": ["q_proj"]}}
     d = derive_configs(base, ["full", "lora", "dora", "qlora", "adalora"])
-    assert d["full"]["adapter"] is None
+    assert d["full"]["adapter"] == {"method": "full"}
     assert d["dora"]["adapter"]["method"] == "dora" and d["dora"]["adapter"]["r"] == 8
     assert d["qlora"]["quant"]["dtype"] == "nf4" and d["qlora"]["adapter"]["method"] == "lora"
     assert d["adalora"]["adapter"]["target_r"] == 8 and d["adalora"]["adapter"]["init_r"] == 12

@@ -116,3 +116,13 @@ def test_missing_config_file_and_bad_overrides(tmp_path):
         apply_overrides({}, ["training.lr"])
     with pytest.raises(ConfigError, match="must name a section and a field"):
         apply_overrides({}, ["lr=1"])
+
+
+def test_full_finetuning_config(tmp_path):
+    base = {"model": {"name": "tiny-llama"}, "data": {"train": "x.jsonl"}, "output": {"dir": str(tmp_path)}}
+    cfg = RunConfig.from_dict({**base, "adapter": {"method": "full"}})
+    assert cfg.adapter is None and RunConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="takes no other keys"):
+        RunConfig.from_dict({**base, "adapter": {"method": "full", "r": 4}})
+    with pytest.raises(ConfigError, match="quantized base"):
+        RunConfig.from_dict({**base, "adapter": {"method": "full"}, "quant": {"dtype": "nf4"}})

@@ -37,7 +37,7 @@ def derive_configs(base: dict[str, Any], methods: Sequence[str]) -> dict[str, di
         adapter = dict(cfg.get("adapter") or {})
         cfg.pop("quant", None)
         if m == "full":
-            cfg["adapter"] = None
+            cfg["adapter"] = {"method": "full"}
         elif m == "qlora":
             adapter["method"] = "lora"
             cfg["adapter"] = adapter

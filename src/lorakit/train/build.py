@@ -129,11 +129,14 @@ def build_run_model(
             ) from None
         quantize(model, cfg.quant)
     acfg = cfg.adapter
-    if task == "classification" and not acfg.modules_to_save:
-        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-        heads = [h for h in CLASSIFIER_HEADS if h in names]
-        acfg = acfg.replace(modules_to_save=tuple(heads))  # a fresh head must train (PEFT's SEQ_CLS does too)
-    inject(model, acfg)
+    if acfg is None:  # full fine-tuning: every parameter trains
+        model.requires_grad_(True)
+    else:
+        if task == "classification" and not acfg.modules_to_save:
+            names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+            heads = [h for h in CLASSIFIER_HEADS if h in names]
+            acfg = acfg.replace(modules_to_save=tuple(heads))  # a fresh head must train (PEFT's SEQ_CLS does too)
+        inject(model, acfg)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()

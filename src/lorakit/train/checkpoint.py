@@ -254,17 +254,14 @@ def prepare_output(out: str, resume: bool, overwrite: bool, is_main: bool) -> st
 
 
 def save_final_adapter(model: torch.nn.Module, path: str, base_model: str | None = None) -> str:
-    """Save the trained adapter with ``lorakit.io.save_adapter`` (PEFT layout); without lorakit.io,
-    the trainable tensors and adapter configs in this module's format."""
-    try:
-        from lorakit.io import save_adapter
-    except ImportError:  # lorakit.io not installed: keep the trained tensors in the checkpoint format
-        os.makedirs(path, exist_ok=True)
-        write_safetensors(trainable_state(model), os.path.join(path, "trainable.safetensors"))
-        write_json(
-            {n: c.to_dict() for n, c in model.lorakit_configs.items()},
-            os.path.join(path, "lorakit_configs.json"),
-        )
+    """Save the trained adapter with ``lorakit.io.save_adapter`` (PEFT layout); a model trained in full
+    (no adapter) is saved whole with ``save_pretrained`` (safetensors), atomically."""
+    from lorakit.io import save_adapter
+    from lorakit.io.atomic import atomic_directory
+
+    if not getattr(model, "lorakit_configs", None):
+        with atomic_directory(path) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
         return path
     save_adapter(model, path, adapter_name="default", base_model_name_or_path=base_model)
     return path

@@ -120,7 +120,7 @@ class OutputSection:
 class RunConfig:
     model: ModelSection
     data: DataSection
-    adapter: AdapterConfig
+    adapter: AdapterConfig | None  # None: full fine-tuning (``adapter: {method: full}``), for comparisons
     training: TrainingSection
     output: OutputSection
     quant: QuantConfig | None = None
@@ -131,7 +131,7 @@ class RunConfig:
         for name in ("model", "data", "training", "output"):
             sec = dataclasses.asdict(getattr(self, name))
             d[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in sec.items()}
-        d["adapter"] = self.adapter.to_dict()
+        d["adapter"] = {"method": "full"} if self.adapter is None else self.adapter.to_dict()
         if self.quant is not None:
             d["quant"] = self.quant.to_dict()
         return d
@@ -150,13 +150,19 @@ class RunConfig:
         for key in ("model", "data", "output"):
             if key not in data:
                 raise ConfigError(f"section {key!r} is missing; a run config needs model, data and output")
-        adapter = dict(ADAPTER_DEFAULTS)
-        adapter.update(_mapping("adapter", data.get("adapter") or {}))
+        raw_adapter = _mapping("adapter", data.get("adapter") or {})
+        if raw_adapter.get("method") == "full":
+            if set(raw_adapter) != {"method"}:
+                extra = sorted(set(raw_adapter) - {"method"})
+                raise ConfigError(f"adapter: method 'full' (full fine-tuning) takes no other keys, got {extra}")
+            adapter: AdapterConfig | None = None
+        else:
+            adapter = AdapterConfig.from_dict({**ADAPTER_DEFAULTS, **raw_adapter})
         quant = data.get("quant")
         cfg = cls(
             model=_section(ModelSection, "model", data["model"]),
             data=_section(DataSection, "data", data["data"]),
-            adapter=AdapterConfig.from_dict(adapter),
+            adapter=adapter,
             training=_section(TrainingSection, "training", data.get("training") or {}),
             output=_section(OutputSection, "output", data["output"]),
             quant=QuantConfig.from_dict(_mapping("quant", quant)) if quant else None,
@@ -233,6 +239,8 @@ class RunConfig:
             raise ConfigError("data: give either validation (a file) or val_fraction, not both")
         if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
             raise ConfigError(f"training.betas={list(t.betas)} is invalid; expected two numbers in [0, 1)")
+        if self.adapter is None and self.quant is not None:
+            raise ConfigError("adapter.method='full' cannot train a quantized base; drop the quant section")
         if d.batching == "pack" and d.task != "sft":
             raise ConfigError("data.batching='pack' is for causal-LM SFT; use 'group' for classification")
 

@@ -128,6 +128,10 @@ class _Run:
             drop_last=True,
         )
         self.collate = Collator(pad_id(tok), mode, cfg.data.max_length, self.task)
+        if mode == "pack":  # packed rows must not attend across examples: verify on this model, once
+            from lorakit.train.collate import check_packing
+
+            check_packing(self.model)
         self.eval_collate = Collator(pad_id(tok), "group", None, self.task)
         per_epoch = len(self.plan)
         if per_epoch == 0:
