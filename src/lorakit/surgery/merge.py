@@ -104,14 +104,32 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+def unload(
+    model: nn.Module, merge: bool = True, dequantize: bool = False, dtype: torch.dtype | None = None
+) -> nn.Module:
     """Remove every lorakit module and return the plain model (same object, original classes).
 
     With ``merge=True`` the active adapter is merged first (if none is merged yet) and each module in
     ``modules_to_save`` becomes the active adapter's trained copy: the result computes what the
     adapted model computed. With ``merge=False`` merged adapters are unmerged and the original modules
     come back: the result is the base model. Parameters keep their ``requires_grad`` flags.
+
+    ``dequantize=True`` (QLoRA, the recommended way) first replaces every quantized base layer by a
+    dense ``nn.Linear`` in ``dtype`` (default: the layer's compute dtype), so the adapter merges
+    exactly into full-precision weights; merging into a 4-bit base instead re-quantizes (lossy, with a
+    warning stating the measured error).
     """
+    if dequantize:
+        from lorakit.quant import dequantize_model, quantized_layers
+
+        if not quantized_layers(model):
+            raise ConfigError("unload(dequantize=True): the model has no lorakit quantized layers")
+        if is_merged(model):
+            raise AdapterStateError(
+                "unload(dequantize=True): an adapter is already merged into the 4-bit weights (lossy); "
+                "load the adapter onto a fresh quantized base and unload from there"
+            )
+        dequantize_model(model, dtype)
     if merge and not is_merged(model) and active_adapter(model) is not None:
         _merge_active(model)
     elif not merge and is_merged(model):
