@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,8 @@ import warnings
 # OMP_WAIT_POLICY=ACTIVE before running.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
+
+from lorakit.bench.memory import peak_rss_mib  # noqa: E402
 
 warnings.filterwarnings("ignore")
 CONFIGS = ("lk-lora", "lk-dora", "peft-lora", "peft-dora")
@@ -126,19 +127,6 @@ def peak_rss_child(config: str) -> None:
     for _ in range(2):
         step(model, opt, batch())
     print(json.dumps({"rss_mib": peak_rss_mib()}))
-
-
-def peak_rss_mib() -> float:
-    """The process's peak resident memory. VmHWM is per address space and starts afresh at exec;
-    ru_maxrss would carry the parent's peak over into the child on Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def peak_rss() -> dict[str, float]:

@@ -6,7 +6,7 @@ SIDE: lorakit | peft | torch (floor and full are plain PyTorch, the same for bot
 Both sides build the same seeded model, the same batch, and give every adapter tensor the same values
 (filled in sorted PEFT-key order from one seeded generator, B non-zero), so the loss at step 1 must agree.
 Each training step is forward + backward + AdamW step (+ AdaLoRA's budget update); the first
-``warmup`` steps are not timed. Memory: peak RSS of the process (ru_maxrss) and its growth over the RSS
+``warmup`` steps are not timed. Memory: peak RSS of the process (VmHWM, see lorakit.bench.memory) and its growth over the RSS
 after the model was built (the training working set).
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 from typing import Any
@@ -22,17 +21,9 @@ from typing import Any
 import torch
 
 from benchmarks.suites import SUITES, Suite
+from lorakit.bench.memory import current_rss_mib, peak_rss_mib
 
 QV = ["q_proj", "v_proj"]
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def fill_adapters(named: dict[str, torch.Tensor], seed: int = 1) -> None:
@@ -157,7 +148,7 @@ def train_steps(case: str, side: str, suite: Suite) -> dict[str, Any]:
     batch = batch_for(suite)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-    rss_before = rss_mib()
+    rss_before = current_rss_mib()
     times, losses = [], []
     for step in range(suite.warmup + suite.steps):
         sync(suite)

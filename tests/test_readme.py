@@ -17,3 +17,16 @@ def test_readme_has_install_and_test_commands_and_ci_runs_the_test_command():
     assert "pytest" in test_cmd and "ruff check" in test_cmd
     ci = (ROOT / ".ci" / "run").read_text()
     assert test_cmd in ci.splitlines()
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+
+
+def test_readme_python_examples_run_as_written(tmp_path, monkeypatch, capsys):
+    blocks = _python_blocks()
+    assert len(blocks) >= 3
+    monkeypatch.chdir(tmp_path)
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"README.md python block {i}", "exec"), {"__name__": f"readme_{i}"})
+    assert "trainable" in capsys.readouterr().out

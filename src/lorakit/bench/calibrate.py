@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -26,6 +25,7 @@ import torch
 
 from lorakit.bench.arch import resolve_arch
 from lorakit.bench.cost import Setup, flops_per_token, memory
+from lorakit.bench.memory import current_rss_mib, peak_rss_mib
 
 
 @dataclass
@@ -86,8 +86,7 @@ def matmul_rate(shapes: list[tuple[int, int, int]], reps: int = 10) -> tuple[flo
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    return current_rss_mib() * 2**20 / 1e6
 
 
 def _profiled_peak_mb(step) -> float:
@@ -181,7 +180,7 @@ def _calibrate(model: str, batch: int, seq_len: int, steps: int, seed: int) -> C
         rates.append(rate)
         wall_ratios.append(fps / rate / wall)
         cpu_ratios.append(fps / cpu_rate / cpu)
-    rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3 - rss0
+    rss_growth = peak_rss_mib() * 2**20 / 1e6 - rss0
     peak = _profiled_peak_mb(step)
     return Calibration(
         model=model,

@@ -1,8 +1,8 @@
 """What a run reports: metrics.jsonl (one JSON object per logged step or evaluation), peak memory,
 the loss / eval curve PNG and the summary.
 
-Peak memory is the process's peak resident set size (``resource.getrusage``: ru_maxrss, kilobytes on
-Linux) and, on CUDA, ``torch.cuda.max_memory_allocated``.
+Peak memory is the process's peak resident set size (``lorakit.bench.memory.peak_rss_mib``: VmHWM, which,
+unlike ru_maxrss, a child process does not inherit) and, on CUDA, ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
-import sys
 from typing import Any
 
 import torch
@@ -53,9 +51,9 @@ def _jsonable(v: Any) -> Any:
 
 def peak_memory(device: torch.device) -> dict[str, float]:
     """Peak RSS of this process in MiB, plus CUDA max allocated on a GPU."""
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss = rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20  # macOS reports bytes
-    out = {"peak_rss_mib": round(rss, 1)}
+    from lorakit.bench.memory import peak_rss_mib
+
+    out = {"peak_rss_mib": round(peak_rss_mib(), 1)}
     if device.type == "cuda":
         out["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out
