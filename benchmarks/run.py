@@ -40,7 +40,7 @@ def _run(case: str, side: str, suite: str, timeout: float) -> dict[str, Any]:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     # OpenMP threads that sleep instead of spinning between parallel regions: on a shared machine spinning
     # threads steal each other's cores (3-5x slower steps, +-30% noise). Export OMP_WAIT_POLICY to override.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # (not forced: on a quiet machine spinning is faster; export OMP_WAIT_POLICY=PASSIVE on a busy one)
     proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", case, side, suite, out], cwd=root,
                           capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
