@@ -114,10 +114,10 @@ def plot_compare(rows: list[dict[str, Any]], out_dir: str) -> list[str]:
     names = [r["name"] for r in rows]
     paths = []
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
+    for i, r in enumerate(rows):
         ax.scatter(max(r["trainable_params"], 1), r["metric"] if r["metric"] is not None else float("nan"), s=50)
         ax.annotate(r["name"], (max(r["trainable_params"], 1), r["metric"] or 0), textcoords="offset points",
-                    xytext=(5, 5))
+                    xytext=(6, 6 + 11 * (i % 3)))  # staggered: configs with similar sizes cluster
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel(rows[0]["metric_name"] if rows else "metric")
