@@ -184,21 +184,14 @@ class FakeQuantLinear(nn.Module):
 def _quantized_bases():
     torch.manual_seed(0)
     lin = nn.Linear(64, 32)
-    bases = [("fake", FakeQuantLinear(lin))]
-    try:
-        from lorakit.quant import NF4Linear
-    except ImportError:
-        pass
-    else:
-        bases.append(("nf4", NF4Linear.from_linear(lin, compute_dtype=torch.float32)))
-    return bases
+    from lorakit.quant import NF4Linear
+
+    return [("fake", FakeQuantLinear(lin)), ("nf4", NF4Linear.from_linear(lin, compute_dtype=torch.float32))]
 
 
 @pytest.mark.parametrize("kind", ["fake", "nf4"])
 def test_qdora_on_quantized_base_matches_equation_on_dequantized_weight(kind):
     bases = dict(_quantized_bases())
-    if kind not in bases:
-        pytest.skip("lorakit.quant.NF4Linear is not importable yet")
     holder = nn.Sequential(bases[kind])
     lk.inject(holder, lk.AdapterConfig(method="dora", r=4, alpha=8, target_modules=["0"]))
     assert weight_access(holder[0].base).quantized
@@ -316,9 +309,7 @@ def test_training_with_dropout_matches_peft(name, task, targets):
 
 
 def test_adapter_files_round_trip_with_peft(tmp_path):
-    save, load = getattr(lk, "save_adapter", None), getattr(lk, "load_adapter", None)
-    if save is None or load is None:
-        pytest.skip("lorakit.save_adapter/load_adapter (issue 3) are not available yet")
+    save, load = lk.save_adapter, lk.load_adapter
     peft = pytest.importorskip("peft")
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     pm, ours = _peft_pair("tiny-llama", "causal-lm", ["q_proj", "v_proj"])

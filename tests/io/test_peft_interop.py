@@ -12,7 +12,6 @@ import torch
 
 import lorakit as lk
 from helpers import logits_of
-from lorakit.adapters.base import builder_for
 from lorakit.io import (
     adapter_state,
     config_from_peft,
@@ -225,14 +224,6 @@ def test_config_json_round_trip_keeps_every_field():
     peft.LoraConfig(**{k: v for k, v in data.items() if k != "peft_type"})  # PEFT accepts every field
 
 
-def _has(method):
-    try:
-        builder_for(method)
-        return True
-    except lk.ConfigError:
-        return False
-
-
 def test_adalora_json_maps_fields_and_masks():
     mask = [True, False, True, False, False, False]
     data = {
@@ -259,7 +250,6 @@ def test_adalora_json_maps_fields_and_masks():
         config_from_peft(data)
 
 
-@pytest.mark.skipif(not _has("adalora"), reason="AdaLoRA not available")
 def test_peft_adalora_with_pruned_ranks_to_lorakit_and_back(tmp_path):
     cfg = peft.AdaLoraConfig(
         init_r=4, target_r=2, deltaT=1, total_step=4, target_modules=["q_proj", "v_proj"]
@@ -300,7 +290,6 @@ def test_peft_type_codec_registry_hook():
         config_from_peft({"peft_type": "TOYLORA", "rank": 3})
 
 
-@pytest.mark.skipif(not _has("dora"), reason="DoRA not available")
 def test_peft_dora_to_lorakit_and_back(tmp_path):
     pm = peft.get_peft_model(
         model_of("tiny-llama", "causal-lm"),
