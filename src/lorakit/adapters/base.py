@@ -109,3 +109,13 @@ def check_shapes(owner: str, state: dict[str, torch.Tensor], expected: dict[str,
             raise ValueError(
                 f"{owner}.{key}: shape {tuple(state[key].shape)} does not match the model's {tuple(ref.shape)}"
             )
+
+
+@torch.no_grad()
+def copy_peft_state(owner: str, own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """``load_peft_state`` for adapters whose tensors map one to one: check names and shapes, then copy
+    ``state`` into ``own`` (the adapter's ``peft_state()``) in the adapter's dtypes."""
+    check_shapes(owner, state, own)
+    for key, t in own.items():
+        t.copy_(state[key].to(t.dtype))
+

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.base import check_shapes, register_method
+from lorakit.adapters.base import copy_peft_state, register_method
 from lorakit.adapters.lora import LoraLinear
 from lorakit.config import AdapterConfig, ConfigError
 from lorakit.surgery.layer import AdapterStateError
@@ -170,12 +170,8 @@ class DoraLinear(LoraLinear):
     def peft_state(self) -> dict[str, torch.Tensor]:
         return {**super().peft_state(), "lora_magnitude_vector": self.lora_magnitude_vector}
 
-    @torch.no_grad()
     def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
-        own = self.peft_state()
-        check_shapes("dora", state, own)
-        for key, t in own.items():
-            t.copy_(state[key].to(t.dtype))
+        copy_peft_state("dora", self.peft_state(), state)
 
 
 @register_method("dora")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.base import check_shapes, register_method
+from lorakit.adapters.base import copy_peft_state, register_method
 from lorakit.config import AdapterConfig, ConfigError
 from lorakit.weights import WeightAccess
 
@@ -71,12 +71,8 @@ class LoraLinear(nn.Module):
     def peft_state(self) -> dict[str, torch.Tensor]:
         return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
 
-    @torch.no_grad()
     def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
-        own = self.peft_state()
-        check_shapes("lora", state, own)
-        for key, t in own.items():
-            t.copy_(state[key].to(t.dtype))
+        copy_peft_state("lora", self.peft_state(), state)
 
 
 class LoraEmbedding(nn.Module):
@@ -116,12 +112,8 @@ class LoraEmbedding(nn.Module):
     def peft_state(self) -> dict[str, torch.Tensor]:
         return {"lora_embedding_A": self.lora_embedding_A, "lora_embedding_B": self.lora_embedding_B}
 
-    @torch.no_grad()
     def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
-        own = self.peft_state()
-        check_shapes("lora", state, own)
-        for key, t in own.items():
-            t.copy_(state[key].to(t.dtype))
+        copy_peft_state("lora", self.peft_state(), state)
 
 
 class LoraConv(nn.Module):
