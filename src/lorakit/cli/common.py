@@ -27,13 +27,16 @@ def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
 
 
+def parse_targets(value: str | None) -> str | list[str] | None:
+    """--targets: None (the model's query/value projections), "all-linear", a regex (if it holds regex
+    metacharacters) or a comma-separated list of module names."""
+    if not value or value == "all-linear" or any(c in value for c in "*[(|\\$^"):
+        return value or None
+    return split_csv(value)
+
+
 def adapter_config_from_args(args: argparse.Namespace):
     from lorakit.config import AdapterConfig
 
-    targets: str | list[str] | None = args.targets
-    if targets and targets != "all-linear" and "," not in targets and not any(c in targets for c in "*[(|\\$^"):
-        targets = [targets]
-    elif targets and "," in targets:
-        targets = split_csv(targets)
-    return AdapterConfig(method=args.method, r=args.r, alpha=args.alpha, target_modules=targets,
+    return AdapterConfig(method=args.method, r=args.r, alpha=args.alpha, target_modules=parse_targets(args.targets),
                          use_rslora=args.rslora)

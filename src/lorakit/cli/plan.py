@@ -73,13 +73,11 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.bench.arch import PlanError
     from lorakit.bench.plan import plan
     from lorakit.bench.plan_report import table, to_json, write_report
-    from lorakit.cli.common import split_csv
+    from lorakit.cli.common import parse_targets
 
     if args.model is None:
         raise PlanError("--model is required (a model directory, a builtin name or a size like 7B)")
-    targets = args.targets
-    if targets and targets != "all-linear" and not any(c in targets for c in "*[(|\\$^"):
-        targets = split_csv(targets)
+    targets = parse_targets(args.targets)
     p = plan(
         args.model,
         tokens=args.tokens,
