@@ -86,7 +86,11 @@ def train(
     cfg = config if isinstance(config, RunConfig) else load_run_config(config, overrides)
     d = dd.setup(cfg.training.device)
     try:
-        return _Run(cfg, d, resume, overwrite, list(callbacks)).run()
+        result = _Run(cfg, d, resume, overwrite, list(callbacks)).run()
+        # rank 0 still writes files after the loop; destroying the process group while a peer is
+        # mid-collective aborts that process ("terminate called without an active exception")
+        dd.barrier(d)
+        return result
     finally:
         dd.teardown(d)
 
