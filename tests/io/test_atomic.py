@@ -64,3 +64,37 @@ def test_crash_mid_save_keeps_the_good_adapter(tmp_path, monkeypatch):
     assert {n: (tmp_path / "a" / n).read_bytes() for n in os.listdir(tmp_path / "a")} == good
     assert os.listdir(tmp_path) == ["a"]  # no temp directory left behind
     load_adapter(lk.build_model("tiny-llama"), tmp_path / "a")  # still loads
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["022", "077"])
+def test_atomic_writes_get_the_modes_a_plain_write_would(tmp_path, umask):
+    """A server or teammate running as another user must be able to read what lorakit writes (issue 20)."""
+    old = os.umask(umask)
+    try:
+        plain_dir = tmp_path / "plain"
+        plain_dir.mkdir()
+        (plain_dir / "f.txt").write_text("x")
+        file_mode = os.stat(plain_dir / "f.txt").st_mode & 0o777
+        dir_mode = os.stat(plain_dir).st_mode & 0o777
+
+        atomic.atomic_write_text(str(tmp_path / "report.md"), "hello")
+        assert os.stat(tmp_path / "report.md").st_mode & 0o777 == file_mode
+        model = lk.inject(lk.build_model("tiny-llama"), lk.AdapterConfig(r=2))
+        out = tmp_path / "runs" / "adapter"
+        lk.save_adapter(model, str(out))
+        assert os.stat(out).st_mode & 0o777 == dir_mode
+        for name in os.listdir(out):
+            assert os.stat(out / name).st_mode & 0o777 == (dir_mode if (out / name).is_dir() else file_mode), name
+        with atomic.atomic_directory(str(tmp_path / "d")) as tmp:
+            os.makedirs(os.path.join(tmp, "sub"))
+        assert os.stat(tmp_path / "d").st_mode & 0o777 == dir_mode
+    finally:
+        os.umask(old)
+
+
+def test_atomic_write_keeps_an_existing_files_mode(tmp_path):
+    p = tmp_path / "shared.txt"
+    p.write_text("old")
+    os.chmod(p, 0o640)
+    atomic.atomic_write_text(str(p), "new")
+    assert p.read_text() == "new" and os.stat(p).st_mode & 0o777 == 0o640

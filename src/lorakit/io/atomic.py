@@ -10,6 +10,10 @@
   step); otherwise two renames, where a crash in between leaves the old directory complete under a
   ``.<name>.old-*`` name, never a half-written one. On an exception the temporary directory is removed
   and ``path`` is untouched.
+
+Both end with the permissions a plain write would give (``mkstemp``/``mkdtemp`` create private 0600/0700
+entries): the mode of the file or directory being replaced, else 0666/0777 less the process umask, so a
+server or a teammate running as another user can read a saved adapter.
 """
 
 from __future__ import annotations
@@ -36,6 +40,41 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask can only swap it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _plain_mode(path: str, tmp: str, directory: bool) -> None:
+    """Give ``tmp`` the mode a plain write of ``path`` would end with (see the module docstring)."""
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:
+        mode = (0o777 if directory else 0o666) & ~_umask()
+    os.chmod(tmp, mode)
+
+
+def _plain_tree_modes(root: str) -> None:
+    """Give every file and sub-directory under ``root`` the mode a plain creation would have."""
+    mask = _umask()
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(dirpath, name), 0o777 & ~mask)
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~mask)
+
+
 def _fsync_file(path: str) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
@@ -49,6 +88,7 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        _plain_mode(path, tmp, directory=False)
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -114,10 +154,12 @@ def atomic_directory(path: str) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     try:
         yield tmp
+        _plain_tree_modes(tmp)  # writers such as safetensors' save_file create private files too
         if os.path.isdir(path):
             for entry in os.listdir(path):
                 if not os.path.lexists(os.path.join(tmp, entry)):
                     _link_tree(os.path.join(path, entry), os.path.join(tmp, entry))
+        _plain_mode(path, tmp, directory=True)
         _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
