@@ -11,11 +11,13 @@ Weights of the random-init builtins are seeded, so the same name gives the same 
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 from torch import nn
+
+from lorakit.models import hub
+from lorakit.models.hub import ModelSource
 
 # Token ids of lorakit's byte tokenizer (lorakit.train.tokenizer): bytes 0-255, then specials.
 PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
@@ -75,12 +77,20 @@ def minilm_path() -> str:
 
 
 def resolve_model_path(name_or_path: str) -> str | None:
-    """A local directory for a model name (None for random-init builtins)."""
+    """A local directory (or hub id) for a model name, None for random-init builtins. Raises
+    ``ModelError`` at once, without network access, for a typo of a builtin name or an id that is neither
+    a local directory, cached, nor reachable (see ``lorakit.models.hub``)."""
+    return model_source(name_or_path).path if name_or_path not in BUILTIN_SPECS else None
+
+
+def model_source(name_or_path: str) -> ModelSource:
+    """Where a non-random-init model name points and whether to load it offline."""
     if name_or_path == "minilm":
-        return minilm_path()
-    if name_or_path in BUILTIN_SPECS:
-        return None
-    return name_or_path
+        return ModelSource(minilm_path(), local_only=True)
+    try:
+        return hub.model_source(name_or_path, BUILTIN_NAMES)
+    except hub.ModelNotFoundError as e:
+        raise ModelError(str(e)) from None
 
 
 def build_model(
@@ -114,17 +124,14 @@ def build_model(
         if dtype is not None:
             model = model.to(dtype)
         return model.eval()
-    path = resolve_model_path(name_or_path)
-    local = os.path.isdir(path)
-    if not local and os.path.sep in path:
-        raise ModelError(f"model directory {path!r} does not exist")
+    source = model_source(name_or_path)
     kwargs: dict[str, Any] = {}
     if task == "classification":
         kwargs["num_labels"] = num_labels
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model = auto.from_pretrained(path, local_files_only=local, **kwargs)
+        model = auto.from_pretrained(source.path, local_files_only=source.local_only, **kwargs)
     except OSError as e:
         raise ModelError(f"cannot load model {name_or_path!r}: {e}".splitlines()[0]) from e
     return model.eval()

@@ -27,12 +27,11 @@ is what assistant-only loss masking relies on.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from lorakit.models.builtin import BOS_ID, BUILTIN_NAMES, EOS_ID, PAD_ID, resolve_model_path
+from lorakit.models.builtin import BOS_ID, BUILTIN_SPECS, EOS_ID, PAD_ID, ModelError, model_source
 
 UNK_ID = 259
 BYTE_VOCAB_SIZE = 260
@@ -159,18 +158,18 @@ def load_tokenizer(model_name_or_dir: str) -> Any:
     ``minilm`` resolves to its pip-installed directory; a local directory is loaded with
     ``local_files_only=True``; any other string is treated as a hub id (works only when online).
     """
-    path = resolve_model_path(model_name_or_dir)
-    if path is None:
+    if model_name_or_dir in BUILTIN_SPECS:
         return ByteTokenizer()
+    try:
+        source = model_source(model_name_or_dir)
+    except ModelError as e:
+        raise TokenizerError(str(e)) from None
     try:
         from transformers import AutoTokenizer
     except ImportError as e:  # pragma: no cover - only without the hf extra
         raise TokenizerError("Hugging Face tokenizers need transformers: pip install 'lorakit[hf]'") from e
-    local = os.path.isdir(path)
-    if not local and (os.path.sep in path or path.startswith(".")):
-        raise TokenizerError(f"model directory {path!r} does not exist (builtins: {list(BUILTIN_NAMES)})")
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=local)
+        return AutoTokenizer.from_pretrained(source.path, local_files_only=source.local_only)
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise TokenizerError(f"cannot load a tokenizer from {model_name_or_dir!r}: {first}") from e
