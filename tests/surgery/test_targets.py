@@ -2,7 +2,7 @@ import pytest
 from torch import nn
 
 import lorakit as lk
-from lorakit.surgery.targets import ModuleInfo, layer_index, match_targets
+from lorakit.surgery.targets import ModuleInfo, TargetError, layer_index, match_targets
 
 NAMES = [
     ("model.embed_tokens", "embedding"),
@@ -81,3 +81,31 @@ def test_find_targets_after_injection_reports_original_names():
     cfg = lk.AdapterConfig(target_modules=["0", "2"])
     lk.inject(model, cfg)
     assert lk.find_targets(model, cfg) == ["0", "2"]
+
+
+def test_a_partial_typo_in_a_target_list_is_an_error_naming_it():
+    """`--targets qproj,v_proj` adapted v_proj only and reported success (issue 20 item 4)."""
+    model = lk.build_model("tiny-llama")
+    with pytest.raises(TargetError, match=r"'qproj' \(did you mean 'q_proj'\?\)"):
+        lk.find_targets(model, lk.AdapterConfig(r=4, target_modules=["qproj", "v_proj"]))
+    with pytest.raises(TargetError, match="qproj"):
+        lk.inject(model, lk.AdapterConfig(r=4, target_modules=["qproj", "v_proj"]))
+    assert not any("lora" in n for n, _ in model.named_parameters())  # nothing was adapted
+    with pytest.warns(UserWarning, match="qproj"):
+        names = lk.find_targets(model, lk.AdapterConfig(r=4, target_modules=["qproj", "v_proj"]), strict=False)
+    assert names and all(n.endswith("v_proj") for n in names)
+
+
+def test_reading_an_adapter_file_with_an_unmatched_entry_only_warns(tmp_path):
+    """PEFT accepts adapter files whose target list names modules the base lacks; lorakit warns."""
+    import json
+
+    model = lk.inject(lk.build_model("tiny-llama"), lk.AdapterConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    lk.save_adapter(model, str(tmp_path))
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["q_proj", "v_proj", "query"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    fresh = lk.build_model("tiny-llama")
+    with pytest.warns(UserWarning, match="'query'"):
+        lk.load_adapter(fresh, str(tmp_path))
+    assert sum("lora_A" in n for n, _ in fresh.named_parameters()) == 4

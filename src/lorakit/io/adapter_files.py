@@ -293,11 +293,15 @@ def load_adapter(
     cfg, meta, tensors = read_adapter(path, adapter_name)
     source = adapter_dir(path, adapter_name)
     cfg = _fit_modules_to_save(cfg, model, tensors)
-    find_targets(model, cfg)  # a TargetError here names what the config wanted, before any change
+    # a TargetError here names what the config wanted, before any change; a target entry that matches
+    # nothing only warns, as PEFT accepts such files
+    find_targets(model, cfg, strict=False)
     snapshot = _Snapshot(model, cfg)
     try:
         with torch.random.fork_rng(devices=[]):  # initialising the adapter must not move the user's RNG
-            inject(model, cfg, adapter_name, activate=activate)
+            with warnings.catch_warnings():  # warned once above
+                warnings.simplefilter("ignore")
+                inject(model, cfg, adapter_name, activate=activate, strict_targets=False)
         _fill(model, adapter_name, tensors, source, snapshot, meta.pop("layer_kwargs", {}))
     except BaseException:
         snapshot.restore(adapter_name)
@@ -322,7 +326,7 @@ class _Snapshot:
         self.grads = [(p, p.requires_grad) for p in model.parameters()]
         self.weights = []
         if cfg.init == "pissa":
-            for name in find_targets(model, cfg):
+            for name in find_targets(model, cfg, strict=False):
                 module = model.get_submodule(name)
                 base = getattr(module, "base", module)
                 self.weights.append((base.weight, base.weight.detach().clone()))

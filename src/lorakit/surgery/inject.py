@@ -54,12 +54,19 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def inject(model: nn.Module, cfg: AdapterConfig, adapter_name: str = "default", activate: bool = True) -> nn.Module:
+def inject(
+    model: nn.Module,
+    cfg: AdapterConfig,
+    adapter_name: str = "default",
+    activate: bool = True,
+    strict_targets: bool = True,
+) -> nn.Module:
     """Add adapter ``adapter_name`` built from ``cfg`` to ``model`` in place and return the model.
 
     Base weights are frozen; the new adapter (and its copies of ``modules_to_save``) is trainable when
     ``activate`` is True (it becomes the active adapter). Injecting an existing name is an error.
-    Nothing is changed if any target fails to build.
+    Nothing is changed if any target fails to build. ``strict_targets=False`` lets a target list entry
+    that matches no module warn instead of raise (adapter files, as PEFT reads them).
     """
     check_adapter_name(adapter_name)
     configs = dict(adapter_configs(model))
@@ -68,7 +75,7 @@ def inject(model: nn.Module, cfg: AdapterConfig, adapter_name: str = "default", 
     for _, layer in adapted_layers(model):
         if layer.merged:
             raise AdapterStateError("the model has merged adapters; unmerge before adding another")
-    targets = find_targets(model, cfg)
+    targets = find_targets(model, cfg, strict=strict_targets)
     build = builder_for(cfg.method)
     built: list[tuple[str, nn.Module]] = []
     for name in targets:  # build everything first: a failure leaves the model untouched

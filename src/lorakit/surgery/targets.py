@@ -11,7 +11,9 @@ Matching rules (PEFT's):
 
 from __future__ import annotations
 
+import difflib
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -64,11 +66,19 @@ def is_head(name: str, head_names: Iterable[str] = ()) -> bool:
     return name in set(head_names) or name.split(".", 1)[0] in HEAD_NAMES
 
 
-def match_targets(modules: Sequence[ModuleInfo], cfg: AdapterConfig, head_names: Iterable[str] = ()) -> list[str]:
+def match_targets(
+    modules: Sequence[ModuleInfo], cfg: AdapterConfig, head_names: Iterable[str] = (), strict: bool = True
+) -> list[str]:
     """Names of the modules ``cfg`` adapts, in model order. Raises TargetError if none match or a
-    matched module has an unsupported type."""
+    matched module has an unsupported type.
+
+    Each entry of a target list must match some module: a typo (``qproj``) next to a good entry would
+    otherwise adapt less than asked without a word. ``strict=False`` (reading an adapter file, which
+    PEFT accepts with such entries) turns that into a warning."""
     spec = cfg.target_modules
     heads = tuple(head_names)
+    if isinstance(spec, (list, tuple)):
+        _check_entries(spec, modules, strict)
     if spec is None:
         leaves = {m.name.rsplit(".", 1)[-1] for m in modules if m.kind is not None}
         for family in DEFAULT_TARGETS:
@@ -110,6 +120,22 @@ def match_targets(modules: Sequence[ModuleInfo], cfg: AdapterConfig, head_names:
         shown = spec if isinstance(spec, str) else list(spec)
         raise TargetError(f"target_modules={shown!r} matched no module. {_adaptable_summary(modules)}")
     return chosen
+
+
+def _check_entries(spec: Sequence[str], modules: Sequence[ModuleInfo], strict: bool) -> None:
+    names = [m.name for m in modules if m.name]
+    missing = [t for t in spec if not any(n == t or n.endswith("." + t) for n in names)]
+    if not missing:
+        return
+    leaves = sorted({m.name.rsplit(".", 1)[-1] for m in modules if m.kind is not None and m.name})
+    hints = []
+    for t in missing:
+        near = difflib.get_close_matches(t, leaves, n=1)
+        hints.append(f"{t!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    message = f"target_modules entries matched no module: {', '.join(hints)}. {_adaptable_summary(modules)}"
+    if strict:
+        raise TargetError(message)
+    warnings.warn(message, stacklevel=3)
 
 
 def _adaptable_summary(modules: Sequence[ModuleInfo], limit: int = 12) -> str:
@@ -155,6 +181,7 @@ def head_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if m is head]
 
 
-def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[str]:
-    """Dry run: the names of the modules ``inject(model, cfg)`` would adapt (nothing is changed)."""
-    return match_targets(describe_modules(model), cfg, head_names(model))
+def find_targets(model: nn.Module, cfg: AdapterConfig, strict: bool = True) -> list[str]:
+    """Dry run: the names of the modules ``inject(model, cfg)`` would adapt (nothing is changed).
+    ``strict``: a target list entry that matches nothing raises (True) or warns (False)."""
+    return match_targets(describe_modules(model), cfg, head_names(model), strict)
