@@ -34,3 +34,11 @@ def test_bad_input_is_one_line_error_exit_2(capsys):
 def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "lorakit", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "inspect" in out.stdout
+
+
+def test_version_flag(capsys):
+    import lorakit as lk
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"lorakit {lk.__version__}"

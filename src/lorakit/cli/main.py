@@ -13,6 +13,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from lorakit import __version__
+
 # subcommand -> (module under lorakit.cli, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("quickstart", "the main job: fine-tune a real pretrained model on a generated task, offline"),
@@ -30,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="Parameter-efficient fine-tuning with LoRA and friends.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
