@@ -2,6 +2,7 @@
 
     python benchmarks/bench_dora.py                      # ~2-4 min on 2 CPU cores
     python benchmarks/bench_dora.py --steps 3 --no-rss   # quicker
+    python benchmarks/bench_dora.py --decode-only        # decode section alone, ~1 min
 
 Setup (issue 5): builtin llama-15m (hidden 512, 4 layers, vocab 2000), adapters r=8 alpha=16 on q_proj and
 v_proj, dropout 0, batch 8 x 256 tokens, causal-LM loss, AdamW (lr 1e-4), torch.set_num_threads(2).
@@ -18,6 +19,11 @@ Figures and their formulas:
 - OpenMP: OMP_WAIT_POLICY=PASSIVE unless set (see below): figures measure work, not spin-waiting.
 - peak RSS: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of a fresh subprocess per configuration that
   imports the same libraries, builds the model and runs two training steps (``--no-rss`` skips it).
+- decode (issue 14): one adapted 2048x2048 linear (no bias, like Llama's projections), fp32 and bf16
+  base, adapter r=8 alpha=16 in fp32, eval, ``torch.inference_mode`` (as the server runs), input
+  32 rows x 1 token. Median forward time over ``--decode-repeats`` interleaved repeats of lk-LoRA,
+  lk-DoRA, lk-DoRA with its norm cache cleared before every call (the cost before the cache), PEFT
+  LoRA and PEFT DoRA; ratios are medians of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -115,6 +121,74 @@ def layer_times(base: torch.nn.Module, repeats: int) -> dict[str, float]:
     return {c: 1e3 * statistics.median(t) for c, t in times.items()}
 
 
+DECODE_DIM, DECODE_ROWS = 2048, 32
+DECODE_CONFIGS = ("lk-lora", "lk-dora", "lk-dora-uncached", "peft-lora", "peft-dora")
+
+
+def decode_layer(config: str, dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
+    """(module to call, lorakit DoRA adapter or None) for one decode configuration."""
+    import lorakit as lk
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(DECODE_DIM, DECODE_DIM, bias=False)).to(dtype)
+    lib, method = config.split("-")[:2]
+    if lib == "lk":
+        model = lk.inject(base, lk.AdapterConfig(method=method, r=R, alpha=ALPHA, target_modules=["0"]))
+    else:
+        import peft
+
+        cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["0"], use_dora=method == "dora")
+        model = peft.get_peft_model(base, cfg)  # adapters autocast to fp32, as lorakit's
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    dora = None
+    if config == "lk-dora-uncached":
+        dora = model[0].adapters["default"]
+    return model.eval(), dora
+
+
+def decode_times(repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Per base dtype, per configuration: forward times (ms) of one decode step, interleaved."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        layers = {c: decode_layer(c, dtype) for c in DECODE_CONFIGS}
+        x = torch.randn(DECODE_ROWS, 1, DECODE_DIM, generator=torch.Generator().manual_seed(0)).to(dtype)
+        times: dict[str, list[float]] = {c: [] for c in DECODE_CONFIGS}
+        with torch.inference_mode():
+            for i in range(repeats + 5):
+                for c, (layer, dora) in layers.items():
+                    if dora is not None:
+                        dora.invalidate_cache()
+                    t0 = time.perf_counter()
+                    layer(x)
+                    if i >= 5:
+                        times[c].append(1e3 * (time.perf_counter() - t0))
+        out[str(dtype).removeprefix("torch.")] = times
+    return out
+
+
+def print_decode(decode: dict[str, dict[str, list[float]]]) -> dict[str, float]:
+    """Print the decode table; returns the ratios."""
+    print(f"# decode: {DECODE_DIM}x{DECODE_DIM} linear, {DECODE_ROWS} rows x 1 token, eval, inference_mode")
+    print(f"{'base':<9} " + " ".join(f"{c + ' ms':>20}" for c in DECODE_CONFIGS))
+    ratios: dict[str, float] = {}
+    for dtype, times in decode.items():
+        print(f"{dtype:<9} " + " ".join(f"{statistics.median(times[c]):20.3f}" for c in DECODE_CONFIGS))
+
+        def paired(a: str, b: str, t=times) -> float:
+            return statistics.median(x / y for x, y in zip(t[a], t[b]))
+
+        ratios[f"decode {dtype}: lk DoRA / lk LoRA"] = paired("lk-dora", "lk-lora")
+        ratios[f"decode {dtype}: lk DoRA uncached / lk LoRA"] = paired("lk-dora-uncached", "lk-lora")
+        ratios[f"decode {dtype}: PEFT DoRA / PEFT LoRA"] = paired("peft-dora", "peft-lora")
+        ratios[f"decode {dtype}: lk DoRA / PEFT DoRA"] = paired("lk-dora", "peft-dora")
+    for k, v in ratios.items():
+        print(f"{k:<48} {v:6.3f}")
+    return ratios
+
+
 def peak_rss_child(config: str) -> None:
     """Subprocess body: same imports for every configuration, two steps, print ru_maxrss (MiB)."""
     import peft  # noqa: F401  (imported by every child so the baselines are equal)
@@ -154,6 +228,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration first")
     ap.add_argument("--layer-repeats", type=int, default=20, help="timed repeats of the single-layer test")
     ap.add_argument("--no-rss", action="store_true", help="skip the per-configuration peak-RSS subprocesses")
+    ap.add_argument("--decode-repeats", type=int, default=100, help="timed repeats of each decode step")
+    ap.add_argument("--decode-only", action="store_true", help="run only the decode comparison")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     ap.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -166,6 +242,14 @@ def main() -> int:
     import lorakit as lk
 
     t_start = time.perf_counter()
+    if args.decode_only:
+        print(f"# torch {torch.__version__}, peft {peft.__version__}, {THREADS} threads, load avg "
+              f"{os.getloadavg()[0]:.1f}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+        ratios = print_decode(decode_times(args.decode_repeats))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"decode_ratios": ratios}, f, indent=2)
+        return 0
     base = lk.build_model(MODEL, task="causal-lm", seed=0)
     ids = batch()
     models = {c: build(c, base) for c in CONFIGS}
@@ -184,6 +268,7 @@ def main() -> int:
                 cpu[c].append(tc)
     del models, opts
     layer = layer_times(base, args.layer_repeats)
+    decode = decode_times(args.decode_repeats)
     rss = {} if args.no_rss else peak_rss()
 
     med = {c: statistics.median(t) for c, t in times.items()}
@@ -224,6 +309,7 @@ def main() -> int:
         ratios["lk DoRA / PEFT DoRA peak RSS"] = rss["lk-dora"] / rss["peft-dora"]
     for k, v in ratios.items():
         print(f"{k:<42} {v:6.3f}")
+    ratios.update(print_decode(decode))
     print(f"# total {time.perf_counter() - t_start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
@@ -234,6 +320,7 @@ def main() -> int:
                     "median_step_s": med,
                     "layer_ms": layer,
                     "saved_mib": saved,
+                    "decode_ms": decode,
                     "peak_rss_mib": rss,
                     "ratios": ratios,
                 },

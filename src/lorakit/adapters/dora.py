@@ -18,9 +18,17 @@ row norms. Here ||W0 + s B A||^2 per row = ||W0||^2 (a cached constant of the fr
 + 2 s rowsum((W0 A^T) * B) + s^2 rowsum((B (A A^T)) * B), built from (d, r) and (r, r) products
 under no_grad. The output folds the rescaling into the low-rank matmul and one fused multiply-add
 (``addcmul``), so DoRA costs about one elementwise pass more than LoRA in backward.
+
+At decode the norm is a constant: outside grad-enabled training (eval, no_grad, inference_mode) it is
+computed once and cached until A, B, m, the scaling or any tensor of the base (dense weight, or an NF4
+layer's packed codes and scales) changes, in place (``_version``) or by replacement (identity of the
+tensor and of its storage), or the mode is switched. Training with gradients recomputes it every
+forward, as before.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -39,11 +47,74 @@ _CANCELLATION_RATIO = 1e-3
 _MIN_NORM = 1e-12
 
 
-def _fingerprint(module: nn.Module) -> tuple:
-    """Identifies the current contents of a module's tensors: in-place writes bump ``_version``,
-    replacing a tensor changes its id/data pointer (used to invalidate the cached ||W0||^2)."""
-    tensors = list(module.parameters()) + list(module.buffers())
-    return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+def _stamp_meta(t: torch.Tensor) -> tuple:
+    return (t.storage_offset(), t.shape, t.stride(), t.dtype, t.device, t._version)
+
+
+class _Stamp:
+    """What one tensor held when a cached value was computed from it.
+
+    Identity is held by weak references to the tensor and to its storage: while the storage is alive no
+    other storage can take its place, and once it is freed the reference is dead, so memory handed out
+    again at the same address (same ``data_ptr``, same ``_version``) never matches. In-place writes bump
+    ``_version``; ``.data = ...`` swaps the storage. Writes that bypass the version counter (through
+    ``.data``, or an alias built over the same memory) are not seen: call ``invalidate_cache()``.
+    """
+
+    __slots__ = ("tensor", "storage", "meta")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.tensor = weakref.ref(t)
+        self.storage = weakref.ref(t.untyped_storage())
+        self.meta = _stamp_meta(t)
+
+    def matches(self, t: torch.Tensor) -> bool:
+        return self.tensor() is t and self.storage() is t.untyped_storage() and self.meta == _stamp_meta(t)
+
+
+class _Cached:
+    """One cached tensor and the stamps of the tensors (plus plain values) it was computed from.
+
+    Not part of the adapter's state: a deep copy or an unpickled adapter starts empty (the stamps refer
+    to the original's tensors and could not match the copy's anyway).
+    """
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+        self.stamps: tuple[_Stamp, ...] = ()
+        self.extra: tuple = ()
+
+    def get(self, tensors: list[torch.Tensor], extra: tuple) -> torch.Tensor | None:
+        v = self.value
+        if v is None or extra != self.extra or len(tensors) != len(self.stamps):
+            return None
+        if v.is_inference() and not torch.is_inference_mode_enabled():
+            return None  # made under inference_mode: autograd could not save it for backward
+        if all(s.matches(t) for s, t in zip(self.stamps, tensors)):
+            return v
+        return None
+
+    def put(self, value: torch.Tensor, tensors: list[torch.Tensor], extra: tuple) -> torch.Tensor:
+        try:
+            stamps = tuple(_Stamp(t) for t in tensors)
+        except (RuntimeError, NotImplementedError, TypeError):  # a tensor subclass without a storage
+            self.clear()
+            return value
+        self.value, self.stamps, self.extra = value, stamps, extra
+        return value
+
+    def clear(self) -> None:
+        self.value, self.stamps, self.extra = None, (), ()
+
+    def __deepcopy__(self, memo: dict) -> _Cached:
+        return _Cached()
+
+    def __reduce__(self):
+        return (_Cached, ())
+
+
+def _module_tensors(module: nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
 
 
 class DoraLinear(LoraLinear):
@@ -70,22 +141,43 @@ class DoraLinear(LoraLinear):
         self.lora_magnitude_vector = nn.Parameter(
             torch.ones(out_features, dtype=dtype, device=device)
         )  # (d,)
-        self._base_sq: torch.Tensor | None = None  # ||W0||^2 per row, fp32 (d,); not part of the state
-        self._base_key: tuple | None = None  # _fingerprint of the base when _base_sq was computed
+        self._base_sq = _Cached()  # ||W0||^2 per row, fp32 (d,), keyed by the base's tensors
+        self._norm = _Cached()  # ||W0 + sBA||_c outside grad-enabled training, keyed by A, B, m, s, base
         self._merge_norm: torch.Tensor | None = None  # ||W + sBA||_c used by the last merge, for unmerge
 
     # ---- the row norm ||W0 + s B A||_c ----
 
     def _base_row_sq(self, access: WeightAccess, w: torch.Tensor) -> torch.Tensor:
-        key = _fingerprint(access.module)
-        if self._base_sq is None or self._base_key != key or self._base_sq.device != w.device:
-            self._base_sq = w.float().square().sum(1)
-            self._base_key = key
-        return self._base_sq
+        tensors = _module_tensors(access.module)
+        base_sq = self._base_sq.get(tensors, (access.fan_in_fan_out,))
+        if base_sq is None:
+            base_sq = self._base_sq.put(w.float().square().sum(1), tensors, (access.fan_in_fan_out,))
+        return base_sq
+
+    def _row_norm(self, access: WeightAccess) -> torch.Tensor:
+        """The (d,) norm for forward. Training with gradients recomputes it every call (the factors move
+        every step); otherwise (eval, no_grad, inference) it is a constant, cached until any of A, B, m,
+        the scaling or the base's tensors change (in place or replaced) or the mode is switched."""
+        if self.training and torch.is_grad_enabled():
+            return self.weight_norm(access)
+        tensors = [self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector, *_module_tensors(access.module)]
+        extra = (self.scaling, access.fan_in_fan_out)
+        norm = self._norm.get(tensors, extra)
+        if norm is None:
+            norm = self._norm.put(self.weight_norm(access), tensors, extra)
+        return norm
 
     def invalidate_cache(self) -> None:
-        """Forget the cached ||W0||^2 (done automatically when the base's tensors change)."""
-        self._base_sq, self._base_key = None, None
+        """Forget the cached norms (done automatically when the tensors they were computed from change;
+        needed only after writes that bypass the version counter, such as ``p.data.add_(...)``)."""
+        self._base_sq.clear()
+        self._norm.clear()
+
+    def train(self, mode: bool = True) -> DoraLinear:
+        """Switching mode starts the caches afresh: what a training phase wrote, even through ``.data``,
+        is never served from a norm cached before it."""
+        self.invalidate_cache()
+        return super().train(mode)
 
     @torch.no_grad()
     def weight_norm(self, access: WeightAccess, w: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,14 +207,14 @@ class DoraLinear(LoraLinear):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, access: WeightAccess) -> torch.Tensor:
         a, b = self.lora_A.weight, self.lora_B.weight  # (r, k), (d, r)
         x = x.to(a.dtype)
-        w = access.dense_weight(a.dtype)  # (d, k); a view, not a copy, for a dense base in the adapter dtype
-        norm = self.weight_norm(access, w)  # (d,), no_grad: the paper's detached norm
+        norm = self._row_norm(access)  # (d,), no_grad: the paper's detached norm
         scale = self.lora_magnitude_vector / norm  # (d,), gradient reaches m
         b_scaled = b * (scale * self.scaling).unsqueeze(1)  # scale * s * B: (d, r)
         if self.training and not isinstance(self.dropout, nn.Identity):
             # PEFT: the base term is recomputed from the dropped input, without the bias.
             xd = self.dropout(x)  # (..., k)
             lora = F.linear(F.linear(xd, a), b_scaled)  # scale * s * B A x_d: (..., d)
+            w = access.dense_weight(a.dtype)  # (d, k); a view, not a copy, for a dense base in the adapter dtype
             y = torch.addcmul(base_out + lora, F.linear(xd, w), scale - 1)
         else:
             # y = scale * base_out + (1 - scale) * b + scale * s * B A x; the bias term rides in the matmul.
