@@ -5,7 +5,14 @@ rows and ``max_loaded`` distinct adapters), loads the adapters the batch needs, 
 together as one mixed-adapter batch (``lorakit.serving.mixed``) with a KV cache: one prefill over the
 left-padded prompts, then one token per live row per step; rows that finish leave the batch (their
 cache rows are dropped). Tokens are handed to each request's ``emit`` callback as they are produced,
-which is what streaming reads. Metrics live in ``lorakit.serving.metrics``.
+which is what streaming reads, and a row's ``done`` goes out as soon as that row finishes. Metrics live
+in ``lorakit.serving.metrics``.
+
+One request never fails another: ``submit`` refuses a request that cannot run (no tokens, ids outside
+the vocabulary, ``max_tokens`` < 1) with a ``ValueError`` before it is queued, ``run_batch`` checks again
+(and fails only that request), and an error while handling one row's tokens fails that row alone.
+``GenRequest.cancel()`` (a client that went away) drops the request: skipped if still queued, removed
+from its batch at the next decode step otherwise, while the other rows go on.
 """
 
 from __future__ import annotations
@@ -45,6 +52,11 @@ class GenRequest:
     text: str = ""
     finish_reason: str | None = None
     created: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False  # set from the server's thread; read by the engine at each step
+
+    def cancel(self) -> None:
+        """Stop generating for this request (its client went away or no longer needs it)."""
+        self.cancelled = True
 
     def feed(self, token: int, tokenizer: Any, eos_ids: set[int]) -> bool:
         """Take the next token; emit the new text; return True when the request is finished."""
@@ -117,10 +129,16 @@ class Engine:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = "logits_to_keep" in params
         self.device = next(model.parameters()).device
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        self.vocab_size: int | None = getattr(emb, "num_embeddings", None)
         self._queue: queue.Queue[GenRequest | None] = queue.Queue()
         self._deferred: list[GenRequest] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._count_lock = threading.Lock()
+        self._waiting = 0  # submitted, not yet taken into a batch (cancelled ones until skipped)
+        self.running = 0  # rows in the batch being decoded
+        self.cancelled = 0  # requests dropped because they were cancelled
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Engine:
@@ -137,13 +155,54 @@ class Engine:
             self._thread.join(timeout=30)
             self._thread = None
 
+    def check(self, request: GenRequest) -> None:
+        """Raise ``ValueError`` naming what is wrong if ``request`` cannot be decoded."""
+        ids = request.prompt_ids
+        if not ids:
+            raise ValueError(
+                "the prompt has no tokens (this tokenizer may add no BOS): nothing to generate from"
+            )
+        if any(type(t) is not int for t in ids):
+            raise ValueError(f"prompt ids must be ints, got {[t for t in ids if type(t) is not int][:1]}")
+        if min(ids) < 0 or (self.vocab_size is not None and max(ids) >= self.vocab_size):
+            raise ValueError(
+                f"prompt token id {min(ids) if min(ids) < 0 else max(ids)} is outside the vocabulary "
+                f"(0..{(self.vocab_size or 0) - 1})"
+            )
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens={request.max_tokens}: expected at least 1")
+
     def submit(self, request: GenRequest) -> None:
+        """Queue ``request`` (``ValueError`` if it cannot run; see ``check``)."""
+        self.check(request)
+        with self._count_lock:
+            self._waiting += 1
         self._queue.put(request)
+
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet decoding (what the server's queue bound counts)."""
+        return self._waiting
+
+    def stats(self) -> dict[str, int]:
+        return {"waiting": self._waiting, "running": self.running, "cancelled": self.cancelled}
+
+    def _taken(self, req: GenRequest) -> bool:
+        """Count ``req`` as out of the queue; False (and counted as cancelled) if it was cancelled."""
+        with self._count_lock:
+            self._waiting -= 1
+            if req.cancelled:
+                self.cancelled += 1
+        if req.cancelled:
+            req.finish_reason = "cancelled"
+        return not req.cancelled
 
     # ------------------------------------------------------------------ batching loop
     def _take_batch(self) -> list[GenRequest]:
         first = self._deferred.pop(0) if self._deferred else self._queue.get()
         if first is None:
+            return []
+        if not self._taken(first):
             return []
         batch, adapters = [first], {first.adapter} - {BASE}
         cap = self.registry.max_loaded
@@ -169,6 +228,8 @@ class Engine:
             ):
                 self._deferred.append(req)  # would need more adapters in memory than allowed: next batch
                 continue
+            if not self._taken(req):
+                continue
             batch.append(req)
             adapters.add(req.adapter)
         self._deferred = pending + self._deferred
@@ -181,25 +242,53 @@ class Engine:
                 continue
             try:
                 self.run_batch(batch)
-            except Exception as e:  # keep serving: report to this batch's requests only
+            except Exception as e:  # keep serving: report to this batch's unfinished requests only
                 for req in batch:
                     if req.finish_reason is None:
-                        req.finish_reason = "error"
-                        req.emit(("error", f"{type(e).__name__}: {e}"))
-                        self.metrics.record_error(500)
+                        self._fail(req, f"{type(e).__name__}: {e}")
+            finally:
+                self.running = 0
+
+    def _fail(self, req: GenRequest, message: str) -> None:
+        req.finish_reason = "error"
+        req.emit(("error", message))
+        self.metrics.record_error(500)
+
+    def _finish(self, req: GenRequest) -> None:
+        """Record a finished request and hand its result to its client."""
+        usage = {
+            "prompt_tokens": len(req.prompt_ids),
+            "completion_tokens": len(req.tokens),
+            "total_tokens": len(req.prompt_ids) + len(req.tokens),
+        }
+        self.metrics.record_request(
+            req.model_name or req.adapter,
+            time.perf_counter() - req.created,
+            len(req.prompt_ids),
+            len(req.tokens),
+        )
+        req.emit(("done", {"finish_reason": req.finish_reason, "usage": usage, "text": req.text}))
 
     def run_batch(self, batch: list[GenRequest]) -> None:
         """Load the adapters ``batch`` needs, decode it as one mixed batch, and finish every request."""
         with self.registry.lock:
             ok: list[GenRequest] = []
             loaded: list[str] = []
-            for req in batch:  # a broken adapter directory fails its own requests, not the batch
+            for req in batch:  # a request that cannot run fails alone, not the batch
+                if req.cancelled:
+                    req.finish_reason = "cancelled"
+                    with self._count_lock:
+                        self.cancelled += 1
+                    continue
                 try:
+                    self.check(req)
+                except ValueError as e:
+                    self._fail(req, str(e))
+                    continue
+                try:  # a broken adapter directory fails its own requests
                     self.registry.ensure(loaded + [req.adapter])
                 except (ValueError, OSError, RuntimeError) as e:
-                    req.finish_reason = "error"
-                    req.emit(("error", f"adapter {req.adapter!r} cannot be loaded: {e}"))
-                    self.metrics.record_error(500)
+                    self._fail(req, f"adapter {req.adapter!r} cannot be loaded: {e}")
                     continue
                 loaded.append(req.adapter)
                 ok.append(req)
@@ -207,19 +296,22 @@ class Engine:
                 start = time.perf_counter()
                 self._decode(ok)
                 self.metrics.record_batch([r.adapter for r in ok], time.perf_counter() - start)
-        for req in ok:
-            usage = {
-                "prompt_tokens": len(req.prompt_ids),
-                "completion_tokens": len(req.tokens),
-                "total_tokens": len(req.prompt_ids) + len(req.tokens),
-            }
-            self.metrics.record_request(
-                req.model_name or req.adapter,
-                time.perf_counter() - req.created,
-                len(req.prompt_ids),
-                len(req.tokens),
-            )
-            req.emit(("done", {"finish_reason": req.finish_reason, "usage": usage, "text": req.text}))
+
+    def _step(self, req: GenRequest, token: int) -> bool:
+        """Give ``req`` its next token; True while it goes on (finished, failed or cancelled: False)."""
+        if req.cancelled:
+            req.finish_reason = "cancelled"
+            with self._count_lock:
+                self.cancelled += 1
+            return False
+        try:
+            finished = req.feed(token, self.tokenizer, self.eos_ids)
+        except Exception as e:  # this row's text handling failed: fail it alone
+            self._fail(req, f"{type(e).__name__}: {e}")
+            return False
+        if finished:
+            self._finish(req)
+        return not finished
 
     @torch.inference_mode()
     def _decode(self, batch: list[GenRequest]) -> None:
@@ -230,15 +322,13 @@ class Engine:
         live = list(range(len(batch)))
         extra = {"logits_to_keep": 1} if self._keep_kw else {}
         with adapter_rows(self.model, [r.adapter for r in batch]) as plan:
+            self.running = len(live)
             out = self.model(ids, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
             while True:
                 cache = out.get("cache", None) or out.get("past_key_values", None)
                 tokens = sample(out.logits[:, -1], temps, top_ps).tolist()
-                keep = [
-                    j
-                    for j, i in enumerate(live)
-                    if not batch[i].feed(tokens[j], self.tokenizer, self.eos_ids)
-                ]
+                keep = [j for j, i in enumerate(live) if self._step(batch[i], tokens[j])]
+                self.running = len(keep)
                 if not keep:
                     return
                 if len(keep) < len(live):  # finished rows leave the batch and its KV cache

@@ -4,74 +4,227 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`
 events ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health``, ``GET /metrics``, and with
 ``admin=True`` ``POST /v1/adapters`` ``{"name", "path"}`` / ``DELETE /v1/adapters/{name}`` to add and
 remove adapters while serving. The request's ``model`` picks the adapter; the base model's name (or
-``"base"``) picks the plain base. Bad requests get an OpenAI error body
-``{"error": {"message", "type", "param", "code"}}`` with status 400 (malformed or non-UTF-8 body,
-bad field, too many tokens) or 404 (unknown model), and the server keeps serving.
+``"base"``) picks the plain base.
+
+Jobs are split by module: ``parse`` validates a body into a ``Parsed`` request (per request, before
+anything is batched), ``responses`` builds bodies and SSE events, ``limits`` holds the bounds; this
+module wires routes to the engine. Bad requests get an OpenAI error body ``{"error": {"message", "type",
+"param", "code"}}``: 400 (malformed body, bad field, too many prompts or tokens), 404 (unknown model),
+413 (body over ``max_body_bytes``), 429 with ``Retry-After`` (engine queue full); the server keeps
+serving. A client that disconnects cancels its prompts in the engine (streaming or not), and a failed
+prompt of a multi-prompt request cancels the request's other prompts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from lorakit.serving.engine import Engine, GenRequest
-from lorakit.serving.mixed import BASE
+from lorakit.serving.errors import ApiError, error_body
+from lorakit.serving.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PROMPTS, DEFAULT_MAX_QUEUE, Limits
+from lorakit.serving.parse import Parsed, ServedModel, decode_json, field, parse_request
 from lorakit.serving.registry import RegistryError, UnknownAdapterError
-from lorakit.surgery.inject import RESERVED_NAMES
-from lorakit.train.tokenizer import adds_bos, has_chat_template
+from lorakit.serving.responses import (
+    DONE,
+    completion_body,
+    error_event,
+    response_head,
+    stream_chunk,
+    total_usage,
+    usage_chunk,
+)
 
-
-class ApiError(Exception):
-    """An error answered with an OpenAI-style body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-def error_body(
-    status: int, message: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    kind = {400: "invalid_request_error", 404: "invalid_request_error"}.get(status, "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def _field(
-    body: dict, name: str, types: type | tuple[type, ...], default: Any, check=None, expect: str = ""
-) -> Any:
-    """``body[name]`` (``default`` when absent or null), checked for type (bools are not numbers) and ``check``."""
-    value = body.get(name)
-    value = default if value is None else value
-    if (
-        not isinstance(value, types)
-        or (isinstance(value, bool) and types is not bool)
-        or (check and not check(value))
-    ):
-        raise ApiError(400, f"'{name}' must be {expect}, got {value!r}", param=name, code="invalid_value")
-    return value
+__all__ = ["ApiError", "ServerThread", "build_app", "create_app", "error_body"]
 
 
 def _post(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, index: int, event: Any) -> None:
     """Hand an engine event (from the engine thread) to the request's queue on the server's loop."""
-    loop.call_soon_threadsafe(events.put_nowait, (index, event))
+    try:
+        loop.call_soon_threadsafe(events.put_nowait, (index, event))
+    except RuntimeError:  # the loop has closed (server shut down): nobody is listening any more
+        pass
 
 
-def create_app(engine: Engine, base_name: str, max_context: int, admin: bool = False) -> FastAPI:
-    """The FastAPI app serving ``engine``; starts the engine thread on startup and stops it on shutdown."""
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes (before reading when Content-Length says so)."""
+    too_big = ApiError(
+        413, f"request body exceeds {limit} bytes (the server's max_body_bytes)", code="body_too_large"
+    )
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_big
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(
+            499, "the client disconnected while sending the body", code="client_disconnected"
+        ) from None
+    return b"".join(chunks)
+
+
+class GenerationFailed(Exception):
+    """A prompt of the request failed in the engine (already counted there as a 500)."""
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was ready."""
+
+
+class Submission:
+    """One HTTP request's prompts in the engine: their events, the disconnect watch, cancelling them all."""
+
+    def __init__(self, parsed: Parsed, loop: asyncio.AbstractEventLoop) -> None:
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.requests = [
+            GenRequest(
+                ids,
+                parsed.adapter,
+                emit=functools.partial(_post, loop, self.events, i),
+                model_name=parsed.model_name,
+                **parsed.sampling,
+            )
+            for i, ids in enumerate(parsed.prompts)
+        ]
+        self._watcher: asyncio.Task | None = None
+
+    def submit(self, engine: Engine, limits: Limits) -> None:
+        """Queue every prompt, or none: 429 when they would overflow ``limits.max_queue``."""
+        if engine.waiting + len(self.requests) > limits.max_queue:
+            raise ApiError(
+                429,
+                f"the server's queue is full ({engine.waiting} prompts waiting, max_queue={limits.max_queue}); "
+                f"retry after {limits.retry_after_s} s",
+                code="queue_full",
+                headers={"Retry-After": str(limits.retry_after_s)},
+            )
+        for i, req in enumerate(self.requests):
+            try:
+                engine.submit(req)
+            except ValueError as e:  # parse checks first, so this is a second line of defence
+                self.cancel()
+                raise ApiError(400, f"prompt {i}: {e}", param="prompt") from None
+
+    def watch(self, receive: Callable[[], Awaitable[dict]]) -> None:
+        """Cancel the prompts when the client disconnects (ASGI ``http.disconnect``)."""
+
+        async def wait_for_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.cancel()
+            self.events.put_nowait((-1, ("gone", None)))
+
+        self._watcher = asyncio.get_running_loop().create_task(wait_for_disconnect())
+
+    def cancel(self) -> None:
+        for req in self.requests:
+            req.cancel()
+
+    def close(self) -> None:
+        """Stop watching and cancel whatever is still generating (a no-op for finished prompts)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+        self.cancel()
+
+    async def results(self) -> list[dict]:
+        """Every prompt's ``done`` result in prompt order; the first failure cancels the others."""
+        n = len(self.requests)
+        results: list[dict | None] = [None] * n
+        left = n
+        while left:
+            i, (kind, data) = await self.events.get()
+            if kind == "gone":
+                raise ClientGone
+            if kind == "error":
+                self.cancel()
+                if n > 1:
+                    data = f"prompt {i} of {n} failed: {data}; the request's other prompts were cancelled"
+                raise GenerationFailed(data)
+            if kind == "done":
+                results[i] = data
+                left -= 1
+        return results  # type: ignore[return-value]
+
+    async def sse(self, head: dict, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events as tokens arrive; closing the stream cancels what is still generating."""
+        try:
+            left, done = len(self.requests), []
+            while left:
+                i, (kind, data) = await self.events.get()
+                if kind == "gone":
+                    return
+                if kind == "delta":
+                    yield stream_chunk(head, i, data, None, chat)
+                elif kind == "done":
+                    left -= 1
+                    done.append(data)
+                    yield stream_chunk(head, i, None, data["finish_reason"], chat)
+                else:
+                    left -= 1
+                    yield error_event(data)
+            if include_usage:
+                yield usage_chunk(head, total_usage(done), chat)
+            yield DONE
+        finally:
+            self.close()
+
+
+def _install_error_handlers(app: FastAPI, record: Callable[[int], None]) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        record(exc.status)
+        body = error_body(exc.status, exc.message, exc.param, exc.code)
+        return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        record(exc.status_code)
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:  # a server bug: still an OpenAI body
+        record(500)
+        message = f"internal error: {type(exc).__name__}: {str(exc)[:200]}"
+        return JSONResponse(error_body(500, message, code="internal_error"), status_code=500)
+
+
+def create_app(
+    engine: Engine,
+    base_name: str,
+    max_context: int,
+    admin: bool = False,
+    max_prompts: int = DEFAULT_MAX_PROMPTS,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+) -> FastAPI:
+    """The FastAPI app serving ``engine``; starts the engine thread on startup and stops it on shutdown.
+
+    Bounds (see ``lorakit.serving.limits``): ``max_context`` tokens of prompt + completion,
+    ``max_prompts`` prompts per request, ``max_body_bytes`` per body, ``max_queue`` prompts waiting."""
     tokenizer, registry, metrics = engine.tokenizer, engine.registry, engine.metrics
-    bos = getattr(tokenizer, "bos_token_id", None) if adds_bos(tokenizer) else None
+    limits = Limits(max_prompts=max_prompts, max_body_bytes=max_body_bytes, max_queue=max_queue)
+    sizes = [v for v in (engine.vocab_size, _tokenizer_size(tokenizer)) if v]
+    if not sizes:
+        raise ValueError(
+            "cannot tell the vocabulary size: the model has no input embeddings and the tokenizer no len()"
+        )
+    served = ServedModel(base_name, tokenizer, int(max_context), min(sizes), registry)
     created = int(time.time())
 
     @asynccontextmanager
@@ -81,183 +234,37 @@ def create_app(engine: Engine, base_name: str, max_context: int, admin: bool = F
         engine.stop()
 
     app = FastAPI(title="lorakit serve", lifespan=lifespan)
+    _install_error_handlers(app, metrics.record_error)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        metrics.record_error(exc.status)
-        return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.code), status_code=exc.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        metrics.record_error(exc.status_code)
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
-
-    async def read_json(request: Request) -> dict:
-        raw = await request.body()
+    async def generate(request: Request, chat: bool) -> Any:
+        parsed = parse_request(
+            decode_json(await read_body(request, limits.max_body_bytes)), served, limits, chat
+        )
+        sub = Submission(parsed, asyncio.get_running_loop())
+        sub.submit(engine, limits)
+        sub.watch(request.receive)
+        head = response_head(parsed.model_name, chat)
+        if parsed.stream:
+            return StreamingResponse(
+                sub.sse(head, chat, parsed.include_usage), media_type="text/event-stream"
+            )
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ApiError(
-                400, f"request body is not valid UTF-8 (byte {e.start})", code="invalid_encoding"
-            ) from None
-        try:
-            body = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object", code="invalid_json")
-        return body
-
-    def resolve_model(body: dict) -> tuple[str, str]:
-        name = _field(body, "model", str, "", lambda v: bool(v), "a model name (see /v1/models)")
-        if name == base_name or name in RESERVED_NAMES:
-            return name, BASE
-        if name not in registry:
-            raise ApiError(
-                404,
-                f"The model '{name}' does not exist; available: {[base_name, *registry.names()]}",
-                param="model",
-                code="model_not_found",
-            )
-        return name, name
-
-    def sampling(body: dict, prompt_len: int) -> dict[str, Any]:
-        room = max_context - prompt_len
-        max_tokens = _field(body, "max_tokens", int, 16, lambda v: v >= 1, "a positive integer")
-        if room < 1 or max_tokens > room:
-            raise ApiError(
-                400,
-                f"This model's maximum context length is {max_context} tokens; the prompt has "
-                f"{prompt_len} and max_tokens is {max_tokens}",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        stop = body.get("stop")
-        stop = [stop] if isinstance(stop, str) else stop
-        if stop is not None and (
-            not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop)
-        ):
-            raise ApiError(
-                400, f"'stop' must be a string or a list of up to 4 non-empty strings, got {stop!r}", "stop"
-            )
-        _field(body, "n", int, 1, lambda v: v == 1, "1 (one choice per prompt)")
-        return {
-            "max_tokens": max_tokens,
-            "temperature": float(
-                _field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]")
-            ),
-            "top_p": float(
-                _field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
-            ),
-            "stop": stop or [],
-        }
-
-    def encode(text: str) -> list[int]:
-        ids = list(tokenizer.encode(text, add_special_tokens=False))
-        return [bos, *ids] if bos is not None else ids
-
-    async def run(body: dict, model_name: str, adapter: str, prompts: list[list[int]], chat: bool):
-        limits = [sampling(body, len(p)) for p in prompts]
-        stream = _field(body, "stream", bool, False, None, "true or false")
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        for i, (ids, lim) in enumerate(zip(prompts, limits)):
-            emit = functools.partial(_post, loop, events, i)
-            engine.submit(GenRequest(ids, adapter, emit=emit, model_name=model_name, **lim))
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        head = {
-            "id": rid,
-            "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": model_name,
-        }
-        if stream:
-            return StreamingResponse(sse(head, events, len(prompts), chat), media_type="text/event-stream")
-        texts, done = [""] * len(prompts), [None] * len(prompts)
-        while any(d is None for d in done):
-            i, (kind, data) = await events.get()
-            if kind == "error":  # already counted by the engine
-                return JSONResponse(error_body(500, data, code="generation_failed"), status_code=500)
-            if kind == "done":
-                done[i] = data
-                texts[i] = data["text"]
-        usage = {
-            k: sum(d["usage"][k] for d in done)
-            for k in ("prompt_tokens", "completion_tokens", "total_tokens")
-        }
-        if chat:
-            choices = [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": t},
-                    "finish_reason": d["finish_reason"],
-                }
-                for i, (t, d) in enumerate(zip(texts, done))
-            ]
-        else:
-            choices = [
-                {"index": i, "text": t, "logprobs": None, "finish_reason": d["finish_reason"]}
-                for i, (t, d) in enumerate(zip(texts, done))
-            ]
-        return {**head, "choices": choices, "usage": usage}
-
-    async def sse(head: dict, events: asyncio.Queue, n: int, chat: bool) -> AsyncIterator[str]:
-        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-
-        def chunk(i: int, text: str | None, finish: str | None) -> str:
-            if chat:
-                delta = {} if text is None else {"role": "assistant", "content": text}
-                choice = {"index": i, "delta": delta, "finish_reason": finish}
-            else:
-                choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
-            return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
-
-        remaining = n
-        while remaining:
-            i, (kind, data) = await events.get()
-            if kind == "delta":
-                yield chunk(i, data, None)
-            elif kind == "done":
-                remaining -= 1
-                yield chunk(i, None, data["finish_reason"])
-            else:
-                remaining -= 1
-                yield f"data: {json.dumps(error_body(500, data, code='generation_failed'))}\n\n"
-        yield "data: [DONE]\n\n"
+            results = await sub.results()
+        except GenerationFailed as e:  # counted by the engine
+            return JSONResponse(error_body(500, str(e), code="generation_failed"), status_code=500)
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+        finally:
+            sub.close()
+        return completion_body(head, results, chat)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_json(request)
-        model_name, adapter = resolve_model(body)
-        prompt = body.get("prompt")
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ApiError(
-                400, f"'prompt' must be a string or a non-empty list of strings, got {prompt!r}", "prompt"
-            )
-        return await run(body, model_name, adapter, [encode(p) for p in prompts], chat=False)
+        return await generate(request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_json(request)
-        model_name, adapter = resolve_model(body)
-        messages = body.get("messages")
-        if (
-            not isinstance(messages, list)
-            or not messages
-            or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages
-            )
-        ):
-            raise ApiError(
-                400, '\'messages\' must be a non-empty list of {"role": str, "content": str}', "messages"
-            )
-        if not has_chat_template(tokenizer):
-            raise ApiError(400, f"the tokenizer of {base_name!r} has no chat template; use /v1/completions")
-        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        ids = list(tokenizer.encode(text, add_special_tokens=False))
-        return await run(body, model_name, adapter, [ids], chat=True)
+        return await generate(request, chat=True)
 
     @app.get("/v1/models")
     async def models():
@@ -282,15 +289,20 @@ def create_app(engine: Engine, base_name: str, max_context: int, admin: bool = F
 
     @app.get("/metrics")
     async def get_metrics():
-        return {**metrics.snapshot(), "adapters": registry.stats()}
+        return {
+            **metrics.snapshot(),
+            "adapters": registry.stats(),
+            "engine": engine.stats(),
+            "limits": {**limits.as_dict(), "max_context": served.max_context},
+        }
 
     if admin:
 
         @app.post("/v1/adapters")
         async def add_adapter(request: Request):
-            body = await read_json(request)
-            name = _field(body, "name", str, "", bool, "an adapter name")
-            path = _field(body, "path", str, "", bool, "an adapter directory")
+            body = decode_json(await read_body(request, limits.max_body_bytes))
+            name = field(body, "name", str, "", bool, "an adapter name")
+            path = field(body, "path", str, "", bool, "an adapter directory")
             try:
                 await run_in_threadpool(registry.register, name, path, True)
             except (ValueError, OSError, RuntimeError) as e:
@@ -308,6 +320,13 @@ def create_app(engine: Engine, base_name: str, max_context: int, admin: bool = F
             return {"id": name, "object": "model", "deleted": True}
 
     return app
+
+
+def _tokenizer_size(tokenizer: Any) -> int | None:
+    try:
+        return len(tokenizer)
+    except TypeError:
+        return getattr(tokenizer, "vocab_size", None)
 
 
 class ServerThread:
@@ -348,10 +367,15 @@ def build_app(
     max_context: int | None = None,
     admin: bool = False,
     served_name: str | None = None,
+    max_prompts: int = DEFAULT_MAX_PROMPTS,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_queue: int = DEFAULT_MAX_QUEUE,
 ) -> FastAPI:
     """Load base ``model`` (a builtin name or a local directory) and its tokenizer, register ``adapters``
     (name -> directory; the first ``max_loaded`` are loaded now, all are checked to be readable), and
-    return the app. ``max_context`` defaults to the model's maximum positions."""
+    return the app. ``max_context`` defaults to the model's maximum positions; the other bounds are
+    ``create_app``'s."""
+    Limits(max_prompts=max_prompts, max_body_bytes=max_body_bytes, max_queue=max_queue)  # fail before loading
     from lorakit.io import read_adapter
     from lorakit.models import build_model
     from lorakit.serving.registry import AdapterRegistry
@@ -376,4 +400,12 @@ def build_app(
         max_batch_size=max_batch_size,
         batch_wait_s=batch_wait_ms / 1000,
     )
-    return create_app(engine, served_name or model, int(limit), admin=admin)
+    return create_app(
+        engine,
+        served_name or model,
+        int(limit),
+        admin=admin,
+        max_prompts=max_prompts,
+        max_body_bytes=max_body_bytes,
+        max_queue=max_queue,
+    )
