@@ -11,6 +11,9 @@ Weights of the random-init builtins are seeded, so the same name gives the same 
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -131,10 +134,49 @@ def build_model(
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model = auto.from_pretrained(source.path, local_files_only=source.local_only, **kwargs)
+        with _quiet_transformers():
+            model, info = auto.from_pretrained(
+                source.path, local_files_only=source.local_only, output_loading_info=True, **kwargs
+            )
     except OSError as e:
         raise ModelError(f"cannot load model {name_or_path!r}: {e}".splitlines()[0]) from e
+    _report_loading(name_or_path, task, info)
     return model.eval()
+
+
+# Top-level names of task heads that from_pretrained creates fresh on a base checkpoint (expected).
+_NEW_HEADS = ("classifier", "score", "lm_head", "qa_outputs")
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' loading progress bar and its coloured LOAD REPORT (which lists an expected new
+    classifier head as MISSING) off for one load; what matters is reported by ``_report_loading``."""
+    from transformers.utils import logging as tf_logging
+
+    level, bars = tf_logging.get_verbosity(), tf_logging.is_progress_bar_enabled()
+    tf_logging.set_verbosity_error()
+    tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tf_logging.set_verbosity(level)
+        if bars:
+            tf_logging.enable_progress_bar()
+
+
+def _report_loading(name: str, task: str, info: dict[str, Any]) -> None:
+    """One warning for checkpoint weights the model did not receive, other than a fresh task head."""
+    missing = [k for k in info.get("missing_keys", ()) if not (task != "base" and k.split(".", 1)[0] in _NEW_HEADS)]
+    mismatched = [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ())]
+    if missing or mismatched:
+        shown = (missing + mismatched)[:6]
+        more = f" (+{len(missing) + len(mismatched) - 6} more)" if len(missing) + len(mismatched) > 6 else ""
+        warnings.warn(
+            f"model {name!r}: {len(missing)} weights missing from the checkpoint and {len(mismatched)} of another "
+            f"shape were initialised fresh: {', '.join(shown)}{more}",
+            stacklevel=3,
+        )
 
 
 def builtin_tokenizer_path(name_or_path: str) -> str | None:
