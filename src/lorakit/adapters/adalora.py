@@ -252,6 +252,7 @@ class AdaLoraController:
         )
         self.schedule: BudgetSchedule | None = None
         self.budget = sum(a.r for a in self.layers.values())
+        self.final_done = False  # the final masking (step >= T - tfinal) has been applied
         if total_step is not None or self.cfg.total_step is not None:
             self.set_total_step(total_step if total_step is not None else self.cfg.total_step)
 
@@ -284,21 +285,27 @@ class AdaLoraController:
         return self.cfg.orth_reg_weight * total / len(self.layers)
 
     def step(self, step: int) -> int:
-        """Update importance and prune to the budget b(step) when due; returns the budget in force."""
+        """Update importance and prune to the budget b(step) when due; returns the budget in force.
+
+        The final masking (to the target budget) is owed from step T - tfinal on until it is done, so a
+        call that never came for that exact step (the trainer skips steps with non-finite gradients, and
+        calls nothing for them) is caught up by the next call, or by the trainer's end of training."""
         if self.schedule is None:
             raise ConfigError(
                 "AdaLoRA: total_step is not set; pass total_step= to AdaLoraController or set "
                 "AdapterConfig.total_step (the trainer sets it from its step count)"
             )
-        if not self.fixed and step <= self.schedule.final_step:
-            if step < self.schedule.final_step:
+        final = step >= self.schedule.final_step
+        if not self.fixed and not self.final_done:
+            if not final:
                 self.allocator.update_importance()
-            if self.schedule.is_masking_step(step):
+            if final or self.schedule.is_masking_step(step):
                 self.budget = self.schedule.budget(step)
                 for name, keep in self.allocator.masks_for_budget(self.budget).items():
                     self.layers[name].apply_mask(keep)
-                if step == self.schedule.final_step:
+                if final:
                     self.allocator.reset()
+                    self.final_done = True
                 return self.budget
         for a in self.layers.values():  # pruned λ stay zero between maskings
             a.apply_mask()
@@ -320,12 +327,16 @@ class AdaLoraController:
     def state_dict(self) -> dict[str, Any]:
         return {
             "budget": self.budget,
+            "final_done": self.final_done,
             "masks": {n: a.rank_mask.clone() for n, a in self.layers.items()},
             "allocator": self.allocator.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.budget = int(state["budget"])
+        # states saved before "final_done" existed: the EMAs are dropped only by the final masking
+        pruned = any(not bool(m.all()) for m in state["masks"].values())
+        self.final_done = bool(state.get("final_done", pruned and not state["allocator"].get("ipt_avg")))
         for name, mask in state["masks"].items():
             if name not in self.layers:
                 raise KeyError(f"AdaLoRA state: layer {name!r} is not in the model")
@@ -366,7 +377,10 @@ class AdaLoraCallback(Callback):
         state.metrics["adalora_budget"] = self.controller.step(state.step)
 
     def on_train_end(self, state: TrainState) -> None:
-        state.metrics["adalora_ranks"] = sum(self.controller.finalize().values())
+        ctl = self.controller
+        if ctl.schedule is not None and state.step >= ctl.schedule.final_step:
+            ctl.step(state.step)  # the final masking, if the step due for it was skipped (no step came after)
+        state.metrics["adalora_ranks"] = sum(ctl.finalize().values())
 
     def state_dict(self) -> dict[str, Any]:
         return self.controller.state_dict()

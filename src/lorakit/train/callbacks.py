@@ -10,6 +10,10 @@ calls every callback at these points of each optimizer step:
     optimizer.step(); scheduler.step()
     cb.on_step_end(state)               gradients still present; before optimizer.zero_grad()
 
+A step the trainer skips (a non-finite loss or gradient norm, ``lorakit.train.nonfinite``) calls neither
+``on_after_backward`` nor ``on_step_end``, but ``state.step`` still advances: a callback keyed on exact steps
+must catch up at the next call it gets (AdaLoRA's final masking does).
+
 Users of their own loop call the same hooks (see ``lorakit.adapters.adalora`` for the one-call form).
 """
 

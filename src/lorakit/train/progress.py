@@ -20,7 +20,7 @@ from lorakit.train.callbacks import Callback
 class Progress:
     epoch: int = 0
     batch_index: int = 0  # global batches of this epoch already consumed
-    skipped: int = 0  # steps skipped for a non-finite loss
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient norm
     nonfinite_run: int = 0  # ... of them in a row, up to now
     tokens: int = 0  # real (non-padding) tokens trained on
     last_loss: float | None = None

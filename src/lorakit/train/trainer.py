@@ -11,9 +11,10 @@ gradients), so the update equals that of one process on the whole global batch, 
 Per step (the callback order of ``lorakit.train.callbacks``):
     loss = task_loss + sum(extra_loss); backward per micro-batch -> on_after_backward -> clip grad norm
     -> optimizer.step(); scheduler.step() -> on_step_end -> zero_grad.
-A step whose loss is not finite (on any rank) is skipped: no update, counted; ``max_nonfinite`` such
-steps in a row stop the run with ``NonFiniteLossError`` and leave the last checkpoint as it was. A skipped
-step still advances the data position and the schedule.
+A step whose loss or gradient norm is not finite (on any rank) is skipped: no update (optimizer state
+untouched, callbacks' step hooks not called), counted; ``max_nonfinite`` such steps in a row stop the run
+with ``NonFiniteLossError`` and leave the last checkpoint as it was. A skipped step still advances the data
+position, the step counter and the lr schedule (``lorakit.train.nonfinite``: fp16 loss-scale overflows).
 
 Checkpoints (``lorakit.train.checkpoint``) hold the adapter, optimizer, scheduler, grad scaler, RNG
 states, data position (epoch, batch index), counters and callback states, so ``resume=True`` continues
@@ -44,12 +45,13 @@ from lorakit.train.collate import BatchPlan, Collator
 from lorakit.train.config import RunConfig, load_run_config
 from lorakit.train.evaluate import evaluate, forward_loss, n_targets
 from lorakit.train.metrics import MetricsLog, format_summary, peak_memory, plot_curves
+from lorakit.train.nonfinite import Skip, grad_skip, grads_not_finite
 from lorakit.train.progress import Progress, restore_run, run_state
 from lorakit.train.schedule import make_scheduler, warmup_steps
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss."""
+    """Too many consecutive steps had a non-finite loss or gradient norm."""
 
 
 @dataclass
@@ -147,7 +149,7 @@ class _Run:
         self.sched = make_scheduler(
             self.opt, self.total, warmup_steps(self.total, t.warmup_ratio, t.warmup_steps), t.schedule
         )
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision.scaler else None
+        self.scaler = torch.amp.GradScaler(d.device.type) if self.precision.scaler else None
         from lorakit.adapters.base import method_callbacks
 
         self.callbacks = method_callbacks(self.model) + user_cbs
@@ -175,8 +177,12 @@ class _Run:
         dd.barrier(self.d)
 
     # --- one optimizer step ------------------------------------------------------------------------
-    def _step(self, micro: list[dict[str, torch.Tensor]], n_tgt: int) -> tuple[float, float | None]:
-        """Forward/backward over this rank's micro-batches and an update; (global mean loss, grad norm)."""
+    def _step(
+        self, micro: list[dict[str, torch.Tensor]], n_tgt: int
+    ) -> tuple[float, float | None, Skip | None]:
+        """Forward/backward over this rank's micro-batches and an update.
+
+        Returns (global mean loss, grad norm, None), or (loss, None, why) when the step is skipped."""
         d, autocast = self.d, self.precision.autocast(self.d.device)
         local, extra_val = 0.0, 0.0
         for i, batch in enumerate(micro):
@@ -196,11 +202,15 @@ class _Run:
                         loss = loss + extra
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             local += float(loss_sum.detach())
-        total, extra_sum = dd.all_sum([local, extra_val], d)
+        # the gradient check rides on the loss all-reduce: a non-finite norm on any rank skips on all
+        bad_local = grads_not_finite(self.params)
+        total, extra_sum, bad = dd.all_sum([local, extra_val, float(bad_local)], d)
         mean = total / n_tgt + extra_sum / d.world_size
-        if not math.isfinite(mean):
+        if not math.isfinite(mean) or bad:
+            finite = math.isfinite(mean)
+            skip = grad_skip(mean, self.opt, self.scaler) if finite else Skip(f"loss is {mean}")
             self.opt.zero_grad(set_to_none=True)
-            return mean, None
+            return mean, None, skip
         self.state.loss = mean
         for cb in self.callbacks:
             cb.on_after_backward(self.state)
@@ -218,7 +228,26 @@ class _Run:
         for cb in self.callbacks:
             cb.on_step_end(self.state)
         self.opt.zero_grad(set_to_none=True)
-        return mean, float(norm)
+        return mean, float(norm), None
+
+    def _skipped(self, skip: Skip) -> None:
+        """Book a skipped step: it advances the step counter and the lr schedule, nothing else."""
+        pg, out = self.progress, self.cfg.output.dir
+        pg.skipped += 1
+        pg.nonfinite_run += skip.counts
+        self.state.step += 1
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()"
+            warnings.simplefilter("ignore")
+            self.sched.step()
+        if self.d.is_main:
+            print(f"warning: step {self.state.step}: {skip.why}; step skipped", file=sys.stderr)
+        if pg.nonfinite_run >= self.cfg.training.max_nonfinite:
+            last = ckpt.latest_checkpoint(os.path.join(out, "checkpoints"))
+            raise NonFiniteLossError(
+                f"the loss or gradient norm was not finite for {pg.nonfinite_run} steps in a row (up to "
+                f"step {self.state.step}); training stopped. Last good checkpoint: {last or 'none'}. "
+                "Lower training.lr or check the data."
+            )
 
     def _evaluate(self) -> dict[str, float] | None:
         if self.val_ds is None:
@@ -287,28 +316,12 @@ class _Run:
                     break
                 t0, lr = time.perf_counter(), self.sched.get_last_lr()[0]  # the lr this step uses
                 n_tgt = sum(self.targets[i] for row in gb for i in row)
-                loss, norm = self._step([next(it) for _ in range(A)], max(n_tgt, 1))
+                loss, norm, skip = self._step([next(it) for _ in range(A)], max(n_tgt, 1))
                 pg.batch_index += 1
                 real = self.plan.real_tokens(gb)
                 pg.tokens += real
-                if norm is None:
-                    pg.skipped += 1
-                    pg.nonfinite_run += 1
-                    self.state.step += 1
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        self.sched.step()
-                    if main:
-                        print(
-                            f"warning: step {self.state.step}: loss is {loss}; step skipped", file=sys.stderr
-                        )
-                    if pg.nonfinite_run >= t.max_nonfinite:
-                        last = ckpt.latest_checkpoint(os.path.join(out, "checkpoints"))
-                        raise NonFiniteLossError(
-                            f"the loss was not finite for {pg.nonfinite_run} steps in a row (up to step "
-                            f"{self.state.step}); training stopped. Last good checkpoint: {last or 'none'}. "
-                            "Lower training.lr or check the data."
-                        )
+                if skip is not None:
+                    self._skipped(skip)
                 else:
                     pg.nonfinite_run = 0
                     pg.last_loss = loss
