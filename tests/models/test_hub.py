@@ -16,7 +16,11 @@ from lorakit.train.tokenizer import TokenizerError, load_tokenizer
 
 @pytest.fixture
 def unreachable_hub(monkeypatch):
-    """HF_ENDPOINT on a closed local port: any connection is refused at once."""
+    """HF_ENDPOINT on a closed local port: any connection is refused at once. (transformers is imported
+    first so the timings below measure name resolution, not a cold import.)"""
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
