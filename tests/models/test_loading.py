@@ -2,7 +2,10 @@
 
 import warnings
 
+import pytest
+
 import lorakit as lk
+from lorakit.models.builtin import ModelError
 
 
 def test_a_fresh_classifier_head_is_expected_not_reported(capfd):
@@ -14,7 +17,26 @@ def test_a_fresh_classifier_head_is_expected_not_reported(capfd):
     assert model.classifier.out_features == 3
 
 
-def test_weights_really_missing_are_one_warning(recwarn):
-    lk.build_model("minilm", task="causal-lm")  # MiniLM's checkpoint has no LM-head transform
+def test_weights_really_missing_are_one_warning(tmp_path, recwarn):
+    from safetensors.torch import load_file, save_file
+
+    lk.build_model("tiny-llama").save_pretrained(str(tmp_path))
+    weights = tmp_path / "model.safetensors"
+    state = load_file(str(weights))
+    del state["model.norm.weight"]
+    save_file(state, str(weights), metadata={"format": "pt"})
+    lk.build_model(str(tmp_path))
     msgs = [str(w.message) for w in recwarn.list if "missing from the checkpoint" in str(w.message)]
-    assert len(msgs) == 1 and "cls.predictions" in msgs[0]
+    assert len(msgs) == 1 and "model.norm.weight" in msgs[0]
+
+
+def test_an_encoder_is_refused_as_a_causal_lm():
+    """`lorakit generate --model minilm` printed "stuff stuff stuff" (issue 20 item 5)."""
+    with pytest.raises(ModelError, match="encoder.*not a causal language model"):
+        lk.build_model("minilm", task="causal-lm")
+    with pytest.raises(ModelError, match="not a causal language model"):
+        lk.build_model("tiny-bert", task="causal-lm")
+    lk.build_model("tiny-gpt2", task="causal-lm")  # decoders pass
+    from lorakit.cli.main import main
+
+    assert main(["generate", "--model", "minilm", "--prompt", "hello"]) == 2

@@ -121,6 +121,8 @@ def build_model(
         "base": tf.AutoModel,
     }[task]
     torch.manual_seed(seed)
+    if task == "causal-lm":
+        require_causal_lm(name_or_path)
     if name_or_path in BUILTIN_SPECS:
         cfg = builtin_config(name_or_path, task, num_labels)
         model = auto.from_config(cfg)
@@ -142,6 +144,32 @@ def build_model(
         raise ModelError(f"cannot load model {name_or_path!r}: {e}".splitlines()[0]) from e
     _report_loading(name_or_path, task, info)
     return model.eval()
+
+
+# Encoder-only families: transformers can bolt an LM head on them, but they do not generate text.
+_ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "mpnet")
+
+
+def require_causal_lm(name_or_path: str) -> None:
+    """Raise ``ModelError`` unless the model is a causal (decoder) language model: text generation and
+    serving on an encoder such as MiniLM would print "stuff stuff stuff" rather than fail."""
+    if name_or_path in BUILTIN_SPECS:
+        family, archs = BUILTIN_SPECS[name_or_path]["family"], []
+    else:
+        source = model_source(name_or_path)
+        if not source.local_only:
+            return  # a hub id to download: transformers decides
+        tf = _transformers()
+        with _quiet_transformers():
+            cfg = tf.AutoConfig.from_pretrained(source.path, local_files_only=True)
+        family, archs = cfg.model_type, list(getattr(cfg, "architectures", None) or [])
+    causal_arch = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    if family in _ENCODERS and not causal_arch:
+        kind = f"{archs[0]} ({family})" if archs else family
+        raise ModelError(
+            f"model {name_or_path!r} is an encoder, {kind}, not a causal language model; text generation and "
+            f"serving need one (e.g. tiny-llama, llama-15m or a local Llama/GPT-2/Qwen directory)"
+        )
 
 
 # Top-level names of task heads that from_pretrained creates fresh on a base checkpoint (expected).
