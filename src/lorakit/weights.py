@@ -9,8 +9,9 @@ of ``dense_weight`` is:
 - ``conv``: (out_channels, in_channels // groups, *kernel_size).
 
 A quantized linear is any module that provides ``in_features``, ``out_features``, ``bias``,
-``dense_weight(dtype)`` and ``set_dense_weight(weight)`` itself (lorakit's NF4 linear does); other
-storages register a factory with :func:`register_access`.
+``dense_weight(dtype)`` and ``set_dense_weight(weight)`` itself (lorakit's NF4 linear does), and
+optionally ``matmul(x)`` (x @ W^T saving only its packed storage for backward); other storages register
+a factory with :func:`register_access`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,60 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+# Weights cast at a time by ``WeightAccess.matmul`` (~4M, as lorakit.quant's dequantization chunks).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_chunks(n_out: int, n_in: int):
+    rows = max(1, _CHUNK_ELEMENTS // max(1, n_in))
+    for r0 in range(0, n_out, rows):
+        yield r0, min(n_out, r0 + rows)
+
+
+class _CastMatmul(torch.autograd.Function):
+    """y = x @ W^T with W (out, in) stored in another dtype (a bf16 base under an fp32 adapter), cast
+    to x's dtype chunk by chunk of rows (under autocast the matmul casts again, transiently). Autograd
+    saves W as stored (the base's own tensor), never a cast copy; backward casts again for dx = dy @ W."""
+
+    @staticmethod
+    def forward(ctx, x, w):  # x: (N, in)
+        ctx.save_for_backward(w)
+        if w.numel() <= _CHUNK_ELEMENTS:
+            return x @ w.to(x.dtype).t()
+        out = x.new_empty(x.shape[0], w.shape[0])
+        for r0, r1 in _row_chunks(*w.shape):
+            out[:, r0:r1] = x @ w[r0:r1].to(x.dtype).t()
+        return out  # (N, out)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # (N, out)
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        (w,) = ctx.saved_tensors
+        grad_x = None
+        for r0, r1 in _row_chunks(*w.shape):
+            part, wc = grad_out[:, r0:r1], w[r0:r1].to(grad_out.dtype)
+            grad_x = part @ wc if grad_x is None else grad_x.addmm_(part, wc)
+        return grad_x, None
+
+
+class _DequantMatmul(torch.autograd.Function):
+    """y = x @ W^T for a quantized base without its own ``matmul``: W is dequantized through the access
+    in forward and again in backward, so no dense copy is saved."""
+
+    @staticmethod
+    def forward(ctx, x, access):  # x: (N, in)
+        ctx.access = access
+        return x @ access.dense_weight(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad_out @ ctx.access.dense_weight(grad_out.dtype), None
 
 
 @dataclass
@@ -67,6 +121,28 @@ class WeightAccess:
         if self.fan_in_fan_out:
             w = w.t()
         return w if dtype is None else w.to(dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T without the bias, in x's dtype: the base's product on another input (DoRA's dropped
+        input), with the weight used at x's precision. x: (..., in) -> (..., out).
+
+        Autograd keeps no dense copy of W for backward (issue 14): a quantized base saves only its packed
+        storage (its own ``matmul``, else re-dequantized in backward); a frozen dense base in another
+        dtype, or under autocast, saves its own weight and casts it again in backward; a base in x's
+        dtype without autocast goes through ``F.linear``, which saves W itself.
+        """
+        lead = x.shape[:-1]
+        if self.quantized:
+            own = getattr(self.module, "matmul", None)
+            if callable(own):
+                return own(x)
+            y = _DequantMatmul.apply(x.reshape(-1, self.in_features), self)
+            return y.reshape(*lead, self.out_features)
+        w = self.dense_weight()  # canonical view of the stored weight: no copy
+        autocast = torch.is_autocast_enabled(x.device.type)  # F.linear would save autocast's cast copy
+        if w.requires_grad or (w.dtype == x.dtype and not autocast):  # saves W itself, or trains it
+            return F.linear(x, w.to(x.dtype))
+        return _CastMatmul.apply(x.reshape(-1, self.in_features), w).reshape(*lead, self.out_features)
 
     @torch.no_grad()
     def set_dense_weight(self, weight: torch.Tensor) -> None:

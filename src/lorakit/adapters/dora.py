@@ -214,8 +214,8 @@ class DoraLinear(LoraLinear):
             # PEFT: the base term is recomputed from the dropped input, without the bias.
             xd = self.dropout(x)  # (..., k)
             lora = F.linear(F.linear(xd, a), b_scaled)  # scale * s * B A x_d: (..., d)
-            w = access.dense_weight(a.dtype)  # (d, k); a view, not a copy, for a dense base in the adapter dtype
-            y = torch.addcmul(base_out + lora, F.linear(xd, w), scale - 1)
+            # x_d W0^T through the access: autograd saves no dense fp32 copy of an NF4 or bf16 W0
+            y = torch.addcmul(base_out + lora, access.matmul(xd), scale - 1)
         else:
             # y = scale * base_out + (1 - scale) * b + scale * s * B A x; the bias term rides in the matmul.
             bias = access.bias

@@ -225,7 +225,9 @@ def layer_activation_bytes(arch: Arch, setup: Setup, adapted: Sequence[tuple[Mat
         if setup.lora_dropout > 0:
             extra += m.d_in * (p + 1)  # each adapter's own dropped input + its mask
         if setup.method == "dora":
-            extra += 2 * m.d_out * p  # base and adapter outputs, kept for the magnitude's gradient
+            # the product m's gradient reads: base(x), or x_d W0^T under dropout (W0 itself is never saved:
+            # lorakit re-materialises it in backward); measured in tests/adapters/test_dora_saved.py
+            extra += m.d_out * p
     needs_input = [full or (g_ad and setup.lora_dropout == 0) for g_ad in group_adapted]
     # norms: HF's LlamaRMSNorm upcasts its input to fp32 (saved) and keeps the normalised x for the weight
     # gradient; fused LayerNorm keeps only its input

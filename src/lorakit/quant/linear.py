@@ -287,14 +287,21 @@ class NF4Linear(nn.Module):
 
     # ---- compute --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(x.to(self.compute_dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T without the bias, with W dequantized to x's dtype chunk by chunk; autograd saves only
+        the packed buffers (used by adapters that need the base's product on another input, e.g.
+        DoRA's dropped input). x: (..., in) -> (..., out)."""
         if x.shape[-1] != self.in_features:
             raise QuantError(f"input last dim {x.shape[-1]} != in_features {self.in_features}")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        x2 = x.reshape(-1, self.in_features)
         y = _QuantMatmul.apply(x2, self.spec, self.qweight, self.absmax, self.absmax2, self.absmax_offset)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        return y.reshape(*lead, self.out_features)
 
     # Keep the fp32 scale buffers fp32 under model.to(dtype)/.half(): only device moves apply.
     def _apply(self, fn, recurse: bool = True):
