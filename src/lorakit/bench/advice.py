@@ -63,7 +63,7 @@ def recommendations(p: Plan, table: dict[str, Gpu], complexity: str) -> list[str
     vs_full = (
         f"; full fine-tuning needs {full.gpus} x {gpu.name} and costs {_money(full.training_cost)}"
         if full.fits
-        else f"; full fine-tuning does not fit even {64} x {gpu.name}"
+        else f"; full fine-tuning does not fit one {gpu.name} (DDP keeps a whole copy on every GPU)"
     )
     out.append(
         f"Cheapest method that fits: {cheapest.method} at {_money(cheapest.training_cost)} "
@@ -174,8 +174,9 @@ def assumptions(p: Plan, mfu: float | None) -> list[str]:
         + ".",
         f"Micro-batch {s.micro_batch} x {s.seq_len} tokens per GPU, {s.precision}, gradient checkpointing "
         f"{'on' if s.grad_checkpointing else 'off'}, {s.attention} attention, {s.optimizer}.",
-        "Multi-GPU: weights, gradients and optimizer states sharded over the GPUs (ZeRO-3/FSDP); "
-        "communication time not modelled.",
+        "Multi-GPU: DDP, as lorakit train runs under torchrun: every GPU holds the whole model, its gradients "
+        "and optimizer states, plus DDP's gradient buckets (a copy of the trainable gradients); more GPUs cut "
+        "time, not memory per GPU (no FSDP sharding yet); communication time not modelled.",
         "Data: every row padded or packed to seq_len when dataset_rows is given.",
         "Serving: bf16 weights + 20% KV-cache headroom per replica, always on "
         "(serving_hours_per_month, default 730); merged adapter = its own base copy.",

@@ -5,10 +5,10 @@ Memory (bytes, per GPU)
   in NF4: 4 bits + one fp32 absmax per 64 weights = 4.5 bits, or with double quantization (absmax in
   8 bits per 64, fp32 constants per 256 blocks) 4 + 8/64 + 32/(64*256) = 4.127 bits (Dettmers et al.
   2023, arXiv:2305.14314, section 3); embeddings, norms and the output head stay 16-bit.
-- Trainable parameters only carry gradients and AdamW states (m, v: 8 bytes; 2 bytes for 8-bit Adam,
-  Dettmers et al. 2022). Full fine-tuning in mixed precision keeps bf16 weights + bf16 grads + an fp32
-  master copy + fp32 m and v = 2 + 2 + 4 + 4 + 4 = 16 bytes/param (Rajbhandari et al. 2020, ZeRO,
-  arXiv:1910.02054, section 3.1). Adapters are kept in fp32 under autocast (PEFT's default): 4 + 4 + 8.
+- Trainable parameters only carry gradients and AdamW states (m, v: 8 bytes; AdamW is the trainer's
+  only optimizer, so 8-bit Adam is not planned). Full fine-tuning in mixed precision keeps bf16 weights
+  + bf16 grads + an fp32 master copy + fp32 m and v = 2 + 2 + 4 + 4 + 4 = 16 bytes/param (Rajbhandari
+  et al. 2020, ZeRO, arXiv:1910.02054, section 3.1). Adapters are kept in fp32 under autocast (PEFT's default): 4 + 4 + 8.
 - Activations: a per-token tally of the tensors autograd saves, following Korthikanti et al. 2022
   ("Reducing Activation Recomputation in Large Transformer Models", arXiv:2205.05198, section 4.1):
   for a GPT layer with 16-bit activations, dropout and standard attention it gives sbh(34 + 5as/h)
@@ -17,7 +17,12 @@ Memory (bytes, per GPU)
   input unless an adapter reads it). With gradient checkpointing each layer keeps only its input
   (2sbh in 16-bit, the paper's "full recomputation"), plus one layer's activations during recompute.
 - Plus logits and loss, the backward's transient gradient buffers, and the framework overhead of the
-  GPU table. With K GPUs, weights/grads/optimizer states are sharded K ways (ZeRO-3/FSDP).
+  GPU table.
+- K GPUs run DDP, as ``lorakit train`` does under torchrun: every GPU holds the whole model, its
+  gradients and optimizer states, plus DDP's gradient buckets, a flat copy of the trainable gradients
+  (``gradient_as_bucket_view`` off, PyTorch's default; its docs: setting it "saves" memory "equal to the
+  total gradients size"). More GPUs cut time, never memory per GPU. ``Memory.sharded`` keeps the ZeRO-3 /
+  FSDP split (Rajbhandari et al. 2020) for when the trainer shards; it is not offered until then.
 
 Compute (per token)
 - Forward = 2 N_mm + attention (4 L s d_attn for QK^T and AV; half of it for causal kernels that skip
@@ -40,7 +45,12 @@ from lorakit.bench.gpus import Gpu
 GIB = 2**30
 METHODS = ("full", "lora", "qlora", "dora")
 PRECISIONS = ("bf16-mixed", "fp32")
-OPTIMIZERS = {"adamw": 8, "adamw-8bit": 2}
+OPTIMIZERS = {"adamw": 8}  # optimizer -> state bytes per trainable param: exactly what lorakit train runs
+DISTRIBUTED = ("ddp",)  # multi-GPU strategies lorakit train runs ("fsdp", Memory.sharded, when it shards)
+FSDP_REFUSED = (
+    "distributed='fsdp' is not supported yet: lorakit train runs DDP only (every GPU holds the whole model, "
+    "its gradients and optimizer states); plan with distributed='ddp', or fit one GPU with method='qlora'"
+)
 NF4_BITS = {True: 4 + 8 / 64 + 32 / (64 * 256), False: 4 + 32 / 64}
 DEFAULT_MFU = 0.35  # assumption: model FLOPs utilisation of a well-configured single-node fine-tune
 # assumption: throughput relative to LoRA at the same FLOPs. QLoRA dequantizes every base weight per
@@ -61,16 +71,20 @@ class Setup:
     grad_checkpointing: bool = True
     attention: str = "sdpa"  # "sdpa" (memory-efficient/Flash: no s x s matrix) or "eager"
     optimizer: str = "adamw"
+    distributed: str = "ddp"  # how K > 1 GPUs train; see DISTRIBUTED
     adapter_dtype: str | None = None  # "fp32" | "bf16"; default fp32, bf16 for qlora (QLoRA's scripts)
     lora_dropout: float = 0.0
     double_quant: bool = True
 
     def __post_init__(self) -> None:
+        if self.distributed == "fsdp":
+            raise PlanError(FSDP_REFUSED)
         checks = [
             ("method", self.method, METHODS),
             ("precision", self.precision, PRECISIONS),
             ("attention", self.attention, ("sdpa", "eager")),
             ("optimizer", self.optimizer, tuple(OPTIMIZERS)),
+            ("distributed", self.distributed, DISTRIBUTED),
             ("adapter_dtype", self.adapter_dtype, (None, "fp32", "bf16")),
         ]
         for name, value, allowed in checks:
@@ -140,6 +154,7 @@ class Memory:
     transient: float
     overhead: float
     gpus: int = 1
+    comm_buffers: float = 0.0  # DDP's gradient buckets (K > 1 GPUs)
 
     @property
     def total(self) -> float:
@@ -151,11 +166,24 @@ class Memory:
             + self.activations
             + self.transient
             + self.overhead
+            + self.comm_buffers
         )
+
+    def replicated(self, gpus: int) -> Memory:
+        """Per-GPU memory under DDP on ``gpus`` GPUs: everything of one GPU, plus the gradient buckets
+        (a flat copy of the trainable gradients) once there is more than one process."""
+        if gpus <= 0:
+            raise PlanError(f"gpus={gpus!r} must be a positive integer")
+        if self.gpus != 1:
+            raise PlanError("replicated() starts from the single-GPU memory")
+        if gpus == 1:
+            return self
+        return dataclasses.replace(self, gpus=gpus, comm_buffers=self.gradients)
 
     def sharded(self, gpus: int, gather_bytes: float) -> Memory:
         """Per-GPU memory when weights, gradients and optimizer states are split ``gpus`` ways (ZeRO-3 /
-        FSDP, Rajbhandari et al. 2020), plus ``gather_bytes`` of gathered weights in flight."""
+        FSDP, Rajbhandari et al. 2020), plus ``gather_bytes`` of gathered weights in flight. Kept for
+        FSDP training; the planner does not offer it while ``lorakit train`` cannot shard."""
         if gpus <= 0:
             raise PlanError(f"gpus={gpus!r} must be a positive integer")
         if self.gpus != 1:
@@ -183,6 +211,7 @@ class Memory:
             "activations",
             "transient",
             "overhead",
+            "comm_buffers",
         )
         out = {n: getattr(self, n) / GIB for n in names}
         out["total"] = self.total / GIB
@@ -305,9 +334,15 @@ def memory(arch: Arch, setup: Setup, gpu: Gpu | None = None, gpus: int = 1) -> M
     step_temp = 4.0 * n  # the optimizer step's fp32 temporaries (foreach AdamW), when activations are gone
     transient = max(transient, step_temp - acts)
     overhead = gpu.overhead_gb * GIB if gpu else 0.0
-    return Memory(weights, master, grads, opt, acts, transient, overhead).sharded(
-        gpus, gather_bytes(arch, setup)
-    )
+    return per_gpu(Memory(weights, master, grads, opt, acts, transient, overhead), setup, gpus)
+
+
+def per_gpu(mem1: Memory, setup: Setup, gpus: int) -> Memory:
+    """Memory per GPU on ``gpus`` GPUs under ``setup.distributed``, from the single-GPU memory ``mem1``.
+    The one place a strategy turns into memory (FSDP: ``mem1.sharded(gpus, gather_bytes(...))``)."""
+    if setup.distributed == "ddp":
+        return mem1.replicated(gpus)
+    raise PlanError(f"distributed={setup.distributed!r} is not supported; expected one of {list(DISTRIBUTED)}")
 
 
 def gather_bytes(arch: Arch, setup: Setup) -> float:
@@ -315,14 +350,16 @@ def gather_bytes(arch: Arch, setup: Setup) -> float:
     return 2.0 * sum(m.d_in * m.d_out for m in matrices(arch) if m.layer == 0) * setup.act_bytes
 
 
-def gpus_needed(mem1: Memory, gpu: Gpu, gather: float, max_gpus: int = 64) -> int | None:
-    """The fewest GPUs (<= ``max_gpus``) on which the sharded per-GPU memory (with this GPU's framework
-    overhead) fits, or None."""
+def gpus_needed(mem1: Memory, gpu: Gpu, setup: Setup, max_gpus: int = 64) -> int | None:
+    """The fewest GPUs (<= ``max_gpus``) on which the per-GPU memory under ``setup.distributed`` (with
+    this GPU's framework overhead) fits, or None. Under DDP that is 1 or None: more GPUs add no memory."""
     cap = gpu.memory_gb * GIB
     mem1 = dataclasses.replace(mem1, overhead=gpu.overhead_gb * GIB)
     for k in range(1, max_gpus + 1):
-        if mem1.sharded(k, gather).total <= cap:
+        if per_gpu(mem1, setup, k).total <= cap:
             return k
+        if k == 1 and setup.distributed == "ddp":  # per-GPU memory only grows with k
+            return None
     return None
 
 

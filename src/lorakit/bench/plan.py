@@ -3,8 +3,10 @@
 It turns a model (builtin, HF config directory, or a size like "7B"), a data size and a method into
 memory per GPU, the GPUs that fit, training time and cost, serving cost, ROI and payback, and
 recommendations tied to those numbers. Every method (full, LoRA, QLoRA, DoRA) is planned side by side
-so the recommendation can name the cheapest one that fits. The formulas and their sources are in
-:mod:`lorakit.bench.cost`; every default that is a guess is listed in ``Plan.assumptions``.
+so the recommendation can name the cheapest one that fits. It plans only what ``lorakit train`` runs:
+AdamW, and DDP over several GPUs (every GPU holds the whole model, so more GPUs cut time, not memory per
+GPU). The formulas and their sources are in :mod:`lorakit.bench.cost`; every default that is a guess is
+listed in ``Plan.assumptions``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from lorakit.bench.cost import (
     Setup,
     flops_per_step_extra,
     flops_per_token,
-    gather_bytes,
     gpus_needed,
     memory,
     train_hours,
@@ -33,6 +34,7 @@ from lorakit.bench.gpus import Gpu, get_gpu, load_gpus
 from lorakit.bench.roi import Roi, serving_cost_per_month
 
 MAX_GPUS = 64  # assumption: the largest job considered (8 nodes x 8 GPUs)
+_DDP_NOTE = "under DDP every GPU holds the whole model (lorakit train cannot shard it yet)"
 
 
 @dataclass
@@ -144,6 +146,7 @@ def plan(
     grad_checkpointing: bool = True,
     attention: str = "sdpa",
     optimizer: str = "adamw",
+    distributed: str = "ddp",
     adapters_per_base: int = 1,
     serving_hours_per_month: float = 730.0,
     task: str | None = None,
@@ -152,8 +155,10 @@ def plan(
 ) -> Plan:
     """Plan a fine-tune. Data size: ``tokens`` per epoch, or ``dataset_rows`` x ``seq_len`` (each row
     padded or packed to ``seq_len``). Defaults follow the source note's recipe (r 8, q/v targets, batch 4,
-    3 epochs, mixed precision, gradient checkpointing). Raises :class:`PlanError` on bad input, an unknown
-    GPU (listing the known ones) or a method that fits on no GPU of the table."""
+    3 epochs, mixed precision, gradient checkpointing). ``distributed`` is how ``gpus`` > 1 train: "ddp"
+    (what ``lorakit train`` runs under torchrun); "fsdp" is refused until the trainer shards. Raises
+    :class:`PlanError` on bad input, an unknown GPU (listing the known ones) or a method that fits on no
+    GPU of the table."""
     table = gpu_table if isinstance(gpu_table, dict) else load_gpus(gpu_table)
     chosen = get_gpu(gpu, table)
     if price_per_hour is not None:
@@ -198,6 +203,7 @@ def plan(
         grad_checkpointing=grad_checkpointing,
         attention=attention,
         optimizer=optimizer,
+        distributed=distributed,
     )
     total_tokens = per_epoch * float(epochs)
     methods = {}
@@ -221,9 +227,9 @@ def plan(
     if not any(sel.fits_on.values()):
         need = sel.single_gpu_memory.activations + sel.single_gpu_memory.transient
         raise PlanError(
-            f"method={method!r} on {arch.name} fits on no GPU in the table, even sharded over {MAX_GPUS}: one GPU "
-            f"needs {sel.single_gpu_memory.total / GIB:,.1f} GiB unsharded and {need / GIB:,.1f} GiB of activations "
-            f"alone (seq_len {seq_len} x micro_batch {micro_batch}); try qlora, gradient checkpointing or a "
+            f"method={method!r} on {arch.name} fits on no GPU in the table ({_DDP_NOTE}): one GPU "
+            f"needs {sel.single_gpu_memory.total / GIB:,.1f} GiB, {need / GIB:,.1f} GiB of it activations "
+            f"(seq_len {seq_len} x micro_batch {micro_batch}); try qlora, gradient checkpointing or a "
             "smaller micro-batch/sequence"
         )
     if sel.gpus is None:
@@ -232,7 +238,7 @@ def plan(
         where = ", ".join(f"{k} x{v}" for k, v in sel.fits_on.items() if v)
         raise PlanError(
             f"method={method!r} on {arch.name} does not fit {gpus or 1} x {chosen.name} "
-            f"({per_gpu:,.1f} GiB per GPU of {chosen.memory_gb} GiB)"
+            f"({per_gpu:,.1f} GiB per GPU of {chosen.memory_gb} GiB; {_DDP_NOTE})"
             + (f"; it needs {first} of them" if first else "")
             + f"; it fits on: {where}"
         )
@@ -274,10 +280,9 @@ def _method_plan(
     from lorakit.bench.cost import trainable_params
 
     mem1 = memory(arch, setup, None, 1)
-    gather = gather_bytes(arch, setup)
-    fits_on = {name: gpus_needed(mem1, g, gather, MAX_GPUS) for name, g in table.items()}
+    fits_on = {name: gpus_needed(mem1, g, setup, MAX_GPUS) for name, g in table.items()}
     if gpu.name not in fits_on:
-        fits_on[gpu.name] = gpus_needed(mem1, gpu, gather, MAX_GPUS)
+        fits_on[gpu.name] = gpus_needed(mem1, gpu, setup, MAX_GPUS)
     cap = gpu.memory_gb * GIB
     if gpus is None:
         k = fits_on[gpu.name]

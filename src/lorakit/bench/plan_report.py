@@ -151,6 +151,8 @@ def markdown(p: Plan, chart_name: str | None = "plan_chart.png") -> str:
         "add grads + AdamW m, v; mixed-precision full FT = 2+2+4+4+4 = 16 B/param (ZeRO).",
         "- Activations: per-token tally of saved tensors after Korthikanti et al. 2022, sbh(34 + 5as/h) for a "
         "16-bit GPT layer; checkpointing keeps 2sbh per layer plus one recomputed layer.",
+        "- Multi-GPU (DDP): memory per GPU = one GPU's + DDP's gradient buckets (a copy of the trainable "
+        "gradients); time divided by the GPUs.",
         "- FLOPs/token: full 6N_mm + 3 attention; LoRA 4N_mm + 3 attention + 6 N_adapter; +1 forward when "
         "checkpointing. Time = FLOPs / (GPUs x peak x MFU); cost = hours x GPUs x price.",
         "- ROI = (benefit - cost) / cost over the horizon, cost = training + serving; payback = training cost / "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lorakit.bench.cost import OPTIMIZERS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -42,7 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "fp32"])
     parser.add_argument("--no-grad-checkpointing", action="store_true", help="keep all activations")
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
-    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw-8bit"])
+    parser.add_argument(
+        "--optimizer", default="adamw", choices=list(OPTIMIZERS), help="what lorakit train runs (AdamW)"
+    )
+    parser.add_argument(
+        "--distributed",
+        default="ddp",
+        choices=["ddp", "fsdp"],
+        help="how --gpus > 1 train: ddp (what lorakit train runs: every GPU holds the whole model, so "
+        "memory per GPU does not shrink); fsdp is refused until sharded training exists",
+    )
     parser.add_argument(
         "--adapters-per-base",
         type=int,
@@ -98,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         grad_checkpointing=not args.no_grad_checkpointing,
         attention=args.attention,
         optimizer=args.optimizer,
+        distributed=args.distributed,
         adapters_per_base=args.adapters_per_base,
         task_complexity=args.task_complexity,
         gpu_table=args.gpu_table,
