@@ -55,7 +55,8 @@ def _layer(kind: str = "fp32", dropout: float = 0.0) -> tuple[nn.Sequential, Dor
         "nf4": lambda: NF4Linear.from_linear(lin, compute_dtype=torch.float32),
     }[kind]()
     holder = lk.inject(
-        nn.Sequential(base), lk.AdapterConfig(method="dora", r=4, alpha=8, dropout=dropout, target_modules=["0"])
+        nn.Sequential(base),
+        lk.AdapterConfig(method="dora", r=4, alpha=8, dropout=dropout, target_modules=["0"]),
     )
     ad = holder[0].adapters["default"]
     with torch.no_grad():
@@ -89,7 +90,8 @@ def test_eval_norm_is_computed_once_and_matches_the_equation(kind, norm_calls):
     x = _x(kind)
     w = holder[0].access.dense_weight(torch.float32)
     v = w + ad.scaling * ad.lora_B.weight @ ad.lora_A.weight
-    want = (ad.lora_magnitude_vector / torch.linalg.vector_norm(v, dim=1)) * (x.float() @ v.T) + holder[0].base.bias
+    scale = ad.lora_magnitude_vector / torch.linalg.vector_norm(v, dim=1)
+    want = scale * (x.float() @ v.T) + holder[0].base.bias
     for i in range(4):
         with torch.no_grad():
             y = holder(x)
@@ -103,6 +105,7 @@ def test_eval_norm_is_computed_once_and_matches_the_equation(kind, norm_calls):
 def test_every_kind_of_change_recomputes_the_norm(norm_calls):
     holder, ad = _layer("fp32")
     norm_calls.reset()  # init_magnitude computed one
+    base = holder[0].base
     x = _x()
     _check(holder, ad, x, norm_calls, 1)
     n = 1
@@ -110,9 +113,9 @@ def test_every_kind_of_change_recomputes_the_norm(norm_calls):
         "A in place": lambda: ad.lora_A.weight.add_(0.05),
         "B in place": lambda: ad.lora_B.weight.mul_(1.5),
         "m in place": lambda: ad.lora_magnitude_vector.add_(0.1),
-        "base weight in place": lambda: holder[0].base.weight.mul_(0.9),
-        "base weight replaced (.data)": lambda: setattr(holder[0].base.weight, "data", holder[0].base.weight * 1.1),
-        "A replaced (new Parameter)": lambda: setattr(ad.lora_A, "weight", nn.Parameter(ad.lora_A.weight * 0.5)),
+        "base weight in place": lambda: base.weight.mul_(0.9),
+        "base weight replaced (.data)": lambda: setattr(base.weight, "data", base.weight * 1.1),
+        "A replaced (new Parameter)": lambda: setattr(ad.lora_A, "weight", nn.Parameter(ad.lora_A.weight / 2)),
     }
     for what, change in changes.items():
         with torch.no_grad():

@@ -160,7 +160,8 @@ class DoraLinear(LoraLinear):
         the scaling or the base's tensors change (in place or replaced) or the mode is switched."""
         if self.training and torch.is_grad_enabled():
             return self.weight_norm(access)
-        tensors = [self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector, *_module_tensors(access.module)]
+        own = [self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector]
+        tensors = own + _module_tensors(access.module)
         extra = (self.scaling, access.fan_in_fan_out)
         norm = self._norm.get(tensors, extra)
         if norm is None:
