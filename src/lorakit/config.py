@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,24 +28,128 @@ class ConfigError(ValueError):
     """A configuration value is invalid. The message names the field and what was expected."""
 
 
+# Every integer a config holds must fit in 64 bits: torch and numpy hold it, and a larger one is a typo.
+INT_LIMIT = 2**63
+
+
 def _closest(name: str, choices: Sequence[str]) -> str:
-    match = difflib.get_close_matches(name, list(choices), n=1)
+    match = difflib.get_close_matches(str(name), list(choices), n=1)
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
+def show(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for one-line error messages."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's digit limit for str()
+        text = f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _check_choice(field_name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ConfigError(
-            f"{field_name}={value!r} is not supported; expected one of {list(allowed)}"
-            + (_closest(str(value), allowed) if isinstance(value, str) else "")
+            f"{field_name}={show(value)} is not supported; expected one of {list(allowed)}"
+            + (_closest(value, allowed) if isinstance(value, str) else "")
         )
 
 
-def _check_regex(field_name: str, pattern: str) -> None:
+def _check_regex(field_name: str, pattern: Any) -> None:
+    if not isinstance(pattern, str) or not pattern:
+        raise ConfigError(f"{field_name}: {show(pattern)} is not a regex; expected a non-empty string")
     try:
         re.compile(pattern)
-    except re.error as e:
-        raise ConfigError(f"{field_name}: regex {pattern!r} does not compile: {e}") from None
+    except (re.error, OverflowError, RecursionError) as e:
+        raise ConfigError(f"{field_name}: regex {show(pattern)} does not compile: {e}") from None
+
+
+def check_int(field_name: str, value: Any, minimum: int = 1, optional: bool = False, example: str = "") -> None:
+    """``value`` is an int (not a bool) in [minimum, 2**63), or None when ``optional``."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value < INT_LIMIT:
+        what = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+        raise ConfigError(
+            f"{field_name}={show(value)} is invalid; expected {what}"
+            + (" or null" if optional else "")
+            + (f" (e.g. {example})" if example else "")
+        )
+
+
+def finite_number(value: Any) -> float | None:
+    """``value`` as a finite float if it is an int or float (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        f = float(value)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _check_number(field_name: str, value: Any, ok: Any, expected: str) -> None:
+    f = finite_number(value)
+    if f is None or not ok(f):
+        raise ConfigError(f"{field_name}={show(value)} is invalid; expected {expected}")
+
+
+def _check_bool(field_name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{field_name}={show(value)} has the wrong type; expected true or false")
+
+
+def _check_names(field_name: str, value: Any) -> None:
+    """A list of non-empty strings, or None (a bare string would be read as its characters)."""
+    if value is None:
+        return
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{field_name}={show(value)} is invalid; expected a list of non-empty names")
+
+
+def _check_targets(field_name: str, spec: Any) -> None:
+    if spec is None or spec == "all-linear":
+        return
+    if isinstance(spec, str):
+        if not spec:
+            raise ConfigError(f"{field_name} is an empty string; give module names, a regex or 'all-linear'")
+        _check_regex(field_name, spec)
+    elif isinstance(spec, (list, tuple)):
+        if not spec:
+            raise ConfigError(f"{field_name} is an empty list; give module names, a regex or 'all-linear'")
+        for item in spec:
+            if not isinstance(item, str) or not item:
+                raise ConfigError(f"{field_name} entries must be non-empty strings, got {show(item)}")
+    else:
+        raise ConfigError(
+            f"{field_name}={show(spec)} has the wrong type; expected a list of module names, a regex, "
+            "'all-linear' or null"
+        )
+
+
+def _check_pattern(field_name: str, pattern: Any, integral: bool) -> None:
+    """rank_pattern / alpha_pattern: regex -> positive number (a whole number for ranks)."""
+    if pattern is None:
+        return
+    if not isinstance(pattern, Mapping):
+        raise ConfigError(f"{field_name}={show(pattern)} has the wrong type; expected a mapping regex -> value")
+    for key, value in pattern.items():
+        _check_regex(f"{field_name}[{show(key)}]", key)
+        f = finite_number(value)
+        if f is None or f <= 0 or (integral and (f != int(f) or f >= INT_LIMIT)):
+            what = "a positive integer" if integral else "a positive number"
+            raise ConfigError(f"{field_name}[{show(key)}]={show(value)} is invalid; expected {what}")
+
+
+def _check_layers(value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ConfigError("layers_to_transform is an empty list; give layer indices or null")
+        for i, layer in enumerate(value):
+            check_int(f"layers_to_transform[{i}]", layer, minimum=0)
+    else:
+        check_int("layers_to_transform", value, minimum=0)
 
 
 def _as_tuple(value: TargetSpec) -> str | tuple[str, ...] | None:
@@ -106,73 +211,62 @@ class AdapterConfig:
     total_step: int | None = None
 
     def __post_init__(self) -> None:
+        # Shapes first: normalising a wrong type (tuple("abc"), dict(5), ...) would hide or crash on it.
+        for name in ("target_modules", "exclude_modules"):
+            _check_targets(name, getattr(self, name))
+        _check_layers(self.layers_to_transform)
+        _check_names("modules_to_save", self.modules_to_save)
+        _check_pattern("rank_pattern", self.rank_pattern, integral=True)
+        _check_pattern("alpha_pattern", self.alpha_pattern, integral=False)
         object.__setattr__(self, "target_modules", _as_tuple(self.target_modules))
         object.__setattr__(self, "exclude_modules", _as_tuple(self.exclude_modules))
-        if self.layers_to_transform is not None:
-            layers = self.layers_to_transform
-            if isinstance(layers, int):
-                layers = (layers,)
-            object.__setattr__(self, "layers_to_transform", tuple(int(i) for i in layers))
+        layers = self.layers_to_transform
+        if layers is not None:
+            object.__setattr__(self, "layers_to_transform", (layers,) if isinstance(layers, int) else tuple(layers))
         object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
         object.__setattr__(self, "rank_pattern", dict(self.rank_pattern or {}))
         object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
         self.validate()
 
     def validate(self) -> None:
+        """Every field is checked whatever the method (a wrong value in an unused field is still a typo);
+        the rules between fields apply to the method they concern."""
         _check_choice("method", self.method, METHODS)
         _check_choice("init", self.init, INITS)
         _check_choice("bias", self.bias, BIAS)
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"r={self.r!r} is invalid; expected a positive integer (e.g. 8)")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ConfigError(f"alpha={self.alpha!r} is invalid; expected a positive number (e.g. 16)")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout={self.dropout!r} is invalid; expected a number in [0, 1)")
+        check_int("r", self.r, example="8")
+        _check_number("alpha", self.alpha, lambda a: a > 0, "a positive number (e.g. 16)")
+        _check_number("dropout", self.dropout, lambda p: 0.0 <= p < 1.0, "a number in [0, 1)")
         for name in ("target_modules", "exclude_modules"):
-            spec = getattr(self, name)
-            if isinstance(spec, str) and spec != "all-linear":
-                _check_regex(name, spec)
-            elif isinstance(spec, tuple):
-                if not spec:
-                    raise ConfigError(f"{name} is an empty list; give module names, a regex or 'all-linear'")
-                for item in spec:
-                    if not isinstance(item, str) or not item:
-                        raise ConfigError(f"{name} entries must be non-empty strings, got {item!r}")
-        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
-            for key, value in pattern.items():
-                _check_regex(f"{name}[{key!r}]", key)
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                    raise ConfigError(f"{name}[{key!r}]={value!r} is invalid; expected a positive number")
-                if name == "rank_pattern" and int(value) != value:
-                    raise ConfigError(f"{name}[{key!r}]={value!r} is invalid; expected a positive integer")
-        if self.layers_to_transform is not None and any(i < 0 for i in self.layers_to_transform):
-            raise ConfigError(f"layers_to_transform={self.layers_to_transform} must hold non-negative indices")
+            _check_targets(name, getattr(self, name))
+        _check_pattern("rank_pattern", self.rank_pattern, integral=True)
+        _check_pattern("alpha_pattern", self.alpha_pattern, integral=False)
+        _check_layers(self.layers_to_transform)
+        if self.layers_pattern is not None and (not isinstance(self.layers_pattern, str) or not self.layers_pattern):
+            raise ConfigError(
+                f"layers_pattern={show(self.layers_pattern)} is invalid; expected a layer container name "
+                "(e.g. 'layers') or null"
+            )
+        _check_names("modules_to_save", self.modules_to_save)
+        _check_bool("use_rslora", self.use_rslora)
+        for name in ("init_r", "target_r", "delta_t"):
+            check_int(name, getattr(self, name))
+        for name in ("tinit", "tfinal"):
+            check_int(name, getattr(self, name), minimum=0)
+        check_int("total_step", self.total_step, optional=True)
+        for name in ("beta1", "beta2"):
+            _check_number(name, getattr(self, name), lambda b: 0.0 < b < 1.0, "a number strictly between 0 and 1")
+        _check_number("orth_reg_weight", self.orth_reg_weight, lambda w: w >= 0, "a number >= 0")
         if self.method == "adalora":
             self._validate_adalora()
         elif self.init == "pissa" and self.method != "lora":
             raise ConfigError(f"init='pissa' is only supported with method='lora', not {self.method!r}")
 
     def _validate_adalora(self) -> None:
-        for name in ("init_r", "target_r"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"{name}={v!r} is invalid; expected a positive integer")
         if self.target_r > self.init_r:
             raise ConfigError(
                 f"target_r={self.target_r} is larger than init_r={self.init_r}; AdaLoRA only prunes ranks"
             )
-        for name in ("beta1", "beta2"):
-            v = getattr(self, name)
-            if not 0.0 < v < 1.0:
-                raise ConfigError(f"{name}={v!r} is invalid; expected a number strictly between 0 and 1")
-        for name in ("tinit", "tfinal"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
-                raise ConfigError(f"{name}={v!r} is invalid; expected a non-negative integer")
-        if not isinstance(self.delta_t, int) or self.delta_t <= 0:
-            raise ConfigError(f"delta_t={self.delta_t!r} is invalid; expected a positive integer")
-        if self.orth_reg_weight < 0:
-            raise ConfigError(f"orth_reg_weight={self.orth_reg_weight!r} must be >= 0")
         if self.total_step is not None and self.total_step <= self.tinit + self.tfinal:
             raise ConfigError(
                 f"total_step={self.total_step} is too small: it must exceed tinit + tfinal "
@@ -200,7 +294,7 @@ class AdapterConfig:
         names = [f.name for f in dataclasses.fields(cls)]
         for key in data:
             if key not in names:
-                raise ConfigError(f"adapter: unknown key {key!r}{_closest(key, names)}; allowed: {names}")
+                raise ConfigError(f"adapter: unknown key {show(key)}{_closest(key, names)}; allowed: {names}")
         return cls(**dict(data))
 
     def rank_for(self, module_name: str) -> int:
@@ -233,8 +327,8 @@ def parse_dtype(field_name: str, value: str | torch.dtype) -> torch.dtype:
         if value not in _DTYPES.values():
             raise ConfigError(f"{field_name}={value} is not supported; expected bfloat16, float16 or float32")
         return value
-    if value not in _DTYPES:
-        raise ConfigError(f"{field_name}={value!r} is not supported; expected one of {sorted(_DTYPES)}")
+    if not isinstance(value, str) or value not in _DTYPES:
+        raise ConfigError(f"{field_name}={show(value)} is not supported; expected one of {sorted(_DTYPES)}")
     return _DTYPES[value]
 
 
@@ -260,12 +354,14 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "compute_dtype", parse_dtype("compute_dtype", self.compute_dtype))
+        _check_names("skip", self.skip)
         object.__setattr__(self, "skip", tuple(self.skip or ()))
         _check_choice("dtype", self.dtype, QUANT_DTYPES)
+        _check_bool("double_quant", self.double_quant)
         for name in ("blocksize", "double_quant_blocksize"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 2 or v & (v - 1):
-                raise ConfigError(f"{name}={v!r} is invalid; expected a power of two >= 2 (e.g. 64)")
+            if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v < INT_LIMIT or v & (v - 1):
+                raise ConfigError(f"{name}={show(v)} is invalid; expected a power of two >= 2 (e.g. 64)")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -278,5 +374,5 @@ class QuantConfig:
         names = [f.name for f in dataclasses.fields(cls)]
         for key in data:
             if key not in names:
-                raise ConfigError(f"quant: unknown key {key!r}{_closest(key, names)}; allowed: {names}")
+                raise ConfigError(f"quant: unknown key {show(key)}{_closest(key, names)}; allowed: {names}")
         return cls(**dict(data))

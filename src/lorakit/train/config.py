@@ -11,12 +11,14 @@ Relative paths (``data.train``, ``data.validation``, ``output.dir``, a ``model.n
 directory when given with ``--set``.
 
 Every error is a ``ConfigError`` (a ``ValueError``) on one line: unknown keys name the closest allowed
-key, wrong types name the field and the expected type.
+key, wrong types name the field and the expected type. Numbers must be finite, integers fit in 64 bits,
+names and paths are non-blank strings; a section is a mapping or left empty (null: its defaults).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -24,7 +26,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorakit.config import AdapterConfig, ConfigError, QuantConfig, _closest
+import torch
+
+from lorakit.config import INT_LIMIT, AdapterConfig, ConfigError, QuantConfig, _closest, show
+from lorakit.train.data import DataError, parse_fields
+from lorakit.train.tasks import SFT_FORMATS
 
 MIXED_PRECISION = ("auto", "no", "fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -145,27 +151,28 @@ class RunConfig:
         for key in data:
             if key not in sections:
                 raise ConfigError(
-                    f"unknown section {key!r}{_closest(str(key), sections)}; sections: {sections}"
+                    f"unknown section {show(key)}{_closest(str(key), sections)}; sections: {sections}"
                 )
         for key in ("model", "data", "output"):
             if key not in data:
                 raise ConfigError(f"section {key!r} is missing; a run config needs model, data and output")
-        raw_adapter = _mapping("adapter", data.get("adapter") or {})
+        raw_adapter = _mapping("adapter", data.get("adapter"), optional=True)
         if raw_adapter.get("method") == "full":
             if set(raw_adapter) != {"method"}:
-                extra = sorted(set(raw_adapter) - {"method"})
+                extra = sorted(show(k) for k in set(raw_adapter) - {"method"})
                 raise ConfigError(f"adapter: method 'full' (full fine-tuning) takes no other keys, got {extra}")
             adapter: AdapterConfig | None = None
         else:
-            adapter = AdapterConfig.from_dict({**ADAPTER_DEFAULTS, **raw_adapter})
-        quant = data.get("quant")
+            raw_adapter = _yaml_floats(AdapterConfig, "adapter", {**ADAPTER_DEFAULTS, **raw_adapter})
+            adapter = _named("adapter", AdapterConfig.from_dict, raw_adapter)
+        quant = _mapping("quant", data.get("quant"), optional=True)  # empty (null or {}): not quantized
         cfg = cls(
             model=_section(ModelSection, "model", data["model"]),
             data=_section(DataSection, "data", data["data"]),
             adapter=adapter,
-            training=_section(TrainingSection, "training", data.get("training") or {}),
+            training=_section(TrainingSection, "training", _mapping("training", data.get("training"), True)),
             output=_section(OutputSection, "output", data["output"]),
-            quant=QuantConfig.from_dict(_mapping("quant", quant)) if quant else None,
+            quant=_named("quant", QuantConfig.from_dict, quant) if quant else None,
         )
         cfg.validate()
         return cfg.resolve_paths(base_dir or os.getcwd())
@@ -188,6 +195,29 @@ class RunConfig:
 
     def validate(self) -> None:
         t, d = self.training, self.data
+        names = {
+            "model.name": self.model.name,
+            "model.tokenizer": self.model.tokenizer,
+            "data.train": d.train,
+            "data.validation": d.validation,
+            "output.dir": self.output.dir,
+        }
+        for name, value in names.items():
+            if value is not None and not value.strip():
+                raise ConfigError(f"{name}={show(value)} is empty; expected a name or path")
+        _choice("data.format", d.format, ("auto", *SFT_FORMATS))
+        try:
+            parse_fields(d.fields)
+        except DataError as e:
+            raise ConfigError(f"data.fields: {e}") from None
+        if t.device != "auto":
+            try:
+                torch.device(t.device)
+            except (RuntimeError, ValueError, TypeError):
+                raise ConfigError(
+                    f"training.device={show(t.device)} is not a device; expected 'auto', 'cpu', 'cuda' or "
+                    "'cuda:N'"
+                ) from None
         _choice("training.mixed_precision", t.mixed_precision, MIXED_PRECISION)
         _choice("training.schedule", t.schedule, SCHEDULES)
         _choice("training.optimizer", t.optimizer, ("adamw",))
@@ -214,7 +244,7 @@ class RunConfig:
         }
         for name, value in positive.items():
             if value is not None and value < 1:
-                raise ConfigError(f"{name}={value!r} is invalid; expected a positive integer")
+                raise ConfigError(f"{name}={show(value)} is invalid; expected a positive integer")
         nonneg = {
             "training.lr": t.lr,
             "training.weight_decay": t.weight_decay,
@@ -226,7 +256,7 @@ class RunConfig:
         }
         for name, value in nonneg.items():
             if value is not None and value < 0:
-                raise ConfigError(f"{name}={value!r} is invalid; expected a number >= 0")
+                raise ConfigError(f"{name}={show(value)} is invalid; expected a number >= 0")
         if t.lr <= 0:
             raise ConfigError(f"training.lr={t.lr!r} is invalid; expected a positive number (e.g. 2e-4)")
         if not 0.0 <= t.warmup_ratio < 1.0:
@@ -253,15 +283,43 @@ class RunConfig:
 def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ConfigError(
-            f"{name}={value!r} is not supported; expected one of {list(allowed)}"
+            f"{name}={show(value)} is not supported; expected one of {list(allowed)}"
             + (_closest(value, allowed) if isinstance(value, str) else "")
         )
 
 
-def _mapping(section: str, value: Any) -> dict[str, Any]:
+def _mapping(section: str, value: Any, optional: bool = False) -> dict[str, Any]:
+    """A section's mapping; an optional section may be left empty (null) for its defaults."""
+    if optional and value is None:
+        return {}
     if not isinstance(value, Mapping):
-        raise ConfigError(f"section {section!r} must be a mapping of key: value, got {type(value).__name__}")
+        raise ConfigError(
+            f"section {section!r} must be a mapping of key: value, got {type(value).__name__} {show(value, 40)}"
+        )
     return dict(value)
+
+
+def _named(section: str, build: Any, data: dict[str, Any]) -> Any:
+    """``build(data)`` with its ConfigError prefixed by the section, so the message names ``section.key``."""
+    try:
+        return build(data)
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(f"{section}:") else f"{section}: {msg}") from None
+
+
+def _yaml_floats(cls: type, section: str, data: dict[str, Any]) -> dict[str, Any]:
+    """Numeric strings in ``cls``'s float fields read as numbers (YAML 1.1 reads 5e-2 as a string), as in
+    the run config's own sections."""
+    hints = typing.get_type_hints(cls)
+    out = dict(data)
+    for key, value in data.items():
+        if isinstance(key, str) and hints.get(key) is float and isinstance(value, str):
+            try:
+                out[key] = float(value)
+            except ValueError:
+                pass
+    return out
 
 
 def _type_name(tp: Any) -> str:
@@ -281,9 +339,10 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for a in args:
-            if a is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error (it may say more than "wrong type")
+            return _coerce(name, value, options[0])
+        for a in options:
             try:
                 return _coerce(name, value, a)
             except ConfigError:
@@ -293,17 +352,28 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            if -INT_LIMIT <= value < INT_LIMIT:
+                return value
+            raise ConfigError(f"{name}={show(value)} is out of range; expected an integer that fits in 64 bits")
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+        number: float | None = None
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)
-            except ValueError:
-                pass
+                number = float(value)
+            except (ValueError, OverflowError):
+                number = math.inf if isinstance(value, int) else None
+        if number is not None:
+            if math.isfinite(number):
+                return number
+            raise ConfigError(f"{name}={show(value)} is invalid; expected a finite number")
     elif tp is str:
         if isinstance(value, str):
+            if "\x00" in value:
+                raise ConfigError(f"{name}={show(value)} is invalid: it contains a NUL character")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(f"{name}={show(value)} is invalid: not encodable text") from None
             return value
     elif origin is dict:
         kt, vt = typing.get_args(tp)
@@ -314,7 +384,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         if isinstance(value, (list, tuple)) and len(value) == len(args):
             return tuple(_coerce(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
     raise ConfigError(
-        f"{name}={value!r} has the wrong type: expected {_type_name(tp)}, got {type(value).__name__}"
+        f"{name}={show(value)} has the wrong type: expected {_type_name(tp)}, got {type(value).__name__}"
     )
 
 
@@ -324,7 +394,7 @@ def _section(cls: type, section: str, value: Any) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            raise ConfigError(f"{section}: unknown key {key!r}{_closest(str(key), names)}; allowed: {names}")
+            raise ConfigError(f"{section}: unknown key {show(key)}{_closest(str(key), names)}; allowed: {names}")
     required = [
         f.name
         for f in dataclasses.fields(cls)
@@ -354,18 +424,21 @@ def apply_overrides(
     yaml = _yaml()
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r} must look like section.key=value (e.g. training.lr=1e-4)")
+            raise ConfigError(f"--set {show(item)} must look like section.key=value (e.g. training.lr=1e-4)")
         key, raw = item.split("=", 1)
         parts = [p for p in key.strip().split(".") if p]
         if len(parts) < 2:
-            raise ConfigError(f"--set {item!r}: the key must name a section and a field, e.g. training.lr")
+            raise ConfigError(f"--set {show(item)}: the key must name a section and a field, e.g. training.lr")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML ({str(e).splitlines()[0]})") from None
+        except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an int beyond Python's digit limit
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"--set {show(item)}: value is not valid YAML ({first})") from None
         if (
             parts in (["data", "train"], ["data", "validation"], ["output", "dir"], ["model", "tokenizer"])
             and isinstance(value, str)
+            and value.strip()  # a blank path stays blank, for validate() to refuse
+            and "\x00" not in value
             and not os.path.isabs(value)
         ):
             value = os.path.abspath(value)
@@ -375,7 +448,7 @@ def apply_overrides(
             if nxt is None:
                 nxt = cur[p] = {}
             if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item!r}: {p!r} is not a section")
+                raise ConfigError(f"--set {show(item)}: {p!r} is not a section")
             cur = nxt
         cur[parts[-1]] = value
     return data
@@ -391,14 +464,12 @@ def load_run_config(path: str | os.PathLike[str], overrides: Sequence[str] = ())
     with open(path, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+        except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an int beyond the digit limit
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split()) or type(e).__name__})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model, data, adapter, training, output)")
     apply_overrides(data, overrides)
     try:
         return RunConfig.from_dict(data, base_dir=os.path.dirname(os.path.abspath(path)))
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    except TypeError as e:  # a dataclass constructor refusing an argument
         raise ConfigError(f"{path}: {e}") from None
