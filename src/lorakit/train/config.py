@@ -18,18 +18,16 @@ names and paths are non-blank strings; a section is a mapping or left empty (nul
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from lorakit.config import INT_LIMIT, AdapterConfig, ConfigError, QuantConfig, _closest, show
+from lorakit.config import AdapterConfig, ConfigError, QuantConfig, _closest, show
 from lorakit.train.data import DataError, parse_fields
+from lorakit.train.sections import check_choice, mapping, named, read_section, yaml_floats
 from lorakit.train.tasks import SFT_FORMATS
 
 MIXED_PRECISION = ("auto", "no", "fp32", "bf16", "fp16")
@@ -156,23 +154,23 @@ class RunConfig:
         for key in ("model", "data", "output"):
             if key not in data:
                 raise ConfigError(f"section {key!r} is missing; a run config needs model, data and output")
-        raw_adapter = _mapping("adapter", data.get("adapter"), optional=True)
+        raw_adapter = mapping("adapter", data.get("adapter"), optional=True)
         if raw_adapter.get("method") == "full":
             if set(raw_adapter) != {"method"}:
                 extra = sorted(show(k) for k in set(raw_adapter) - {"method"})
                 raise ConfigError(f"adapter: method 'full' (full fine-tuning) takes no other keys, got {extra}")
             adapter: AdapterConfig | None = None
         else:
-            raw_adapter = _yaml_floats(AdapterConfig, "adapter", {**ADAPTER_DEFAULTS, **raw_adapter})
-            adapter = _named("adapter", AdapterConfig.from_dict, raw_adapter)
-        quant = _mapping("quant", data.get("quant"), optional=True)  # empty (null or {}): not quantized
+            raw_adapter = yaml_floats(AdapterConfig, {**ADAPTER_DEFAULTS, **raw_adapter})
+            adapter = named("adapter", AdapterConfig.from_dict, raw_adapter)
+        quant = mapping("quant", data.get("quant"), optional=True)  # empty (null or {}): not quantized
         cfg = cls(
-            model=_section(ModelSection, "model", data["model"]),
-            data=_section(DataSection, "data", data["data"]),
+            model=read_section(ModelSection, "model", data["model"]),
+            data=read_section(DataSection, "data", data["data"]),
             adapter=adapter,
-            training=_section(TrainingSection, "training", _mapping("training", data.get("training"), True)),
-            output=_section(OutputSection, "output", data["output"]),
-            quant=_named("quant", QuantConfig.from_dict, quant) if quant else None,
+            training=read_section(TrainingSection, "training", mapping("training", data.get("training"), True)),
+            output=read_section(OutputSection, "output", data["output"]),
+            quant=named("quant", QuantConfig.from_dict, quant) if quant else None,
         )
         cfg.validate()
         return cfg.resolve_paths(base_dir or os.getcwd())
@@ -205,7 +203,7 @@ class RunConfig:
         for name, value in names.items():
             if value is not None and not value.strip():
                 raise ConfigError(f"{name}={show(value)} is empty; expected a name or path")
-        _choice("data.format", d.format, ("auto", *SFT_FORMATS))
+        check_choice("data.format", d.format, ("auto", *SFT_FORMATS))
         try:
             parse_fields(d.fields)
         except DataError as e:
@@ -218,12 +216,12 @@ class RunConfig:
                     f"training.device={show(t.device)} is not a device; expected 'auto', 'cpu', 'cuda' or "
                     "'cuda:N'"
                 ) from None
-        _choice("training.mixed_precision", t.mixed_precision, MIXED_PRECISION)
-        _choice("training.schedule", t.schedule, SCHEDULES)
-        _choice("training.optimizer", t.optimizer, ("adamw",))
-        _choice("data.task", d.task, TASKS)
-        _choice("data.batching", d.batching, BATCHING)
-        _choice(
+        check_choice("training.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+        check_choice("training.schedule", t.schedule, SCHEDULES)
+        check_choice("training.optimizer", t.optimizer, ("adamw",))
+        check_choice("data.task", d.task, TASKS)
+        check_choice("data.batching", d.batching, BATCHING)
+        check_choice(
             "model.dtype",
             self.model.dtype,
             ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
@@ -278,132 +276,6 @@ class RunConfig:
     def workers(self) -> int:
         n = self.training.num_workers
         return default_workers() if n is None else n
-
-
-def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ConfigError(
-            f"{name}={show(value)} is not supported; expected one of {list(allowed)}"
-            + (_closest(value, allowed) if isinstance(value, str) else "")
-        )
-
-
-def _mapping(section: str, value: Any, optional: bool = False) -> dict[str, Any]:
-    """A section's mapping; an optional section may be left empty (null) for its defaults."""
-    if optional and value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigError(
-            f"section {section!r} must be a mapping of key: value, got {type(value).__name__} {show(value, 40)}"
-        )
-    return dict(value)
-
-
-def _named(section: str, build: Any, data: dict[str, Any]) -> Any:
-    """``build(data)`` with its ConfigError prefixed by the section, so the message names ``section.key``."""
-    try:
-        return build(data)
-    except ConfigError as e:
-        msg = str(e)
-        raise ConfigError(msg if msg.startswith(f"{section}:") else f"{section}: {msg}") from None
-
-
-def _yaml_floats(cls: type, section: str, data: dict[str, Any]) -> dict[str, Any]:
-    """Numeric strings in ``cls``'s float fields read as numbers (YAML 1.1 reads 5e-2 as a string), as in
-    the run config's own sections."""
-    hints = typing.get_type_hints(cls)
-    out = dict(data)
-    for key, value in data.items():
-        if isinstance(key, str) and hints.get(key) is float and isinstance(value, str):
-            try:
-                out[key] = float(value)
-            except ValueError:
-                pass
-    return out
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is not None:
-        return str(tp).replace("typing.", "")
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _coerce(name: str, value: Any, tp: Any) -> Any:
-    """``value`` checked against annotation ``tp``; ints are accepted for floats, "2e-4" strings too
-    (YAML 1.1 reads 2e-4 without a dot as a string)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:  # Optional[X]: X's own error (it may say more than "wrong type")
-            return _coerce(name, value, options[0])
-        for a in options:
-            try:
-                return _coerce(name, value, a)
-            except ConfigError:
-                continue
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            if -INT_LIMIT <= value < INT_LIMIT:
-                return value
-            raise ConfigError(f"{name}={show(value)} is out of range; expected an integer that fits in 64 bits")
-    elif tp is float:
-        number: float | None = None
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            try:
-                number = float(value)
-            except (ValueError, OverflowError):
-                number = math.inf if isinstance(value, int) else None
-        if number is not None:
-            if math.isfinite(number):
-                return number
-            raise ConfigError(f"{name}={show(value)} is invalid; expected a finite number")
-    elif tp is str:
-        if isinstance(value, str):
-            if "\x00" in value:
-                raise ConfigError(f"{name}={show(value)} is invalid: it contains a NUL character")
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ConfigError(f"{name}={show(value)} is invalid: not encodable text") from None
-            return value
-    elif origin is dict:
-        kt, vt = typing.get_args(tp)
-        if isinstance(value, Mapping):
-            return {_coerce(name, k, kt): _coerce(f"{name}[{k!r}]", v, vt) for k, v in value.items()}
-    elif origin is tuple:
-        args = typing.get_args(tp)
-        if isinstance(value, (list, tuple)) and len(value) == len(args):
-            return tuple(_coerce(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
-    raise ConfigError(
-        f"{name}={show(value)} has the wrong type: expected {_type_name(tp)}, got {type(value).__name__}"
-    )
-
-
-def _section(cls: type, section: str, value: Any) -> Any:
-    data = _mapping(section, value)
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            raise ConfigError(f"{section}: unknown key {show(key)}{_closest(str(key), names)}; allowed: {names}")
-    required = [
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    for key in required:
-        if key not in data:
-            raise ConfigError(f"{section}.{key} is missing (required)")
-    return cls(**{k: _coerce(f"{section}.{k}", v, hints[k]) for k, v in data.items()})
 
 
 def _yaml():
