@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lorakit.cli.common import add_model_argument
+from lorakit.serving.limits import Limits
 
 
 def _adapter_pair(value: str) -> tuple[str, str]:
@@ -36,6 +37,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to gather a batch")
     parser.add_argument("--max-context", type=int, default=None, help="prompt + max_tokens limit")
     parser.add_argument("--served-name", default=None, help="model id of the base (default: --model)")
+    bounds = Limits()  # the API's defaults, not repeated here
+    parser.add_argument(
+        "--max-prompts",
+        type=int,
+        default=bounds.max_prompts,
+        help=f"most prompts in one /v1/completions request (default {bounds.max_prompts}; more: 400)",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=bounds.max_body_bytes,
+        help=f"largest request body in bytes (default {bounds.max_body_bytes}; larger: 413)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=bounds.max_queue,
+        help=f"most prompts waiting for the engine (default {bounds.max_queue}; more: 429 with Retry-After)",
+    )
     parser.add_argument("--admin", action="store_true", help="enable POST/DELETE /v1/adapters")
 
 
@@ -56,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
         max_context=args.max_context,
         admin=args.admin,
         served_name=args.served_name,
+        max_prompts=args.max_prompts,
+        max_body_bytes=args.max_body_bytes,
+        max_queue=args.max_queue,
     )
     print(
         f"serving {args.served_name or args.model} + {len(adapters)} adapters on http://{args.host}:{args.port}"
