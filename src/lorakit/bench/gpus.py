@@ -71,13 +71,25 @@ def load_gpus(path: str | None = None) -> dict[str, Gpu]:
 
 
 def get_gpu(name: str | Gpu, table: dict[str, Gpu] | None = None) -> Gpu:
-    """Look a GPU up by name (case-insensitive); unknown names list the known ones."""
+    """Look a GPU up by name, case-insensitively: the full table name (``H100-80GB``), or any unambiguous
+    part of its model (``h100``, ``a6000``, ``4090``). An ambiguous one (``a100``: 40 GB or 80 GB) and an
+    unknown one raise ``PlanError`` listing the candidates / the known GPUs."""
     if isinstance(name, Gpu):
         return name
     table = table if table is not None else load_gpus()
+    if not isinstance(name, str) or not name.strip():
+        raise PlanError(f"gpu={name!r} must be a GPU name; known GPUs: {', '.join(table)}")
+    q = name.strip().lower()
     by_lower = {k.lower(): v for k, v in table.items()}
-    if isinstance(name, str) and name.lower() in by_lower:
-        return by_lower[name.lower()]
-    close = difflib.get_close_matches(str(name), list(table), n=1, cutoff=0.4)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    if q in by_lower:
+        return by_lower[q]
+    model = {k: k.lower().split("-", 1)[0] for k in table}  # "RTX4090-24GB" -> "rtx4090"
+    exact = [k for k, m in model.items() if m == q]
+    partial = exact or [k for k, m in model.items() if q in m or k.lower().startswith(q)]
+    if len(partial) == 1:
+        return table[partial[0]]
+    if partial:
+        raise PlanError(f"gpu={name!r} is ambiguous: {' or '.join(partial)}; give the full name")
+    close = difflib.get_close_matches(q, list(by_lower), n=1, cutoff=0.4)
+    hint = f" (did you mean {by_lower[close[0]].name!r}?)" if close else ""
     raise PlanError(f"gpu={name!r} is not in the GPU table{hint}; known GPUs: {', '.join(table)}")
