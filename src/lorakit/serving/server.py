@@ -234,6 +234,7 @@ def create_app(
         engine.stop()
 
     app = FastAPI(title="lorakit serve", lifespan=lifespan)
+    app.state.engine, app.state.limits = engine, limits
     _install_error_handlers(app, metrics.record_error)
 
     async def generate(request: Request, chat: bool) -> Any:
