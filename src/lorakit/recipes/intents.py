@@ -20,10 +20,12 @@ SLOTS: dict[str, list[str]] = {
             "next week", "in two days", "on Tuesday morning"],
     "song": ["Bohemian Rhapsody", "some jazz", "the new Adele album", "lo-fi beats", "Beethoven's fifth",
              "my workout playlist", "classic rock", "something relaxing", "Daft Punk", "a podcast"],
-    "time": ["6 am", "7:30", "noon", "half past eight", "5:15 pm", "9 o'clock", "quarter to seven", "10 pm"],
+    "time": ["6 am", "7:30", "noon", "half past eight", "5:15 pm", "9 o'clock", "quarter to seven", "10 pm",
+             "6:45", "midnight", "4 pm", "twenty past nine"],
     "food": ["a large pizza", "two burritos", "pad thai", "sushi for four", "a veggie burger", "pho",
              "chicken curry", "a salad", "dumplings", "fish and chips"],
-    "account": ["checking", "savings", "credit card", "joint", "business", "retirement"],
+    "account": ["checking", "savings", "credit card", "joint", "business", "retirement", "student",
+                "travel", "holiday", "pension", "brokerage", "household"],
     "lang": ["French", "Spanish", "Japanese", "German", "Swahili", "Korean", "Italian", "Portuguese"],
     "phrase": ["good morning", "where is the station", "thank you very much", "how much does it cost",
                "I am lost", "see you later", "nice to meet you"],
@@ -88,15 +90,24 @@ def _fill(template: str, rng: random.Random) -> str:
     return template.format(**{k: rng.choice(v) for k, v in SLOTS.items() if "{" + k + "}" in template})
 
 
+def _distinct(templates: list[str], n: int, rng: random.Random) -> list[str]:
+    """``n`` different utterances from ``templates`` (fewer if the templates cannot make that many)."""
+    seen: dict[str, None] = {}
+    for _ in range(50 * n):  # bounded: a template set with few slot values may run out of new sentences
+        if len(seen) == n:
+            break
+        seen.setdefault(_fill(rng.choice(templates), rng))
+    return list(seen)
+
+
 def make_intents(per_intent_train: int = 60, per_intent_test: int = 30, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(train rows, test rows) of ``{"text": ..., "label": intent}``; test templates never train."""
+    """(train rows, test rows) of ``{"text": ..., "label": intent}``; test templates never train, and no
+    utterance repeats (a duplicate would only weigh one sentence twice, and the data check flags it)."""
     rng = random.Random(seed)
     train, test = [], []
     for intent, templates in TEMPLATES.items():
-        for _ in range(per_intent_train):
-            train.append({"text": _fill(rng.choice(templates[:TRAIN_TEMPLATES]), rng), "label": intent})
-        for _ in range(per_intent_test):
-            test.append({"text": _fill(rng.choice(templates[TRAIN_TEMPLATES:]), rng), "label": intent})
+        train += [{"text": t, "label": intent} for t in _distinct(templates[:TRAIN_TEMPLATES], per_intent_train, rng)]
+        test += [{"text": t, "label": intent} for t in _distinct(templates[TRAIN_TEMPLATES:], per_intent_test, rng)]
     rng.shuffle(train)
     rng.shuffle(test)
     return train, test
