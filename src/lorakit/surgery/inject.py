@@ -15,7 +15,7 @@ from torch import nn
 
 from lorakit.adapters.base import builder_for
 from lorakit.config import AdapterConfig, ConfigError
-from lorakit.surgery.layer import AdaptedLayer, AdapterStateError, TrainedCopy
+from lorakit.surgery.layer import AdaptedLayer, AdapterStateError, TrainedCopy, bump_generation
 from lorakit.surgery.targets import find_targets
 from lorakit.weights import weight_access
 
@@ -52,6 +52,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+    bump_generation()  # the set of adapted layers changed: model-wide caches are stale
 
 
 def inject(
@@ -96,6 +97,9 @@ def inject(
         module.add(adapter_name)
     configs[adapter_name] = cfg
     model.lorakit_configs = configs
+    from lorakit.surgery.rows import install_row_routing  # rows builds on this module's walks
+
+    install_row_routing(model)
     if activate or len(configs) == 1:
         set_adapter(model, adapter_name)
     else:
@@ -178,9 +182,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if name in layer.merged:
             raise AdapterStateError(f"adapter {name!r} is merged in {lname!r}; unmerge before deleting")
         if name in layer.adapters:
-            del layer.adapters[name]
-            if layer.active == name:
-                layer.active = None
+            layer.remove(name)
         if len(layer.adapters) == 0:
             _replace(model, lname, layer.base)
     for tname, tc in list(trained_copies(model)):

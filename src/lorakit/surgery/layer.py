@@ -9,6 +9,7 @@ Merging folds an adapter's dense update into the base weight explicitly and chec
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any
 
 import torch
@@ -21,6 +22,23 @@ class AdapterStateError(RuntimeError):
     """An operation does not fit the adapter state (e.g. merging twice, unknown adapter name)."""
 
 
+_clock = itertools.count(1)
+_last_change = 0
+
+
+def bump_generation() -> int:
+    """A fresh generation number, never handed out before in this process; also records it as the latest
+    change anywhere, so caches built over a whole model (``last_change``) know they may be stale."""
+    global _last_change
+    _last_change = next(_clock)
+    return _last_change
+
+
+def last_change() -> int:
+    """The generation of the most recent adapter or module change made by lorakit (in any model)."""
+    return _last_change
+
+
 class AdaptedLayer(nn.Module):
     """A frozen base module plus named adapters, at most one active.
 
@@ -30,6 +48,8 @@ class AdaptedLayer(nn.Module):
         active: name of the active adapter, or None.
         merged: names of adapters currently folded into the base weight (in merge order).
         disabled: when True the layer behaves as the base (used by ``lorakit.disabled``).
+        generation: a number that changes on every add, remove, merge and unmerge (never reused), so
+            caches derived from the adapters (the mixed-batch stacks) can tell they are stale.
     """
 
     def __init__(self, base: nn.Module) -> None:
@@ -42,7 +62,8 @@ class AdaptedLayer(nn.Module):
         self.active: str | None = None
         self.merged: list[str] = []
         self.disabled = False
-        # Per-row adapter routing for mixed batches (set by lorakit.serving); None = whole batch.
+        self.generation = bump_generation()
+        # Per-row adapter routing for mixed batches (set by lorakit.surgery.rows); None = whole batch.
         self.row_routing: Any = None
 
     @property
@@ -61,6 +82,16 @@ class AdaptedLayer(nn.Module):
         if name in self.adapters:
             raise AdapterStateError(f"adapter {name!r} already exists on this layer")
         self.adapters[name] = adapter
+        self.generation = bump_generation()
+
+    def remove(self, name: str) -> None:
+        """Drop adapter ``name`` (it must not be merged); the layer keeps its other adapters."""
+        if name in self.merged:
+            raise AdapterStateError(f"adapter {name!r} is merged; unmerge before deleting")
+        del self.adapters[name]
+        if self.active == name:
+            self.active = None
+        self.generation = bump_generation()
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
@@ -82,11 +113,13 @@ class AdaptedLayer(nn.Module):
             raise AdapterStateError(f"merging adapter {name!r} gives non-finite weights; nothing was changed")
         access.set_dense_weight(merged)
         self.merged.append(name)
+        self.generation = bump_generation()
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo every merge, most recent first."""
         access = self.access
+        self.generation = bump_generation()
         while self.merged:
             adapter = self.adapters[self.merged.pop()]
             w = access.dense_weight(torch.float32)

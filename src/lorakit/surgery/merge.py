@@ -37,6 +37,7 @@ from lorakit.surgery.inject import (
     trained_copies,
 )
 from lorakit.surgery.layer import AdapterStateError
+from lorakit.surgery.rows import remove_row_routing
 
 # PEFT names of the two LoRA factors: (A, B); A is stacked along dim 0, B along dim 1.
 _FACTORS = (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B"))
@@ -143,6 +144,7 @@ def unload(
     for attr in _LORA_ATTRS:
         if hasattr(model, attr):
             delattr(model, attr)
+    remove_row_routing(model)  # the hooks that read adapter_names go too: a plain model again
     return model
 
 

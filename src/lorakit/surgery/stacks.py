@@ -1,0 +1,205 @@
+"""The low-rank term of a mixed-adapter batch: one adapted layer, a different LoRA adapter per row.
+
+For each adapted layer the LoRA adapters it holds are stacked once (and cached until they change)::
+
+    A_stack: (S, k, R)   A_s^T, ranks zero-padded to the largest R   (embedding: (S, V, R), A_s^T)
+    B_stack: (S, R, d)   scaling_s * B_s^T (rsLoRA's alpha/sqrt(r) folded in the same way)
+
+with one extra all-zero slot for the plain base. Zero padding is exact: padded rank columns contribute 0.
+A batch is then computed in *bins*: the rows are grouped by slot into G bins of n rows (padded), bin g using
+slot ``slot[g]``, and the low-rank term of every row comes from two batched matmuls::
+
+    t = bmm(x_bins, A_stack[slot])      x_bins: (G, n*s, k) -> (G, n*s, R)
+    y = bmm(t, B_stack[slot])           -> (G, n*s, d), read back into row order
+
+With n = 1 this is the per-row gather form of Punica's SGMV / S-LoRA (Chen et al. 2023,
+https://arxiv.org/abs/2310.18547; Sheng et al. 2023, https://arxiv.org/abs/2311.03285); with one bin per
+adapter (n = the largest group) the factors are read straight from the stack, a view without any copy, and
+each matmul is a real matrix product instead of b tiny ones. ``plan_bins`` picks n from a cost estimate.
+An embedding gathers rows, never tables: t = A_stack[slot, token id], read from the flat (S*V, R) table.
+
+The cache key cannot collide with a deleted adapter's: it holds the layer's generation (bumped by every add,
+remove, merge and unmerge, never reused), weak references to the adapter and its two tensors (identity, not
+an address the allocator may hand out again), the tensors' ``_version`` (in-place updates such as optimizer
+steps) and the scaling. Changes made behind autograd's back (``tensor.data.copy_``) are not seen.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.adapters.lora import LoraEmbedding, LoraLinear
+from lorakit.surgery.layer import AdaptedLayer
+
+# layer -> its stacks; outside the layer so that deepcopy and pickle of a model never carry them
+_STACKS: weakref.WeakKeyDictionary[AdaptedLayer, Stacks] = weakref.WeakKeyDictionary()
+
+
+def supported(adapter: nn.Module) -> bool:
+    """Adapters the stacks can express: LoRA and rsLoRA on linear and embedding layers."""
+    # exact types: DoRA subclasses LoraLinear but rescales the output, which the stacks cannot express
+    return type(adapter) in (LoraLinear, LoraEmbedding)
+
+
+def _factors(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of a LoRA adapter: (r, k) and (d, r) for linear; (r, V) and (d, r) for embedding."""
+    if isinstance(adapter, LoraEmbedding):
+        return adapter.lora_embedding_A, adapter.lora_embedding_B
+    return adapter.lora_A.weight, adapter.lora_B.weight
+
+
+def _source(adapter: nn.Module) -> tuple:
+    a, b = _factors(adapter)
+    return (a._version, b._version, adapter.scaling, weakref.ref(adapter), weakref.ref(a), weakref.ref(b))
+
+
+@dataclass(eq=False)
+class Stacks:
+    generation: int  # the layer's generation when built
+    names: list[str]  # slot -> adapter name; slot len(names) is the zero (base) slot
+    slots: dict[str, int]
+    sources: list[tuple]  # per slot: versions, scaling, weak references to the adapter, A and B
+    a: torch.Tensor  # linear: (S, k, R); embedding: (S, V, R)
+    b: torch.Tensor  # (S, R, d), scaling folded in
+    embedding: bool
+
+    @property
+    def zero(self) -> int:
+        return len(self.names)
+
+    def fresh(self, layer: AdaptedLayer) -> bool:
+        """True while no adapter of ``layer`` was added, removed, replaced, modified or rescaled."""
+        if layer.generation != self.generation:
+            return False
+        adapters = layer.adapters
+        for name, (va, vb, scaling, ad_ref, a_ref, b_ref) in zip(self.names, self.sources):
+            ad = adapters[name]
+            a, b = _factors(ad)
+            if (
+                ad_ref() is not ad
+                or a_ref() is not a
+                or b_ref() is not b
+                or a._version != va
+                or b._version != vb
+                or ad.scaling != scaling
+            ):
+                return False
+        return True
+
+
+@torch.no_grad()
+def layer_stacks(layer: AdaptedLayer) -> Stacks:
+    """The (cached) stacked, rank-padded A and scaled B of the LoRA adapters ``layer`` holds."""
+    cached = _STACKS.get(layer)
+    if cached is not None and cached.fresh(layer):
+        return cached
+    names = [n for n, ad in layer.adapters.items() if supported(ad)]
+    adapters = [layer.adapters[n] for n in names]
+    a_list = [_factors(ad)[0].t() for ad in adapters]  # (k, r), or (V, r) for an embedding
+    b_list = [_factors(ad)[1].t() * ad.scaling for ad in adapters]  # (r, d)
+    p0 = next(next(iter(layer.adapters.values())).parameters())
+    k, d = layer.access.in_features, layer.access.out_features
+    rank = max([t.shape[1] for t in a_list], default=1)
+    a = torch.zeros(len(names) + 1, k, rank, dtype=p0.dtype, device=p0.device)
+    b = torch.zeros(len(names) + 1, rank, d, dtype=p0.dtype, device=p0.device)
+    for i, (ta, tb) in enumerate(zip(a_list, b_list)):
+        a[i, :, : ta.shape[1]] = ta
+        b[i, : tb.shape[0]] = tb
+    stacks = Stacks(
+        generation=layer.generation,
+        names=names,
+        slots={n: i for i, n in enumerate(names)},
+        sources=[_source(ad) for ad in adapters],
+        a=a,
+        b=b,
+        embedding=layer.access.kind == "embedding",
+    )
+    _STACKS[layer] = stacks
+    return stacks
+
+
+@dataclass(eq=False)
+class Bins:
+    """Rows regrouped into ``count`` bins of ``n`` rows; bin g uses stack slot ``slot[g]``.
+
+    ``view``: the bins are exactly the stack slots ``view.start..view.stop`` (the factors are a view, no
+    copy). ``src`` (count*n,): the row read at each bin position (padding repeats a row, its result is
+    never read); ``pos`` (b,): the bin position of each row. ``None`` for either means the identity.
+    """
+
+    n: int
+    count: int
+    slot: torch.Tensor  # (count,) long
+    view: slice | None
+    src: torch.Tensor | None
+    pos: torch.Tensor | None
+
+
+def plan_bins(row_slots: Sequence[int], tokens: int, device: torch.device) -> Bins:
+    """Bins for rows with these stack slots, ``tokens`` tokens each: the bin size n minimises the work
+    (padded rows x tokens) plus one unit per bin whose factors must be copied out of the stack."""
+    groups: dict[int, list[int]] = {}
+    for row, slot in enumerate(row_slots):
+        groups.setdefault(slot, []).append(row)
+    order = sorted(groups)
+    counts = [len(groups[s]) for s in order]
+    contiguous = order == list(range(order[0], order[0] + len(order)))
+    biggest = max(counts)
+
+    def cost(n: int) -> int:
+        bins = sum(math.ceil(c / n) for c in counts)
+        return bins * n * tokens + (0 if contiguous and n >= biggest else bins)
+
+    candidates = {1, biggest, *counts, *(2**i for i in range(biggest.bit_length()))}
+    n = min(sorted(c for c in candidates if 1 <= c <= biggest), key=cost)
+    slot, src, pos = [], [], [0] * len(row_slots)
+    for s in order:
+        rows = groups[s]
+        for start in range(0, len(rows), n):
+            chunk = rows[start : start + n]
+            for j, row in enumerate(chunk):
+                pos[row] = len(src) + j
+            src.extend(chunk + [chunk[0]] * (n - len(chunk)))
+            slot.append(s)
+    view = slice(order[0], order[-1] + 1) if contiguous and n >= biggest else None
+    as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    identity = list(range(len(row_slots)))
+    return Bins(
+        n=n,
+        count=len(slot),
+        slot=as_long(slot),
+        view=view,
+        src=None if src == identity else as_long(src),
+        pos=None if pos == identity else as_long(pos),
+    )
+
+
+def low_rank(stacks: Stacks, bins: Bins, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """The low-rank term of every row, (batch, s, d): x is (batch, s, k) activations or (batch, s) token ids."""
+    g, n = bins.count, bins.n
+    b_bins = stacks.b[bins.view] if bins.view is not None else stacks.b.index_select(0, bins.slot)
+    if stacks.embedding:
+        ids = x.reshape(batch, -1)
+        if bins.src is not None:
+            ids = ids.index_select(0, bins.src)
+        vocab = stacks.a.shape[1]
+        flat = ids.reshape(g, -1) + (bins.slot * vocab)[:, None]  # row of the flat (S*V, R) table
+        t = F.embedding(flat, stacks.a.view(-1, stacks.a.shape[-1]))  # (G, n*s, R): rows, never tables
+    else:
+        xs = x.reshape(batch, -1, x.shape[-1])
+        if bins.src is not None:
+            xs = xs.index_select(0, bins.src)
+        if xs.dtype != stacks.a.dtype:
+            xs = xs.to(stacks.a.dtype)
+        a_bins = stacks.a[bins.view] if bins.view is not None else stacks.a.index_select(0, bins.slot)
+        t = torch.bmm(xs.reshape(g, -1, xs.shape[-1]), a_bins)  # (G, n*s, R)
+    y = torch.bmm(t, b_bins)  # (G, n*s, d)
+    y = y.view(g * n, -1, y.shape[-1])
+    return y if bins.pos is None else y.index_select(0, bins.pos)
