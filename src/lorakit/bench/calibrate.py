@@ -14,11 +14,15 @@ The predictions come from the same functions :func:`lorakit.bench.plan.plan` use
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -89,14 +93,33 @@ def _rss_mb() -> float:
     return current_rss_mib() * 2**20 / 1e6
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Silence file descriptor 2 (the profiler's C++ side prints "profiler_start/stop" lines there,
+    which Python's sys.stderr cannot catch); restored on exit, errors included."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _profiled_peak_mb(step) -> float:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(
-        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
-    ) as prof:
-        step()
-    with tempfile.TemporaryDirectory() as d:
+    with _native_stderr_silenced():
+        with profile(
+            activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+        ) as prof:
+            step()
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        # torch deprecates the CPU memory timeline in favour of CUDA-only tools; it is the CPU one we need
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*export_memory_timeline")
         path = os.path.join(d, "timeline.json")
         prof.export_memory_timeline(path, device="cpu")
         with open(path) as f:
