@@ -177,7 +177,7 @@ def plan_bins(row_slots: Sequence[int], tokens: int, device: torch.device) -> Bi
         slot=as_long(slot),
         view=view,
         src=None if src == identity else as_long(src),
-        pos=None if pos == identity else as_long(pos),
+        pos=None if pos == identity and len(src) == len(pos) else as_long(pos),
     )
 
 

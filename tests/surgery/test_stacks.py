@@ -1,0 +1,138 @@
+"""The mixed-batch stacks: the cache never serves a deleted or changed adapter (memory reuse forced, a changed
+scaling), the embedding route gathers rows and builds no (batch, vocab, r) table, and the bins (rows grouped
+per adapter, or one per row) give every row what that row gives alone (the single-adapter path, itself
+checked against PEFT and the LoRA equation in tests/adapters)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lorakit
+from lorakit.io import load_adapter, save_adapter
+from lorakit.serving import BASE, mixed_forward
+from lorakit.surgery.inject import adapted_layers
+
+
+def randomize(model, adapter: str, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapted_layers(model):
+            if adapter in layer.adapters:
+                for p in layer.adapters[adapter].parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def with_adapters(specs, model_name="tiny-llama"):
+    """specs: (name, r, targets); every adapter gets its own random weights."""
+    model = lorakit.build_model(model_name)
+    for i, (name, r, targets) in enumerate(specs):
+        lorakit.inject(model, lorakit.AdapterConfig(r=r, alpha=16, target_modules=targets), name)
+        randomize(model, name, seed=100 + i)
+    return model.eval()
+
+
+def alone(model, x, name):
+    with torch.no_grad():
+        if name == BASE:
+            with lorakit.disabled(model):
+                return model(x).logits
+        lorakit.set_adapter(model, name)
+        return model(x).logits
+
+
+def assert_rows_alone(model, x, names):
+    with torch.no_grad():
+        mixed = mixed_forward(model, x, adapter_names=names).logits
+    for i, name in enumerate(names):
+        torch.testing.assert_close(
+            mixed[i], alone(model, x[i : i + 1], name)[0], atol=1e-5, rtol=0, msg=f"row {i} ({name})"
+        )
+
+
+QV = ["q_proj", "v_proj"]
+
+
+def test_reloaded_adapter_under_the_same_name_in_reused_memory(tmp_path):
+    """Delete adapter "x", load a different adapter under the name "x" whose tensors sit in the very storage
+    of the deleted ones (what the allocator may do; forced here): rows of "x" get the new weights."""
+    source = with_adapters([("x", 8, QV), ("y", 4, QV), ("z", 8, QV)])
+    paths = {n: save_adapter(source, tmp_path / n, n) for n in ("x", "y", "z")}
+    model = lorakit.build_model("tiny-llama").eval()
+    load_adapter(model, paths["y"], "y")
+    load_adapter(model, paths["x"], "x")  # the last one: after delete + load the layer order is the same
+    x = torch.randint(0, 256, (3, 8), generator=torch.Generator().manual_seed(3))
+    names = ["x", "y", "x"]
+    assert_rows_alone(model, x, names)  # builds and caches the stacks
+    old = {
+        path: (layer.adapters["x"].lora_A.weight, layer.adapters["x"].lora_B.weight)
+        for path, layer in adapted_layers(model)
+    }
+    lorakit.delete_adapter(model, "x")
+    load_adapter(model, paths["z"], "x")  # a different adapter, same name, same shapes
+    with torch.no_grad():
+        for path, layer in adapted_layers(model):
+            new = layer.adapters["x"]
+            for param, dead in zip((new.lora_A.weight, new.lora_B.weight), old[path]):
+                values = param.detach().clone()
+                param.data = dead.data  # the deleted tensor's memory ...
+                param.data.copy_(values)  # ... now holding the new weights (as a reused block would)
+                assert param.data_ptr() == dead.data_ptr()
+    assert (alone(model, x[:1], "x") - alone(source, x[:1], "x")).abs().max() > 1e-2
+    torch.testing.assert_close(alone(model, x[:1], "x"), alone(source, x[:1], "z"), atol=1e-5, rtol=0)
+    assert_rows_alone(model, x, names)
+
+
+def test_changed_scaling_is_seen():
+    model = with_adapters([("x", 8, QV), ("y", 4, QV)])
+    x = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(4))
+    assert_rows_alone(model, x, ["x", "y"])
+    for _, layer in adapted_layers(model):
+        layer.adapters["y"].scaling *= 3.0  # as a new alpha would
+    assert_rows_alone(model, x, ["x", "y"])
+
+
+class _Shapes(TorchDispatchMode):
+    """Records the shape of every tensor an op returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def test_embedding_route_gathers_rows_not_tables():
+    model = with_adapters([("e0", 4, ["embed_tokens", "q_proj"]), ("e1", 4, ["embed_tokens"])])
+    vocab = model.get_input_embeddings().base.num_embeddings
+    names = ["e0", BASE, "e1", "e0", "e1", "e1"]
+    x = torch.randint(0, vocab, (len(names), 5), generator=torch.Generator().manual_seed(5))
+    assert_rows_alone(model, x, names)
+    spy = _Shapes()
+    with torch.no_grad(), spy:
+        mixed_forward(model, x, adapter_names=names)
+    assert (len(names), 5, vocab) in spy.shapes  # the spy sees the forward (the logits)
+    tables = [s for s in spy.shapes if s[:2] == (len(names), vocab)]
+    assert not tables, f"a per-row copy of the embedding table was built: {tables}"
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["a0", "a0", "a1", "a1", "a2", "a2"],  # balanced and sorted: one bin per adapter, a view of the stack
+        ["a2", "a0", "a1", "a0", "a2", "a1"],  # balanced, shuffled: rows permuted into bins and back
+        ["a1", "a1", "a1", "a1", "a1", "a0", BASE],  # one big group: bins padded or one per row
+        ["a0", "a1", "a2", BASE, "a0", "a1", "a2"],
+    ],
+)
+def test_bins_give_each_row_its_adapter(names):
+    model = with_adapters([("a0", 8, QV), ("a1", 2, ["q_proj", "o_proj"]), ("a2", 4, QV)])
+    for length in (1, 6):  # decode-like and prefill-like rows (the bin size depends on the row length)
+        x = torch.randint(0, 256, (len(names), length), generator=torch.Generator().manual_seed(length))
+        assert_rows_alone(model, x, names)
