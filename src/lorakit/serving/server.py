@@ -7,8 +7,9 @@ remove adapters while serving. The request's ``model`` picks the adapter; the ba
 ``"base"``) picks the plain base.
 
 Jobs are split by module: ``parse`` validates a body into a ``Parsed`` request (per request, before
-anything is batched), ``responses`` builds bodies and SSE events, ``limits`` holds the bounds; this
-module wires routes to the engine. Bad requests get an OpenAI error body ``{"error": {"message", "type",
+anything is batched), ``submission`` hands its prompts to the engine and gathers or streams their
+results, ``responses`` builds bodies and SSE events, ``limits`` holds the bounds; this module reads
+bodies (size-bounded) and wires routes to them. Bad requests get an OpenAI error body ``{"error": {"message", "type",
 "param", "code"}}``: 400 (malformed body, bad field, too many prompts or tokens), 404 (unknown model),
 413 (body over ``max_body_bytes``), 429 with ``Retry-After`` (engine queue full); the server keeps
 serving. A client that disconnects cancels its prompts in the engine (streaming or not), and a failed
@@ -18,10 +19,9 @@ prompt of a multi-prompt request cancels the request's other prompts.
 from __future__ import annotations
 
 import asyncio
-import functools
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -31,30 +31,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from lorakit.serving.engine import Engine, GenRequest
+from lorakit.serving.engine import Engine
 from lorakit.serving.errors import ApiError, error_body
 from lorakit.serving.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PROMPTS, DEFAULT_MAX_QUEUE, Limits
-from lorakit.serving.parse import Parsed, ServedModel, decode_json, field, parse_request
-from lorakit.serving.registry import RegistryError, UnknownAdapterError
-from lorakit.serving.responses import (
-    DONE,
-    completion_body,
-    error_event,
-    response_head,
-    stream_chunk,
-    total_usage,
-    usage_chunk,
-)
+from lorakit.serving.parse import ServedModel, decode_json, field, parse_request
+from lorakit.serving.registry import AdapterRegistry, RegistryError, UnknownAdapterError
+from lorakit.serving.responses import completion_body, response_head
+from lorakit.serving.submission import ClientGone, GenerationFailed, Submission
 
 __all__ = ["ApiError", "ServerThread", "build_app", "create_app", "error_body"]
-
-
-def _post(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, index: int, event: Any) -> None:
-    """Hand an engine event (from the engine thread) to the request's queue on the server's loop."""
-    try:
-        loop.call_soon_threadsafe(events.put_nowait, (index, event))
-    except RuntimeError:  # the loop has closed (server shut down): nobody is listening any more
-        pass
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -77,112 +62,6 @@ async def read_body(request: Request, limit: int) -> bytes:
             499, "the client disconnected while sending the body", code="client_disconnected"
         ) from None
     return b"".join(chunks)
-
-
-class GenerationFailed(Exception):
-    """A prompt of the request failed in the engine (already counted there as a 500)."""
-
-
-class ClientGone(Exception):
-    """The client disconnected before its response was ready."""
-
-
-class Submission:
-    """One HTTP request's prompts in the engine: their events, the disconnect watch, cancelling them all."""
-
-    def __init__(self, parsed: Parsed, loop: asyncio.AbstractEventLoop) -> None:
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.requests = [
-            GenRequest(
-                ids,
-                parsed.adapter,
-                emit=functools.partial(_post, loop, self.events, i),
-                model_name=parsed.model_name,
-                **parsed.sampling,
-            )
-            for i, ids in enumerate(parsed.prompts)
-        ]
-        self._watcher: asyncio.Task | None = None
-
-    def submit(self, engine: Engine, limits: Limits) -> None:
-        """Queue every prompt, or none: 429 when they would overflow ``limits.max_queue``."""
-        if engine.waiting + len(self.requests) > limits.max_queue:
-            raise ApiError(
-                429,
-                f"the server's queue is full ({engine.waiting} prompts waiting, max_queue={limits.max_queue}); "
-                f"retry after {limits.retry_after_s} s",
-                code="queue_full",
-                headers={"Retry-After": str(limits.retry_after_s)},
-            )
-        for i, req in enumerate(self.requests):
-            try:
-                engine.submit(req)
-            except ValueError as e:  # parse checks first, so this is a second line of defence
-                self.cancel()
-                raise ApiError(400, f"prompt {i}: {e}", param="prompt") from None
-
-    def watch(self, receive: Callable[[], Awaitable[dict]]) -> None:
-        """Cancel the prompts when the client disconnects (ASGI ``http.disconnect``)."""
-
-        async def wait_for_disconnect() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            self.cancel()
-            self.events.put_nowait((-1, ("gone", None)))
-
-        self._watcher = asyncio.get_running_loop().create_task(wait_for_disconnect())
-
-    def cancel(self) -> None:
-        for req in self.requests:
-            req.cancel()
-
-    def close(self) -> None:
-        """Stop watching and cancel whatever is still generating (a no-op for finished prompts)."""
-        if self._watcher is not None:
-            self._watcher.cancel()
-        self.cancel()
-
-    async def results(self) -> list[dict]:
-        """Every prompt's ``done`` result in prompt order; the first failure cancels the others."""
-        n = len(self.requests)
-        results: list[dict | None] = [None] * n
-        left = n
-        while left:
-            i, (kind, data) = await self.events.get()
-            if kind == "gone":
-                raise ClientGone
-            if kind == "error":
-                self.cancel()
-                if n > 1:
-                    data = f"prompt {i} of {n} failed: {data}; the request's other prompts were cancelled"
-                raise GenerationFailed(data)
-            if kind == "done":
-                results[i] = data
-                left -= 1
-        return results  # type: ignore[return-value]
-
-    async def sse(self, head: dict, chat: bool, include_usage: bool) -> AsyncIterator[str]:
-        """Server-sent events as tokens arrive; closing the stream cancels what is still generating."""
-        try:
-            left, done = len(self.requests), []
-            while left:
-                i, (kind, data) = await self.events.get()
-                if kind == "gone":
-                    return
-                if kind == "delta":
-                    yield stream_chunk(head, i, data, None, chat)
-                elif kind == "done":
-                    left -= 1
-                    done.append(data)
-                    yield stream_chunk(head, i, None, data["finish_reason"], chat)
-                else:
-                    left -= 1
-                    yield error_event(data)
-            if include_usage:
-                yield usage_chunk(head, total_usage(done), chat)
-            yield DONE
-        finally:
-            self.close()
 
 
 def _install_error_handlers(app: FastAPI, record: Callable[[int], None]) -> None:
@@ -217,7 +96,7 @@ def create_app(
 
     Bounds (see ``lorakit.serving.limits``): ``max_context`` tokens of prompt + completion,
     ``max_prompts`` prompts per request, ``max_body_bytes`` per body, ``max_queue`` prompts waiting."""
-    tokenizer, registry, metrics = engine.tokenizer, engine.registry, engine.metrics
+    tokenizer, registry = engine.tokenizer, engine.registry
     limits = Limits(max_prompts=max_prompts, max_body_bytes=max_body_bytes, max_queue=max_queue)
     sizes = [v for v in (engine.vocab_size, _tokenizer_size(tokenizer)) if v]
     if not sizes:
@@ -225,7 +104,6 @@ def create_app(
             "cannot tell the vocabulary size: the model has no input embeddings and the tokenizer no len()"
         )
     served = ServedModel(base_name, tokenizer, int(max_context), min(sizes), registry)
-    created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -235,7 +113,7 @@ def create_app(
 
     app = FastAPI(title="lorakit serve", lifespan=lifespan)
     app.state.engine, app.state.limits = engine, limits
-    _install_error_handlers(app, metrics.record_error)
+    _install_error_handlers(app, engine.metrics.record_error)
 
     async def generate(request: Request, chat: bool) -> Any:
         parsed = parse_request(
@@ -267,6 +145,21 @@ def create_app(
     async def chat_completions(request: Request):
         return await generate(request, chat=True)
 
+    _add_info_routes(app, engine, served, limits)
+    if admin:
+        _add_admin_routes(app, registry, limits)
+    return app
+
+
+def _add_info_routes(app: FastAPI, engine: Engine, served: ServedModel, limits: Limits) -> None:
+    """``/v1/models``, ``/health`` and ``/metrics``."""
+    registry, metrics, base_name, created = (
+        engine.registry,
+        engine.metrics,
+        served.base_name,
+        int(time.time()),
+    )
+
     @app.get("/v1/models")
     async def models():
         loaded = set(registry.loaded())
@@ -297,30 +190,30 @@ def create_app(
             "limits": {**limits.as_dict(), "max_context": served.max_context},
         }
 
-    if admin:
 
-        @app.post("/v1/adapters")
-        async def add_adapter(request: Request):
-            body = decode_json(await read_body(request, limits.max_body_bytes))
-            name = field(body, "name", str, "", bool, "an adapter name")
-            path = field(body, "path", str, "", bool, "an adapter directory")
-            try:
-                await run_in_threadpool(registry.register, name, path, True)
-            except (ValueError, OSError, RuntimeError) as e:
-                raise ApiError(400, f"cannot add adapter {name!r}: {e}", param="path") from None
-            return {"id": name, "object": "model", "loaded": True}
+def _add_admin_routes(app: FastAPI, registry: AdapterRegistry, limits: Limits) -> None:
+    """``POST /v1/adapters`` and ``DELETE /v1/adapters/{name}``: change the servable adapters while serving."""
 
-        @app.delete("/v1/adapters/{name}")
-        async def remove_adapter(name: str):
-            try:
-                await run_in_threadpool(registry.remove, name)
-            except UnknownAdapterError as e:
-                raise ApiError(404, str(e), param="name", code="model_not_found") from None
-            except RegistryError as e:
-                raise ApiError(400, str(e), param="name") from None
-            return {"id": name, "object": "model", "deleted": True}
+    @app.post("/v1/adapters")
+    async def add_adapter(request: Request):
+        body = decode_json(await read_body(request, limits.max_body_bytes))
+        name = field(body, "name", str, "", bool, "an adapter name")
+        path = field(body, "path", str, "", bool, "an adapter directory")
+        try:
+            await run_in_threadpool(registry.register, name, path, True)
+        except (ValueError, OSError, RuntimeError) as e:
+            raise ApiError(400, f"cannot add adapter {name!r}: {e}", param="path") from None
+        return {"id": name, "object": "model", "loaded": True}
 
-    return app
+    @app.delete("/v1/adapters/{name}")
+    async def remove_adapter(name: str):
+        try:
+            await run_in_threadpool(registry.remove, name)
+        except UnknownAdapterError as e:
+            raise ApiError(404, str(e), param="name", code="model_not_found") from None
+        except RegistryError as e:
+            raise ApiError(400, str(e), param="name") from None
+        return {"id": name, "object": "model", "deleted": True}
 
 
 def _tokenizer_size(tokenizer: Any) -> int | None:
