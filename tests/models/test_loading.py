@@ -5,7 +5,7 @@ import warnings
 import pytest
 
 import lorakit as lk
-from lorakit.models.builtin import ModelError
+from lorakit.models.builtin import ModelError, require_causal_lm
 
 
 def test_a_fresh_classifier_head_is_expected_not_reported(capfd):
@@ -33,10 +33,10 @@ def test_weights_really_missing_are_one_warning(tmp_path, recwarn):
 def test_an_encoder_is_refused_as_a_causal_lm():
     """`lorakit generate --model minilm` printed "stuff stuff stuff" (issue 20 item 5)."""
     with pytest.raises(ModelError, match="encoder.*not a causal language model"):
-        lk.build_model("minilm", task="causal-lm")
+        require_causal_lm("minilm")
     with pytest.raises(ModelError, match="not a causal language model"):
-        lk.build_model("tiny-bert", task="causal-lm")
-    lk.build_model("tiny-gpt2", task="causal-lm")  # decoders pass
+        require_causal_lm("tiny-bert")
+    require_causal_lm("tiny-gpt2")  # decoders pass
     from lorakit.cli.main import main
 
     assert main(["generate", "--model", "minilm", "--prompt", "hello"]) == 2

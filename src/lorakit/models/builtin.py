@@ -121,8 +121,6 @@ def build_model(
         "base": tf.AutoModel,
     }[task]
     torch.manual_seed(seed)
-    if task == "causal-lm":
-        require_causal_lm(name_or_path)
     if name_or_path in BUILTIN_SPECS:
         cfg = builtin_config(name_or_path, task, num_labels)
         model = auto.from_config(cfg)
