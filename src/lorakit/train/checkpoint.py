@@ -226,33 +226,6 @@ def latest_checkpoint(root: str) -> str | None:
 ARTIFACTS = ("checkpoints", "adapter", "metrics.jsonl", "summary.json", "loss_curve.png", "run_config.json")
 
 
-class OutputDirError(ValueError):
-    """The output directory holds another run and neither resume nor overwrite was asked for."""
-
-
-def prepare_output(out: str, resume: bool, overwrite: bool, is_main: bool) -> str | None:
-    """Check the output dir (refuse to mix two runs); returns the checkpoint to resume from (None for a fresh run)."""
-    root = os.path.join(out, "checkpoints")
-    if resume:
-        latest = latest_checkpoint(root)
-        if latest is None:
-            raise CheckpointError(f"--resume: no complete checkpoint under {root!r}")
-        return latest
-    occupied = os.path.isdir(out) and any(os.path.exists(os.path.join(out, a)) for a in ARTIFACTS)
-    if occupied and not overwrite:
-        raise OutputDirError(
-            f"output dir {out!r} already holds a run; pass --resume to continue it or --overwrite to replace it"
-        )
-    if occupied and is_main:
-        for a in ARTIFACTS:
-            p = os.path.join(out, a)
-            if os.path.isdir(p):
-                shutil.rmtree(p)
-            elif os.path.exists(p):
-                os.remove(p)
-    return None
-
-
 def save_final_adapter(model: torch.nn.Module, path: str, base_model: str | None = None) -> str:
     """Save the trained adapter with ``lorakit.io.save_adapter`` (PEFT layout); a model trained in full
     (no adapter) is saved whole with ``save_pretrained`` (safetensors), atomically."""

@@ -24,6 +24,7 @@ exactly where the checkpoint was written.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -39,6 +40,7 @@ import torch
 
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed as dd
+from lorakit.train import rundir
 from lorakit.train.build import build_run_model, load_data, optimizer_groups, resolve_precision
 from lorakit.train.callbacks import Callback, TrainState
 from lorakit.train.collate import BatchPlan, Collator
@@ -88,7 +90,13 @@ def train(
     cfg = config if isinstance(config, RunConfig) else load_run_config(config, overrides)
     d = dd.setup(cfg.training.device)
     try:
-        result = _Run(cfg, d, resume, overwrite, list(callbacks)).run()
+        where, resume_from = rundir.prepare(cfg.output.dir, resume, overwrite, d.is_main)
+        dd.barrier(d)
+        try:
+            result = _Run(cfg, d, where, resume_from, list(callbacks)).run()
+        except BaseException:
+            where.discard(d.is_main)  # an overwrite that failed before its swap leaves the old run as it was
+            raise
         # rank 0 still writes files after the loop; destroying the process group while a peer is
         # mid-collective aborts that process ("terminate called without an active exception")
         dd.barrier(d)
@@ -98,13 +106,14 @@ def train(
 
 
 class _Run:
-    def __init__(self, cfg: RunConfig, d: dd.Dist, resume: bool, overwrite: bool, user_cbs: list[Callback]):
+    def __init__(
+        self, cfg: RunConfig, d: dd.Dist, where: rundir.RunDir, resume_from: str | None, user_cbs: list[Callback]
+    ):
         from lorakit.bench.params import efficiency_report
         from lorakit.train.tokenizer import load_tokenizer, pad_id
 
         self.cfg, self.d, t = cfg, d, cfg.training
-        self.resume_from = ckpt.prepare_output(cfg.output.dir, resume, overwrite, d.is_main)
-        dd.barrier(d)
+        self.dir, self.resume_from = where, resume_from
         _seed_all(t.seed)
         self.precision = resolve_precision(t.mixed_precision, d.device)
         tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
@@ -170,11 +179,18 @@ class _Run:
             return
         self.progress.saved_step = self.state.step
         if self.d.is_main:
-            root = os.path.join(self.cfg.output.dir, "checkpoints")
+            root = os.path.join(self.dir.path, "checkpoints")
             ckpt.save_checkpoint(
                 root, self.state.step, self.model, run_state(self), self.cfg.output.keep_last
             )
+        self._promote()
         dd.barrier(self.d)
+
+    def _promote(self) -> None:
+        """An --overwrite run replaces the previous one now that it has a checkpoint (or has ended)."""
+        self.dir.promote(self.d.is_main)
+        if self.log.path:
+            self.log.path = os.path.join(self.dir.path, "metrics.jsonl")
 
     # --- one optimizer step ------------------------------------------------------------------------
     def _step(
@@ -232,7 +248,7 @@ class _Run:
 
     def _skipped(self, skip: Skip) -> None:
         """Book a skipped step: it advances the step counter and the lr schedule, nothing else."""
-        pg, out = self.progress, self.cfg.output.dir
+        pg, out = self.progress, self.dir.path
         pg.skipped += 1
         pg.nonfinite_run += skip.counts
         self.state.step += 1
@@ -268,17 +284,36 @@ class _Run:
         self.progress.last_eval, self.progress.last_eval_step = m, self.state.step
         return m
 
+    def _already_complete(self, summary_path: str) -> TrainResult:
+        """``--resume`` of a finished run: say so and return what it recorded; nothing is retrained."""
+        with open(summary_path, encoding="utf-8") as f:
+            s = json.load(f)
+        if self.d.is_main:
+            print(
+                f"the run in {self.dir.path} is already complete ({self.state.step} of {self.total} steps); "
+                f"nothing to do. Its adapter: {s.get('adapter_dir')}"
+            )
+        return TrainResult(
+            self.dir.path, s.get("adapter_dir"), s.get("steps", self.state.step), s.get("skipped_steps", 0),
+            s.get("train_loss"), s.get("eval_before"), s.get("eval_after"), s,
+        )
+
     # --- the loop ----------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        cfg, t, d, out = self.cfg, self.cfg.training, self.d, self.cfg.output.dir
+        cfg, t, d, out = self.cfg, self.cfg.training, self.d, self.dir.path
+        main = d.is_main
         if self.resume_from:
             restore_run(self, self.resume_from)
-        main = d.is_main
+            done = os.path.join(out, "summary.json")
+            if self.state.step >= self.total and os.path.isfile(done):
+                return self._already_complete(done)
+            if main:
+                print(f"resuming from step {self.state.step} of {self.total} ({self.resume_from})")
         if main:
             os.makedirs(out, exist_ok=True)
             ckpt.remove_partial(os.path.join(out, "checkpoints"))
             ckpt.write_json(cfg.to_dict(), os.path.join(out, "run_config.json"))
-        log = MetricsLog(
+        log = self.log = MetricsLog(
             os.path.join(out, "metrics.jsonl") if main else None,
             self.state.step if self.resume_from else None,
         )
@@ -363,6 +398,8 @@ class _Run:
                 log.write({"step": self.state.step, **m})
         if save_every != 0:
             self._save()
+        self._promote()
+        out = self.dir.path
         rank_diff = dd.max_rank_difference(self.params, d)
         for cb in self.callbacks:
             cb.on_train_end(self.state)
