@@ -63,7 +63,9 @@ def _check_regex(field_name: str, pattern: Any) -> None:
         raise ConfigError(f"{field_name}: regex {show(pattern)} does not compile: {e}") from None
 
 
-def check_int(field_name: str, value: Any, minimum: int = 1, optional: bool = False, example: str = "") -> None:
+def check_int(
+    field_name: str, value: Any, minimum: int = 1, optional: bool = False, example: str = ""
+) -> None:
     """``value`` is an int (not a bool) in [minimum, 2**63), or None when ``optional``."""
     if optional and value is None:
         return
@@ -131,7 +133,9 @@ def _check_pattern(field_name: str, pattern: Any, integral: bool) -> None:
     if pattern is None:
         return
     if not isinstance(pattern, Mapping):
-        raise ConfigError(f"{field_name}={show(pattern)} has the wrong type; expected a mapping regex -> value")
+        raise ConfigError(
+            f"{field_name}={show(pattern)} has the wrong type; expected a mapping regex -> value"
+        )
     for key, value in pattern.items():
         _check_regex(f"{field_name}[{show(key)}]", key)
         f = finite_number(value)
@@ -222,7 +226,9 @@ class AdapterConfig:
         object.__setattr__(self, "exclude_modules", _as_tuple(self.exclude_modules))
         layers = self.layers_to_transform
         if layers is not None:
-            object.__setattr__(self, "layers_to_transform", (layers,) if isinstance(layers, int) else tuple(layers))
+            object.__setattr__(
+                self, "layers_to_transform", (layers,) if isinstance(layers, int) else tuple(layers)
+            )
         object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
         object.__setattr__(self, "rank_pattern", dict(self.rank_pattern or {}))
         object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
@@ -242,7 +248,9 @@ class AdapterConfig:
         _check_pattern("rank_pattern", self.rank_pattern, integral=True)
         _check_pattern("alpha_pattern", self.alpha_pattern, integral=False)
         _check_layers(self.layers_to_transform)
-        if self.layers_pattern is not None and (not isinstance(self.layers_pattern, str) or not self.layers_pattern):
+        if self.layers_pattern is not None and (
+            not isinstance(self.layers_pattern, str) or not self.layers_pattern
+        ):
             raise ConfigError(
                 f"layers_pattern={show(self.layers_pattern)} is invalid; expected a layer container name "
                 "(e.g. 'layers') or null"
@@ -255,7 +263,9 @@ class AdapterConfig:
             check_int(name, getattr(self, name), minimum=0)
         check_int("total_step", self.total_step, optional=True)
         for name in ("beta1", "beta2"):
-            _check_number(name, getattr(self, name), lambda b: 0.0 < b < 1.0, "a number strictly between 0 and 1")
+            _check_number(
+                name, getattr(self, name), lambda b: 0.0 < b < 1.0, "a number strictly between 0 and 1"
+            )
         _check_number("orth_reg_weight", self.orth_reg_weight, lambda w: w >= 0, "a number >= 0")
         if self.method == "adalora":
             self._validate_adalora()
@@ -275,7 +285,9 @@ class AdapterConfig:
         if self.init != "default":
             raise ConfigError(f"init={self.init!r} cannot be combined with method='adalora'")
         if self.use_rslora:
-            raise ConfigError("use_rslora cannot be combined with method='adalora' (it scales by alpha/ranknum)")
+            raise ConfigError(
+                "use_rslora cannot be combined with method='adalora' (it scales by alpha/ranknum)"
+            )
 
     def replace(self, **changes: Any) -> AdapterConfig:
         """A copy with some fields changed (validated again)."""

@@ -1,6 +1,7 @@
 """Adapter files in PEFT's format (safetensors + adapter_config.json) and atomic writes."""
 
 from lorakit.io.adapter_files import (
+    AdapterConfigError,
     AdapterFileError,
     AdapterNotFoundError,
     adapter_state,
@@ -11,6 +12,7 @@ from lorakit.io.adapter_files import (
 from lorakit.io.peft_format import common_to_peft, config_from_peft, config_to_peft, register_peft_type
 
 __all__ = [
+    "AdapterConfigError",
     "AdapterFileError",
     "AdapterNotFoundError",
     "adapter_state",

@@ -6,7 +6,9 @@ weight), into a temporary directory that atomically takes the target's place. Lo
 transactional: the files are read and checked, the adapter is injected through the method registry
 and filled layer by layer with ``adapter.load_peft_state``; if anything fails (missing or unexpected
 keys, a shape that does not fit, a corrupted file, ...) the half-built adapter is deleted and the model
-is left exactly as it was. Nothing is unpickled: safetensors only, and a legacy ``adapter_model.bin``
+is left exactly as it was. Every such error is an ``AdapterFileError`` on one line naming the file and
+the field, tensor key or layer (a config field that is wrong is an ``AdapterConfigError``, also a
+``ConfigError``). Nothing is unpickled: safetensors only, and a legacy ``adapter_model.bin``
 only through ``torch.load(weights_only=True)``. A path that is not a local directory is an error, never
 a hub lookup.
 """
@@ -22,8 +24,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorakit.config import AdapterConfig
+from lorakit.config import AdapterConfig, ConfigError, show
 from lorakit.io.atomic import atomic_directory
+from lorakit.io.checks import check_dtype, check_ranks, first, target_filters
+from lorakit.io.errors import AdapterConfigError, AdapterFileError, AdapterNotFoundError
 from lorakit.io.peft_format import (
     CONFIG_NAME,
     LEGACY_WEIGHTS_NAME,
@@ -44,15 +48,8 @@ from lorakit.surgery.inject import (
     trained_copies,
 )
 from lorakit.surgery.layer import AdapterStateError
-from lorakit.surgery.targets import find_targets
-
-
-class AdapterFileError(ValueError):
-    """An adapter directory or file is missing, unreadable, or does not fit the model."""
-
-
-class AdapterNotFoundError(AdapterFileError, FileNotFoundError):
-    """The adapter directory or one of its files does not exist (never looked up on a hub)."""
+from lorakit.surgery.rows import remove_row_routing
+from lorakit.surgery.targets import TargetError, find_targets
 
 
 def adapter_dir(path: str | os.PathLike, adapter_name: str = "default") -> str:
@@ -139,10 +136,21 @@ def read_adapter(
     try:
         with open(config_path, encoding="utf-8") as f:
             data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{config_path}: not valid JSON ({e})") from None
-    cfg, meta = config_from_peft(data, config_path)
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, an int past the digit limit, deep nesting
+        detail = show(str(e) or type(e).__name__, 120)
+        raise AdapterFileError(f"{config_path}: not valid JSON ({detail})") from None
+    try:
+        cfg, meta = config_from_peft(data, config_path)
+    except ConfigError as e:
+        raise AdapterConfigError(str(e)) from None
     return cfg, meta, _read_tensors(folder)
+
+
+def weights_path(folder: str) -> str:
+    """The tensor file of an adapter directory: safetensors, else a legacy ``adapter_model.bin``."""
+    st_path = os.path.join(folder, WEIGHTS_NAME)
+    legacy = os.path.join(folder, LEGACY_WEIGHTS_NAME)
+    return legacy if not os.path.isfile(st_path) and os.path.isfile(legacy) else st_path
 
 
 def _read_tensors(folder: str) -> dict[str, torch.Tensor]:
@@ -151,7 +159,10 @@ def _read_tensors(folder: str) -> dict[str, torch.Tensor]:
         try:
             tensors = load_file(st_path, device="cpu")
         except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-            raise AdapterFileError(f"{st_path}: not a readable safetensors file ({e})") from None
+            detail = " ".join(str(e).split()) or type(e).__name__
+            raise AdapterFileError(
+                f"{st_path}: not a readable safetensors file ({show(detail, 160)})"
+            ) from None
         source = st_path
     elif os.path.isfile(bin_path):
         warnings.warn(
@@ -171,10 +182,10 @@ def _read_tensors(folder: str) -> dict[str, torch.Tensor]:
     for key, t in tensors.items():
         if not key.startswith(PREFIX):
             raise AdapterFileError(
-                f"{source}: key {key!r} does not start with {PREFIX!r} (not a PEFT adapter file)"
+                f"{source}: key {show(key)} does not start with {PREFIX!r} (not a PEFT adapter file)"
             )
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise AdapterFileError(f"{source}: tensor {key!r} holds NaN or infinite values")
+            raise AdapterFileError(f"{source}: tensor {show(key)} holds NaN or infinite values")
     return tensors
 
 
@@ -198,11 +209,6 @@ def _fit_modules_to_save(
     return cfg if kept == cfg.modules_to_save else cfg.replace(modules_to_save=kept)
 
 
-def _first(items: list[str], n: int = 3) -> str:
-    more = f" (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(repr(i) for i in items[:n]) + more
-
-
 def _fill(
     model: nn.Module,
     adapter_name: str,
@@ -222,11 +228,12 @@ def _fill(
     fixed: dict[str, torch.Tensor] = {}  # trained copies and base weights: shapes must match exactly
     copies: list[tuple[str, nn.Module, list[str]]] = []
     base_params: dict[str, torch.Tensor] = {}
+    dims: dict[str, int] = {}  # adapter tensors: the adapter checks their sizes, we their dimensions
     for name, layer in adapted_layers(model):
         if adapter_name in layer.adapters:
-            adapters.append(
-                (name, layer.adapters[adapter_name], list(layer.adapters[adapter_name].peft_state()))
-            )
+            own = layer.adapters[adapter_name].peft_state()
+            adapters.append((name, layer.adapters[adapter_name], list(own)))
+            dims.update({f"{PREFIX}{name}.{k}": t.dim() for k, t in own.items()})
             base_params.update(
                 {f"{PREFIX}{name}.base_layer.{k}": t for k, t in layer.base.state_dict().items()}
             )
@@ -241,14 +248,21 @@ def _fill(
     if missing:
         raise AdapterFileError(
             f"{source}: {len(missing)} tensors the model's adapter needs are missing: "
-            f"{_first(missing)} (adapter saved for another model or config?)"
+            f"{first(missing)} (adapter saved for another model or config?)"
         )
     if unexpected:
         raise AdapterFileError(
             f"{source}: {len(unexpected)} unexpected tensors match no adapted module: "
-            f"{_first(unexpected)} (adapter saved for another model or config?)"
+            f"{first(unexpected)} (adapter saved for another model or config?)"
         )
     fixed.update({k: t for k, t in base_params.items() if k in tensors})
+    for key, t in tensors.items():
+        check_dtype(source, key, t, fixed.get(key))
+        if key in dims and t.dim() != dims[key]:
+            raise AdapterFileError(
+                f"{source}: tensor {show(key)} has shape {tuple(t.shape)}; the adapter needs "
+                f"{dims[key]} dimensions"
+            )
     for key, t in fixed.items():
         if tuple(tensors[key].shape) != tuple(t.shape):
             raise AdapterFileError(
@@ -291,18 +305,27 @@ def load_adapter(
             f"adapter {adapter_name!r} is already in the model; delete it first or pick another name"
         )
     cfg, meta, tensors = read_adapter(path, adapter_name)
-    source = adapter_dir(path, adapter_name)
+    folder = adapter_dir(path, adapter_name)
+    config_path, source = os.path.join(folder, CONFIG_NAME), weights_path(folder)
     cfg = _fit_modules_to_save(cfg, model, tensors)
-    # a TargetError here names what the config wanted, before any change; a target entry that matches
-    # nothing only warns, as PEFT accepts such files
-    find_targets(model, cfg, strict=False)
+    layer_kwargs = meta.pop("layer_kwargs", {})
+    try:
+        # names what the config wanted, before any change; a target entry that matches nothing only
+        # warns, as PEFT accepts such files
+        targets = find_targets(model, cfg, strict=False)
+    except TargetError as e:
+        raise AdapterConfigError(f"{config_path}: {e}{target_filters(cfg)}") from None
+    check_ranks(cfg, targets, tensors, layer_kwargs, config_path, source)
     snapshot = _Snapshot(model, cfg)
     try:
-        with torch.random.fork_rng(devices=[]):  # initialising the adapter must not move the user's RNG
-            with warnings.catch_warnings():  # warned once above
-                warnings.simplefilter("ignore")
-                inject(model, cfg, adapter_name, activate=activate, strict_targets=False)
-        _fill(model, adapter_name, tensors, source, snapshot, meta.pop("layer_kwargs", {}))
+        try:
+            with torch.random.fork_rng(devices=[]):  # initialising the adapter must not move the user's RNG
+                with warnings.catch_warnings():  # warned once above
+                    warnings.simplefilter("ignore")
+                    inject(model, cfg, adapter_name, activate=activate, strict_targets=False)
+        except (ConfigError, TargetError) as e:  # the file's config does not fit this model
+            raise AdapterConfigError(f"{config_path}: {e}") from None
+        _fill(model, adapter_name, tensors, source, snapshot, layer_kwargs)
     except BaseException:
         snapshot.restore(adapter_name)
         raise
@@ -313,15 +336,15 @@ def load_adapter(
 
 
 class _Snapshot:
-    """What injecting may change, so a failed load can put it back: the adapter registry attributes,
-    the active adapter, every parameter's requires_grad, and (for PiSSA, which rewrites the base
-    weights at init) the target weights."""
+    """What injecting may change, so a failed load can put it back: the model's ``lorakit*`` attributes
+    (adapter registry, active adapter, caches), the active adapter, every parameter's requires_grad, the
+    row routing ``inject`` installs on a plain model (hooks and ``generate``), and (for PiSSA, which
+    rewrites the base weights at init) the target weights."""
 
     def __init__(self, model: nn.Module, cfg: AdapterConfig) -> None:
         self.model = model
-        self.attrs = {
-            a: getattr(model, a) for a in ("lorakit_configs", "lorakit_active") if hasattr(model, a)
-        }
+        self.attrs = {a: v for a, v in vars(model).items() if "lorakit" in a}
+        self.hooks = self._hook_keys()
         self.active = active_adapter(model)
         self.grads = [(p, p.requires_grad) for p in model.parameters()]
         self.weights = []
@@ -337,18 +360,23 @@ class _Snapshot:
             delete_adapter(self.model, adapter_name)
         for weight, saved in self.weights:
             weight.copy_(saved)
-        for attr in ("lorakit_configs", "lorakit_active"):
-            if attr in self.attrs:
-                setattr(self.model, attr, self.attrs[attr])
-            elif hasattr(self.model, attr):
-                delattr(self.model, attr)
         if self.active is not None:
             set_adapter(self.model, self.active)
+        for attr in [a for a in vars(self.model) if "lorakit" in a and a not in self.attrs]:
+            delattr(self.model, attr)
+        for attr, value in self.attrs.items():
+            setattr(self.model, attr, value)
         for p, flag in self.grads:
             p.requires_grad_(flag)
+        if self._hook_keys() != self.hooks:  # inject installed the row routing on a model without it
+            remove_row_routing(self.model)
+
+    def _hook_keys(self) -> tuple[list[int], list[int]]:
+        return list(self.model._forward_pre_hooks), list(self.model._forward_hooks)
 
 
 __all__ = [
+    "AdapterConfigError",
     "AdapterFileError",
     "AdapterNotFoundError",
     "adapter_state",

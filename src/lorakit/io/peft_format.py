@@ -33,7 +33,7 @@ from typing import Any
 from torch import nn
 
 from lorakit.adapters.base import builder_for
-from lorakit.config import AdapterConfig, ConfigError
+from lorakit.config import AdapterConfig, ConfigError, show
 from lorakit.surgery.inject import adapted_layers
 from lorakit.surgery.targets import TargetError, describe_modules, head_names, match_targets
 
@@ -107,11 +107,11 @@ def _import_method(method: str) -> None:
 
 
 def codec_for_peft_type(peft_type: Any, source: str = CONFIG_NAME) -> PeftCodec:
-    if peft_type in _METHOD_OF_TYPE:
+    if isinstance(peft_type, str) and peft_type in _METHOD_OF_TYPE:
         _import_method(_METHOD_OF_TYPE[peft_type])
     if not isinstance(peft_type, str) or peft_type not in _CODECS:
         raise ConfigError(
-            f"{source}: peft_type={peft_type!r} is not supported; lorakit reads {sorted(_CODECS)}"
+            f"{source}: peft_type={show(peft_type)} is not supported; lorakit reads {sorted(_CODECS)}"
         )
     return _CODECS[peft_type]
 
@@ -130,9 +130,9 @@ def _get(d: Mapping[str, Any], key: str, types: type | tuple[type, ...], default
     if value is None:
         return default
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_names(types)}")
+        raise ConfigError(f"{key}={show(value)} has the wrong type; expected {_type_names(types)}")
     if not isinstance(value, types):
-        raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_names(types)}")
+        raise ConfigError(f"{key}={show(value)} has the wrong type; expected {_type_names(types)}")
     return value
 
 
@@ -158,7 +158,7 @@ def _init_from_peft(value: Any) -> str:
             )
         return "pissa"
     raise ConfigError(
-        f"init_lora_weights={value!r} is not supported; lorakit loads true/false, 'gaussian', 'eva', "
+        f"init_lora_weights={show(value)} is not supported; lorakit loads true/false, 'gaussian', 'eva', "
         "'orthogonal' and 'pissa' adapters (others change the base weights in ways lorakit cannot redo)"
     )
 
@@ -168,7 +168,7 @@ def common_from_peft(d: Mapping[str, Any]) -> dict[str, Any]:
     for key in _UNSUPPORTED:
         if d.get(key):
             raise ConfigError(
-                f"{key}={d[key]!r} is a PEFT feature lorakit does not support (expected null/false)"
+                f"{key}={show(d[key])} is a PEFT feature lorakit does not support (expected null/false)"
             )
     bias = _get(d, "bias", str, "none")
     if bias != "none":
@@ -179,11 +179,11 @@ def common_from_peft(d: Mapping[str, Any]) -> dict[str, Any]:
     pattern = _get(d, "layers_pattern", (str, list))
     if isinstance(pattern, list):
         if len(pattern) != 1 or not isinstance(pattern[0], str):
-            raise ConfigError(f"layers_pattern={pattern!r}: lorakit supports one layer container name")
+            raise ConfigError(f"layers_pattern={show(pattern)}: lorakit supports one layer container name")
         pattern = pattern[0]
     modules_to_save = _get(d, "modules_to_save", list, [])
     if not all(isinstance(m, str) and m for m in modules_to_save):
-        raise ConfigError(f"modules_to_save={modules_to_save!r} must be a list of module names")
+        raise ConfigError(f"modules_to_save={show(modules_to_save)} must be a list of module names")
     return dict(
         alpha=_get(d, "lora_alpha", (int, float), 8),
         dropout=_get(d, "lora_dropout", (int, float), 0.0),
@@ -217,16 +217,18 @@ def adalora_rank_masks(masks: Mapping[str, Any]) -> dict[str, list[bool]]:
     out: dict[str, list[bool]] = {}
     for key, mask in masks.items():
         if not isinstance(mask, list) or not all(isinstance(b, bool) for b in mask):
-            raise ConfigError(f"rank_pattern[{key!r}] must be a list of booleans (AdaLoRA's kept-rank mask)")
+            raise ConfigError(
+                f"rank_pattern[{show(key)}] must be a list of booleans (AdaLoRA's kept-rank mask)"
+            )
         module = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         out[re.sub(r"\.lora_E(\.[^.]+)?$", "", module)] = mask
     return out
 
 
 def _adalora_from_peft(d: Mapping[str, Any]) -> AdapterConfig:
-    if d.get("use_dora"):
+    if _get(d, "use_dora", bool, False):
         raise ConfigError("use_dora=true cannot be combined with peft_type='ADALORA'")
-    if d.get("use_rslora"):
+    if _get(d, "use_rslora", bool, False):
         raise ConfigError("use_rslora=true cannot be combined with peft_type='ADALORA'")
     fields = common_from_peft(d)
     target_r, init_r = _get(d, "target_r", int, 8), _get(d, "init_r", int, 12)
@@ -266,9 +268,9 @@ def config_from_peft(data: Any, source: str = CONFIG_NAME) -> tuple[AdapterConfi
     try:
         cfg = codec.from_peft(data)
         layer_kwargs = codec.layer_kwargs(data) if codec.layer_kwargs else {}
+        meta = {k: _get(data, k, str) for k in ("task_type", "base_model_name_or_path")}
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-    meta = {k: data.get(k) for k in ("task_type", "base_model_name_or_path")}
     if layer_kwargs:
         meta["layer_kwargs"] = layer_kwargs
     return cfg, meta

@@ -158,7 +158,9 @@ class RunConfig:
         if raw_adapter.get("method") == "full":
             if set(raw_adapter) != {"method"}:
                 extra = sorted(show(k) for k in set(raw_adapter) - {"method"})
-                raise ConfigError(f"adapter: method 'full' (full fine-tuning) takes no other keys, got {extra}")
+                raise ConfigError(
+                    f"adapter: method 'full' (full fine-tuning) takes no other keys, got {extra}"
+                )
             adapter: AdapterConfig | None = None
         else:
             raw_adapter = yaml_floats(AdapterConfig, {**ADAPTER_DEFAULTS, **raw_adapter})
@@ -168,7 +170,9 @@ class RunConfig:
             model=read_section(ModelSection, "model", data["model"]),
             data=read_section(DataSection, "data", data["data"]),
             adapter=adapter,
-            training=read_section(TrainingSection, "training", mapping("training", data.get("training"), True)),
+            training=read_section(
+                TrainingSection, "training", mapping("training", data.get("training"), True)
+            ),
             output=read_section(OutputSection, "output", data["output"]),
             quant=named("quant", QuantConfig.from_dict, quant) if quant else None,
         )
@@ -300,10 +304,16 @@ def apply_overrides(
         key, raw = item.split("=", 1)
         parts = [p for p in key.strip().split(".") if p]
         if len(parts) < 2:
-            raise ConfigError(f"--set {show(item)}: the key must name a section and a field, e.g. training.lr")
+            raise ConfigError(
+                f"--set {show(item)}: the key must name a section and a field, e.g. training.lr"
+            )
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
-        except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an int beyond Python's digit limit
+        except (
+            yaml.YAMLError,
+            ValueError,
+            RecursionError,
+        ) as e:  # ValueError: an int beyond Python's digit limit
             first = (str(e).splitlines() or [type(e).__name__])[0]
             raise ConfigError(f"--set {show(item)}: value is not valid YAML ({first})") from None
         if (
@@ -337,7 +347,9 @@ def load_run_config(path: str | os.PathLike[str], overrides: Sequence[str] = ())
         try:
             data = yaml.safe_load(f)
         except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an int beyond the digit limit
-            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split()) or type(e).__name__})") from None
+            raise ConfigError(
+                f"{path}: not valid YAML ({' '.join(str(e).split()) or type(e).__name__})"
+            ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model, data, adapter, training, output)")
     apply_overrides(data, overrides)

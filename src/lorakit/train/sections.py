@@ -92,7 +92,9 @@ def coerce(name: str, value: Any, tp: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             if -INT_LIMIT <= value < INT_LIMIT:
                 return value
-            raise ConfigError(f"{name}={show(value)} is out of range; expected an integer that fits in 64 bits")
+            raise ConfigError(
+                f"{name}={show(value)} is out of range; expected an integer that fits in 64 bits"
+            )
     elif tp is float:
         number: float | None = None
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
@@ -132,7 +134,9 @@ def read_section(cls: type, section: str, value: Any) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            raise ConfigError(f"{section}: unknown key {show(key)}{_closest(str(key), names)}; allowed: {names}")
+            raise ConfigError(
+                f"{section}: unknown key {show(key)}{_closest(str(key), names)}; allowed: {names}"
+            )
     required = [
         f.name
         for f in dataclasses.fields(cls)
