@@ -166,7 +166,10 @@ def plan(
             raise PlanError(f"price_per_hour={price_per_hour!r} must be a number >= 0")
         chosen = dataclasses.replace(chosen, price_per_hour=float(price_per_hour))
     if (tokens is None) == (dataset_rows is None):
-        raise PlanError("give exactly one data size: tokens=N (per epoch) or dataset_rows=R (with seq_len)")
+        raise PlanError(
+            "give exactly one data size: --tokens N (tokens per epoch; tokens= in the API) or --dataset-rows R "
+            "(rows per epoch, each --seq-len tokens; dataset_rows= in the API)"
+        )
     _positive("seq_len", seq_len, integer=True)
     if tokens is not None:
         _positive("tokens", tokens, integer=True)

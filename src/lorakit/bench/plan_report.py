@@ -33,8 +33,9 @@ def method_rows(p: Plan) -> list[list[str]]:
             "payback (months)",
         ]
     ]
+    no_benefit = p.benefit_per_month == 0  # ROI would read -100%: a cost, not a finding
     for m, mp in p.methods.items():
-        roi = mp.roi
+        roi = None if no_benefit else mp.roi
         rows.append(
             [
                 m + (" *" if m == p.setup.method else ""),
@@ -76,6 +77,7 @@ def table(p: Plan) -> str:
         head,
         "",
         _grid(method_rows(p)),
+        *(["ROI: no benefit given (pass --benefit-per-month USD to price one)"] if p.benefit_per_month == 0 else []),
         "",
         f"{sel.method} memory per GPU (GiB): {breakdown}; total {mem['total']:,.2f}",
         f"{sel.method} FLOPs/token {sel.flops_per_token:,.4g} (6N = {6 * p.params.matmul:,.4g}); total "

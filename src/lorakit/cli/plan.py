@@ -6,6 +6,21 @@ import argparse
 
 from lorakit.bench.cost import OPTIMIZERS
 
+_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def count(text: str) -> int:
+    """A whole number as people write large ones: 10000000, 10_000_000, 1e7, 10M, 2.5B."""
+    t = text.strip().replace("_", "").replace(",", "")
+    scale = _SUFFIX.get(t[-1:].lower(), 1.0) if t else 1.0
+    try:
+        value = float(t[:-1] if scale != 1.0 else t) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 10000000, 1e7 or 10M)") from None
+    if not value.is_integer() or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive whole number")
+    return int(value)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -14,8 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="HF model directory, builtin name, or a size: 1B 3B 7B 8B 13B 33B 65B 70B 175B",
     )
     data = parser.add_mutually_exclusive_group()
-    data.add_argument("--tokens", type=int, default=None, help="training tokens per epoch")
-    data.add_argument("--dataset-rows", type=int, default=None, help="rows per epoch (each seq-len tokens)")
+    data.add_argument("--tokens", type=count, default=None, help="training tokens per epoch (10000000, 1e7, 10M)")
+    data.add_argument(
+        "--dataset-rows", type=count, default=None, help="rows per epoch, each seq-len tokens (50000, 5e4, 50k)"
+    )
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per row / sequence (default 512)")
     parser.add_argument("--epochs", type=float, default=3, help="default 3")
     parser.add_argument("--method", default="lora", choices=["full", "lora", "qlora", "dora"])
