@@ -197,12 +197,27 @@ def common_from_peft(d: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
+# lorakit field -> the json field it is read from, so a config error names what the file says
+_PEFT_NAMES = dict(alpha="lora_alpha", dropout="lora_dropout", init="init_lora_weights", delta_t="deltaT")
+
+
+def _config(renames: Mapping[str, str], **fields: Any) -> AdapterConfig:
+    try:
+        return AdapterConfig(**fields)
+    except ConfigError as e:
+        msg, name = str(e), re.match(r"\w+", str(e))
+        if name and name.group(0) in renames:
+            msg = renames[name.group(0)] + msg[name.end() :]
+        raise ConfigError(msg) from None
+
+
 def _lora_from_peft(d: Mapping[str, Any]) -> AdapterConfig:
     fields = common_from_peft(d)
     use_dora = _get(d, "use_dora", bool, False)
     if use_dora and fields["init"] == "pissa":
         raise ConfigError("init_lora_weights='pissa' with use_dora=true is not supported")
-    return AdapterConfig(
+    return _config(
+        _PEFT_NAMES,
         method="dora" if use_dora else "lora",
         r=_get(d, "r", int, 8),
         use_rslora=_get(d, "use_rslora", bool, False),
@@ -237,7 +252,8 @@ def _adalora_from_peft(d: Mapping[str, Any]) -> AdapterConfig:
             raise ConfigError(f"rank_pattern[{key!r}] has {len(mask)} entries; expected init_r={init_r}")
     # rank_pattern is AdaLoRA's kept-rank masks, not a rank override: it reaches the adapter through
     # load_peft_state(rank_mask=...) (see _adalora_layer_kwargs), not through the config.
-    return AdapterConfig(
+    return _config(
+        {**_PEFT_NAMES, "r": "target_r"},
         method="adalora",
         r=target_r,
         init_r=init_r,
