@@ -1,15 +1,18 @@
 """Mixed-adapter batches: lorakit (stacked gather + bmm) vs PEFT (``adapter_names=``, a loop per adapter).
 
     python benchmarks/bench_mixed.py [--adapters 16 64] [--rows 32] [--repeats 40] [--prefill-repeats 8]
-                                     [--shapes decode prefill] [--threads N]
+                                     [--shapes step decode prefill] [--threads N]
 
 Model: builtin llama-15m (hidden 512, 4 layers), fp32, CPU, eval + inference_mode. N adapters of r=8 on
 q_proj, v_proj (random non-zero weights; the same tensors in lorakit and PEFT). Shapes:
+- step: 1 token per row, no KV cache (the per-layer adapter cost with the least else around it);
 - decode: 1 new token per row on top of a KV cache of 64 prompt tokens per row (the cache is cropped back
   to 64 after each timed call, outside the timing), the same for every variant;
 - prefill: 128 tokens per row, no cache.
-Variants: base (adapters disabled), single (every row on adapter 0), mixed (row i on adapter i mod N),
-plus lorakit's segment-by-adapter alternative (a loop over the adapters present, for comparison only).
+Variants: base (adapters disabled), single (every row on adapter 0), mixed (row i on adapter i mod N, passed
+as ``model(..., adapter_names=...)`` on both sides, so lorakit's per-call routing set-up is timed too), mixed
+ctx (the same rows inside one ``adapter_rows`` block, set up outside the timing), plus lorakit's
+segment-by-adapter alternative (a loop over the adapters present, for comparison only).
 Every repeat runs every variant once, in a rotating order (interleaved); figures are medians in ms.
 """
 
@@ -88,6 +91,9 @@ def variants(ours, peft_model, names, rows):
         return call(ours)
 
     def lk_mixed(call):
+        return call(ours, adapter_names=mixed)
+
+    def lk_mixed_ctx(call):
         with adapter_rows(ours, mixed):
             return call(ours)
 
@@ -117,6 +123,7 @@ def variants(ours, peft_model, names, rows):
         "lorakit base": lk_base,
         "lorakit single": lk_single,
         "lorakit mixed": lk_mixed,
+        "lorakit mixed ctx": lk_mixed_ctx,
         "lorakit segment": lk_segment,
         "peft base": pf_base,
         "peft single": pf_single,
@@ -126,7 +133,14 @@ def variants(ours, peft_model, names, rows):
 
 def measure(ours, peft_model, names, rows, shape, repeats):
     gen = torch.Generator().manual_seed(2)
-    if shape == "decode":
+    if shape == "step":
+        step = torch.randint(3, 2000, (rows, 1), generator=gen)
+
+        def call(model, **kw):
+            t = time.perf_counter()
+            model(step, use_cache=False, **kw)
+            return time.perf_counter() - t
+    elif shape == "decode":
         prompt = torch.randint(3, 2000, (rows, 64), generator=gen)
         step = torch.randint(3, 2000, (rows, 1), generator=gen)
         caches = {}
@@ -161,14 +175,19 @@ def measure(ours, peft_model, names, rows, shape, repeats):
             order = keys[rep % len(keys) :] + keys[: rep % len(keys)]
             for k in order:
                 times[k].append(fns[k](call))
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return times
+
+
+def paired(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over repeats of num/den timed in the same repeat (steadier than a ratio of medians)."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
 def check_equal(ours, peft_model, names, rows) -> float:
     mixed = [names[i % len(names)] for i in range(rows)]
     x = torch.randint(3, 2000, (rows, 16))
-    with torch.inference_mode(), adapter_rows(ours, mixed):
-        a = ours(x).logits
+    with torch.inference_mode():
+        a = ours(x, adapter_names=mixed).logits
     with torch.inference_mode():
         b = peft_model(x, adapter_names=mixed).logits
     return (a - b).abs().max().item()
@@ -180,7 +199,9 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--prefill-repeats", type=int, default=8)
-    p.add_argument("--shapes", nargs="+", default=["decode", "prefill"], choices=["decode", "prefill"])
+    p.add_argument(
+        "--shapes", nargs="+", default=["step", "decode", "prefill"], choices=["step", "decode", "prefill"]
+    )
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads (1 is steadier on a busy machine)"
     )
@@ -197,17 +218,23 @@ def main() -> None:
             f"{check_equal(ours, peft_model, names, args.rows):.2e}"
         )
         for shape in args.shapes:
-            reps = args.repeats if shape == "decode" else args.prefill_repeats
-            res = measure(ours, peft_model, names, args.rows, shape, reps)
+            reps = args.prefill_repeats if shape == "prefill" else args.repeats
+            times = measure(ours, peft_model, names, args.rows, shape, reps)
+            res = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            what = {"step": "1 token/row, no cache", "decode": "1 token/row, KV cache 64"}
             print(
-                f"-- {shape} ({'1 token/row, KV cache 64' if shape == 'decode' else '128 tokens/row'}), "
-                f"median ms over {reps} interleaved repeats"
+                f"-- {shape} ({what.get(shape, '128 tokens/row')}), median ms over {reps} interleaved repeats"
             )
             for k, v in res.items():
-                print(f"   {k:16s} {v:8.2f}")
+                print(f"   {k:18s} {v:8.2f}")
             print(
-                f"   lorakit mixed / lorakit single = {res['lorakit mixed'] / res['lorakit single']:.3f}   "
-                f"peft mixed / lorakit mixed = {res['peft mixed'] / res['lorakit mixed']:.2f}x   "
+                f"   ratios of medians (paired medians): "
+                f"lorakit mixed / lorakit single = {res['lorakit mixed'] / res['lorakit single']:.3f} "
+                f"({paired(times, 'lorakit mixed', 'lorakit single'):.3f}), goal <= 1.15;  "
+                f"peft mixed / lorakit mixed = {res['peft mixed'] / res['lorakit mixed']:.2f}x "
+                f"({paired(times, 'peft mixed', 'lorakit mixed'):.2f}x), goal >= 1.5x\n"
+                f"   lorakit mixed ctx / lorakit single = "
+                f"{res['lorakit mixed ctx'] / res['lorakit single']:.3f}   "
                 f"peft mixed / peft single = {res['peft mixed'] / res['peft single']:.2f}   "
                 f"lorakit segment / lorakit mixed = {res['lorakit segment'] / res['lorakit mixed']:.2f}"
             )

@@ -151,3 +151,17 @@ def test_unload_removes_the_routing():
     model = injected()
     lorakit.unload(model, merge=False)
     assert not model._forward_pre_hooks and not model._forward_hooks and "generate" not in model.__dict__
+
+
+def test_routing_built_in_inference_mode_also_serves_grad_mode():
+    """Stacks and row indices are cached across calls: built under inference_mode they must still work
+    where autograd saves them (inputs that require grad, e.g. attribution on an eval model)."""
+    model = injected()
+    x = tokens(2)
+    with torch.inference_mode():
+        first = model(x, adapter_names=["a0", "a1"]).logits
+    embeds = model.get_input_embeddings()(x).detach().requires_grad_(True)
+    again = model(inputs_embeds=embeds, adapter_names=["a0", "a1"]).logits
+    again.sum().backward()
+    torch.testing.assert_close(again.detach(), first, atol=1e-5, rtol=0)
+    assert embeds.grad is not None and embeds.grad.abs().sum() > 0

@@ -13,6 +13,7 @@ import lorakit
 from lorakit.io import load_adapter, save_adapter
 from lorakit.serving import BASE, mixed_forward
 from lorakit.surgery.inject import adapted_layers
+from lorakit.surgery.stacks import Stacks, add_low_rank, plan_bins
 
 
 def randomize(model, adapter: str, seed: int) -> None:
@@ -136,3 +137,47 @@ def test_bins_give_each_row_its_adapter(names):
     for length in (1, 6):  # decode-like and prefill-like rows (the bin size depends on the row length)
         x = torch.randint(0, 256, (len(names), length), generator=torch.Generator().manual_seed(length))
         assert_rows_alone(model, x, names)
+
+
+def test_add_low_rank_equals_the_per_row_equation():
+    """Against the equation row by row, y_i = out_i + x_i A_{slot_i} B_{slot_i}, for random row plans and row
+    lengths that reach every layout: rows in bin order (fused), permuted, padded, copied factors, one per row;
+    linear (base outputs in the stacks' dtype and in another) and embedding."""
+    gen = torch.Generator().manual_seed(7)
+    seen = set()
+    for case in range(60):
+        slots_n, k, d, r, vocab = 5, 6, 7, 3, 11
+        embedding = case % 3 == 2
+        a = torch.randn(slots_n, vocab if embedding else k, r, generator=gen, dtype=torch.float64)
+        b = torch.randn(slots_n, r, d, generator=gen, dtype=torch.float64)
+        a[-1], b[-1] = 0, 0  # the zero slot
+        stacks = Stacks(0, [f"s{i}" for i in range(slots_n - 1)], {}, [], a, b, embedding, slots_n - 1)
+        batch, tokens = int(torch.randint(2, 9, (1,), generator=gen)), [1, 4][case % 2]
+        row_slots = torch.randint(0, slots_n, (batch,), generator=gen)
+        if case % 4 == 0:
+            row_slots = row_slots.sort().values
+        x = (
+            torch.randint(0, vocab, (batch, tokens), generator=gen)
+            if embedding
+            else torch.randn(batch, tokens, k, generator=gen, dtype=torch.float64)
+        )
+        out_dtype = torch.float32 if case % 5 == 1 else torch.float64
+        out = torch.randn(batch, tokens, d, generator=gen, dtype=torch.float64).to(out_dtype)
+        bins = plan_bins(stacks, row_slots.tolist(), tokens)
+        got = add_low_rank(stacks, bins, x, out)
+        for i, s in enumerate(row_slots.tolist()):
+            t = a[s][x[i]] if embedding else x[i] @ a[s]
+            want = out[i].double() + t @ b[s]
+            torch.testing.assert_close(
+                got[i].double(), want, atol=1e-5, rtol=1e-5, msg=f"case {case} row {i}"
+            )
+        seen.add("view" if bins.b is not None else "copied")
+        seen.add(
+            "in order"
+            if bins.src is None and bins.pos is None
+            else "permuted"
+            if bins.permutation
+            else "padded"
+        )
+        seen.add(f"n={'1' if bins.n == 1 else '>1'}")
+    assert seen == {"view", "copied", "in order", "permuted", "padded", "n=1", "n=>1"}, seen

@@ -33,7 +33,7 @@ from torch import nn
 
 from lorakit.surgery.inject import RESERVED_NAMES, adapted_layers, adapter_configs, trained_copies
 from lorakit.surgery.layer import AdaptedLayer, TrainedCopy, last_change
-from lorakit.surgery.stacks import Bins, layer_stacks, low_rank, plan_bins, supported
+from lorakit.surgery.stacks import Bins, add_low_rank, layer_stacks, plan_bins, supported
 
 BASE = RESERVED_NAMES[0]  # the row name that selects the plain base model ("base")
 _HOOK_ROWS = "_lorakit_hook_rows"  # set on the model while a hook-routed forward runs
@@ -85,7 +85,8 @@ class _Router:
         if all(s == first for s in row_slots):  # one route for the whole batch: no gather at all
             self._single, self._bins = (None if first == stacks.zero else stacks.names[first]), None
         else:
-            self._single, self._bins = None, plan_bins(row_slots, tokens, stacks.a.device)
+            with torch.inference_mode(False):  # the index tensors outlive this forward's mode
+                self._single, self._bins = None, plan_bins(stacks, row_slots, tokens)
 
     def __call__(self, layer: AdaptedLayer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         stacks = layer_stacks(layer)
@@ -99,8 +100,7 @@ class _Router:
             if self._single is None:
                 return out
             return layer.adapters[self._single](x, out, layer.access)  # the plain single-adapter path
-        y = low_rank(stacks, self._bins, x, batch).view(out.shape)
-        return out + (y if y.dtype == out.dtype else y.to(out.dtype))
+        return add_low_rank(stacks, self._bins, x, out)
 
 
 @dataclass(eq=False)

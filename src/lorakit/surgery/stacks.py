@@ -49,10 +49,15 @@ def supported(adapter: nn.Module) -> bool:
 
 
 def _factors(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of a LoRA adapter: (r, k) and (d, r) for linear; (r, V) and (d, r) for embedding."""
-    if isinstance(adapter, LoraEmbedding):
-        return adapter.lora_embedding_A, adapter.lora_embedding_B
-    return adapter.lora_A.weight, adapter.lora_B.weight
+    """(A, B) of a LoRA adapter: (r, k) and (d, r) for linear; (r, V) and (d, r) for embedding.
+
+    Read from the module dicts (what ``adapter.lora_A.weight`` resolves to, without nn.Module's
+    ``__getattr__`` fallback): this runs for every adapter of a layer on every routed forward."""
+    if type(adapter) is LoraEmbedding:
+        params = adapter._parameters
+        return params["lora_embedding_A"], params["lora_embedding_B"]
+    modules = adapter._modules
+    return modules["lora_A"]._parameters["weight"], modules["lora_B"]._parameters["weight"]
 
 
 def _source(adapter: nn.Module) -> tuple:
@@ -69,6 +74,7 @@ class Stacks:
     a: torch.Tensor  # linear: (S, k, R); embedding: (S, V, R)
     b: torch.Tensor  # (S, R, d), scaling folded in
     embedding: bool
+    count: int  # adapters the layer held (supported or not)
 
     @property
     def zero(self) -> int:
@@ -78,13 +84,16 @@ class Stacks:
         """True while no adapter of ``layer`` was added, removed, replaced, modified or rescaled."""
         if layer.generation != self.generation:
             return False
-        adapters = layer.adapters
+        adapters = layer.adapters._modules
+        if len(adapters) != self.count:
+            return False
         for name, (va, vb, scaling, ad_ref, a_ref, b_ref) in zip(self.names, self.sources):
-            ad = adapters[name]
+            ad = adapters.get(name)
+            if ad is None or ad_ref() is not ad:
+                return False
             a, b = _factors(ad)
             if (
-                ad_ref() is not ad
-                or a_ref() is not a
+                a_ref() is not a
                 or b_ref() is not b
                 or a._version != va
                 or b._version != vb
@@ -94,12 +103,18 @@ class Stacks:
         return True
 
 
-@torch.no_grad()
 def layer_stacks(layer: AdaptedLayer) -> Stacks:
     """The (cached) stacked, rank-padded A and scaled B of the LoRA adapters ``layer`` holds."""
     cached = _STACKS.get(layer)
     if cached is not None and cached.fresh(layer):
         return cached
+    with torch.inference_mode(False), torch.no_grad():  # normal tensors: usable outside inference mode too
+        stacks = _build(layer)
+    _STACKS[layer] = stacks
+    return stacks
+
+
+def _build(layer: AdaptedLayer) -> Stacks:
     names = [n for n, ad in layer.adapters.items() if supported(ad)]
     adapters = [layer.adapters[n] for n in names]
     a_list = [_factors(ad)[0].t() for ad in adapters]  # (k, r), or (V, r) for an embedding
@@ -112,7 +127,7 @@ def layer_stacks(layer: AdaptedLayer) -> Stacks:
     for i, (ta, tb) in enumerate(zip(a_list, b_list)):
         a[i, :, : ta.shape[1]] = ta
         b[i, : tb.shape[0]] = tb
-    stacks = Stacks(
+    return Stacks(
         generation=layer.generation,
         names=names,
         slots={n: i for i, n in enumerate(names)},
@@ -120,29 +135,35 @@ def layer_stacks(layer: AdaptedLayer) -> Stacks:
         a=a,
         b=b,
         embedding=layer.access.kind == "embedding",
+        count=len(layer.adapters),
     )
-    _STACKS[layer] = stacks
-    return stacks
 
 
 @dataclass(eq=False)
 class Bins:
     """Rows regrouped into ``count`` bins of ``n`` rows; bin g uses stack slot ``slot[g]``.
 
-    ``view``: the bins are exactly the stack slots ``view.start..view.stop`` (the factors are a view, no
-    copy). ``src`` (count*n,): the row read at each bin position (padding repeats a row, its result is
-    never read); ``pos`` (b,): the bin position of each row. ``None`` for either means the identity.
+    ``src`` (count*n,): the row read at each bin position (padding repeats a row of the bin; its result is
+    never read); ``pos`` (b,): the bin position of each row; ``None`` for either means the identity.
+    ``a``/``b``: the bins' factors when they are exactly a run of stack slots (a view, no copy), else None.
     """
 
     n: int
     count: int
     slot: torch.Tensor  # (count,) long
-    view: slice | None
     src: torch.Tensor | None
     pos: torch.Tensor | None
+    a: torch.Tensor | None
+    b: torch.Tensor | None
+    offset: torch.Tensor | None  # embedding: (count, 1) first row of each bin's table in the flat stack
+
+    @property
+    def permutation(self) -> bool:
+        """``src`` only reorders the rows (no padding), so ``out.index_add(0, src, y)`` puts y back."""
+        return self.src is not None and self.pos is not None and len(self.src) == len(self.pos)
 
 
-def plan_bins(row_slots: Sequence[int], tokens: int, device: torch.device) -> Bins:
+def plan_bins(stacks: Stacks, row_slots: Sequence[int], tokens: int) -> Bins:
     """Bins for rows with these stack slots, ``tokens`` tokens each: the bin size n minimises the work
     (padded rows x tokens) plus one unit per bin whose factors must be copied out of the stack."""
     groups: dict[int, list[int]] = {}
@@ -168,38 +189,48 @@ def plan_bins(row_slots: Sequence[int], tokens: int, device: torch.device) -> Bi
                 pos[row] = len(src) + j
             src.extend(chunk + [chunk[0]] * (n - len(chunk)))
             slot.append(s)
-    view = slice(order[0], order[-1] + 1) if contiguous and n >= biggest else None
+    device = stacks.a.device
     as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
     identity = list(range(len(row_slots)))
+    view = slice(order[0], order[-1] + 1) if contiguous and n >= biggest else None
+    slots = as_long(slot)
     return Bins(
         n=n,
         count=len(slot),
-        slot=as_long(slot),
-        view=view,
+        slot=slots,
         src=None if src == identity else as_long(src),
         pos=None if pos == identity and len(src) == len(pos) else as_long(pos),
+        a=stacks.a[view] if view is not None and not stacks.embedding else None,
+        b=stacks.b[view] if view is not None else None,
+        offset=(slots * stacks.a.shape[1])[:, None] if stacks.embedding else None,
     )
 
 
-def low_rank(stacks: Stacks, bins: Bins, x: torch.Tensor, batch: int) -> torch.Tensor:
-    """The low-rank term of every row, (batch, s, d): x is (batch, s, k) activations or (batch, s) token ids."""
-    g, n = bins.count, bins.n
-    b_bins = stacks.b[bins.view] if bins.view is not None else stacks.b.index_select(0, bins.slot)
+def add_low_rank(stacks: Stacks, bins: Bins, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` plus the low-rank term of each row's adapter; x: (b, s, k) activations or (b, s) token ids,
+    out: the base output (b, s, d)."""
+    batch, g, d = x.shape[0], bins.count, out.shape[-1]
+    b_bins = bins.b if bins.b is not None else stacks.b.index_select(0, bins.slot)  # (G, R, d)
     if stacks.embedding:
         ids = x.reshape(batch, -1)
         if bins.src is not None:
             ids = ids.index_select(0, bins.src)
-        vocab = stacks.a.shape[1]
-        flat = ids.reshape(g, -1) + (bins.slot * vocab)[:, None]  # row of the flat (S*V, R) table
-        t = F.embedding(flat, stacks.a.view(-1, stacks.a.shape[-1]))  # (G, n*s, R): rows, never tables
+        table = stacks.a.view(-1, stacks.a.shape[-1])  # (S*V, R)
+        t = F.embedding(ids.reshape(g, -1) + bins.offset, table)  # (G, n*s, R): rows, never tables
     else:
         xs = x.reshape(batch, -1, x.shape[-1])
         if bins.src is not None:
             xs = xs.index_select(0, bins.src)
         if xs.dtype != stacks.a.dtype:
             xs = xs.to(stacks.a.dtype)
-        a_bins = stacks.a[bins.view] if bins.view is not None else stacks.a.index_select(0, bins.slot)
+        a_bins = bins.a if bins.a is not None else stacks.a.index_select(0, bins.slot)  # (G, k, R)
         t = torch.bmm(xs.reshape(g, -1, xs.shape[-1]), a_bins)  # (G, n*s, R)
-    y = torch.bmm(t, b_bins)  # (G, n*s, d)
-    y = y.view(g * n, -1, y.shape[-1])
-    return y if bins.pos is None else y.index_select(0, bins.pos)
+    same = out.dtype == t.dtype
+    if same and bins.src is None and bins.pos is None:  # rows already in bin order: one fused matmul-add
+        return torch.baddbmm(out.reshape(g, -1, d), t, b_bins).view(out.shape)
+    y = torch.bmm(t, b_bins).view(g * bins.n, -1, d)  # (G*n, s, d)
+    if same and bins.permutation:
+        return out.reshape(batch, -1, d).index_add(0, bins.src, y).view(out.shape)
+    if bins.pos is not None:
+        y = y.index_select(0, bins.pos)
+    return out + y.view(out.shape).to(out.dtype)
