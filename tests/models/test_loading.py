@@ -40,3 +40,11 @@ def test_an_encoder_is_refused_as_a_causal_lm():
     from lorakit.cli.main import main
 
     assert main(["generate", "--model", "minilm", "--prompt", "hello"]) == 2
+
+
+def test_serving_an_encoder_is_refused_at_start():
+    """`lorakit serve --model minilm --adapter qs=...` gave an opaque modules_to_save error (issue 20 item 5)."""
+    from lorakit.serving.server import build_app
+
+    with pytest.raises(ModelError, match="not a causal language model"):
+        build_app("minilm", adapters={})

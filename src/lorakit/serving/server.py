@@ -272,9 +272,11 @@ def build_app(
     Limits(max_prompts=max_prompts, max_body_bytes=max_body_bytes, max_queue=max_queue)  # fail before loading
     from lorakit.io import read_adapter
     from lorakit.models import build_model
+    from lorakit.models.builtin import require_causal_lm
     from lorakit.serving.registry import AdapterRegistry
     from lorakit.train.tokenizer import load_tokenizer
 
+    require_causal_lm(model)  # serving an encoder would stream noise, or fail deep inside an adapter load
     base = build_model(model, task="causal-lm")
     registry = AdapterRegistry(base, max_loaded=max_loaded)
     for i, (name, path) in enumerate((adapters or {}).items()):
