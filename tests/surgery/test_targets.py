@@ -109,3 +109,9 @@ def test_reading_an_adapter_file_with_an_unmatched_entry_only_warns(tmp_path):
     with pytest.warns(UserWarning, match="'query'"):
         lk.load_adapter(fresh, str(tmp_path))
     assert sum("lora_A" in n for n, _ in fresh.named_parameters()) == 4
+
+
+def test_targets_left_out_by_layers_to_transform_are_named_as_such():
+    model = lk.build_model("tiny-llama")  # 2 layers
+    with pytest.raises(TargetError, match=r"matched 4 module\(s\).*layers_to_transform=\[5\] left none"):
+        lk.find_targets(model, lk.AdapterConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[5]))

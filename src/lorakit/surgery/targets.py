@@ -91,6 +91,7 @@ def match_targets(
                 f"give target_modules explicitly. {_adaptable_summary(modules)}"
             )
     chosen: list[str] = []
+    filtered: list[str] = []  # matched by name, then left out by exclude_modules / modules_to_save / layers
     for m in modules:
         if not m.name:
             continue
@@ -100,6 +101,7 @@ def match_targets(
             hit = _matches(spec, m.name)
         if not hit:
             continue
+        filtered.append(m.name)
         if cfg.exclude_modules is not None and _matches(cfg.exclude_modules, m.name):
             continue
         if any(m.name == s or m.name.endswith("." + s) for s in cfg.modules_to_save):
@@ -118,8 +120,18 @@ def match_targets(
         chosen.append(m.name)
     if not chosen:
         shown = spec if isinstance(spec, str) else list(spec)
+        if filtered:
+            raise TargetError(
+                f"target_modules={shown!r} matched {len(filtered)} module(s) (e.g. {filtered[0]!r}), but "
+                f"exclude_modules={_shown(cfg.exclude_modules)}, modules_to_save={list(cfg.modules_to_save)} and "
+                f"layers_to_transform={_shown(cfg.layers_to_transform)} left none of them"
+            )
         raise TargetError(f"target_modules={shown!r} matched no module. {_adaptable_summary(modules)}")
     return chosen
+
+
+def _shown(v: object) -> str:
+    return repr(list(v)) if isinstance(v, tuple) else repr(v)
 
 
 def _check_entries(spec: Sequence[str], modules: Sequence[ModuleInfo], strict: bool) -> None:
