@@ -33,7 +33,15 @@ from torch import nn
 
 from lorakit.surgery.inject import RESERVED_NAMES, adapted_layers, adapter_configs, trained_copies
 from lorakit.surgery.layer import AdaptedLayer, TrainedCopy, last_change
-from lorakit.surgery.stacks import Bins, add_low_rank, layer_stacks, plan_bins, supported
+from lorakit.surgery.stacks import (
+    Bins,
+    add_low_rank,
+    layer_stacks,
+    plan_bins,
+    registrations,
+    supported,
+    unchanged,
+)
 
 BASE = RESERVED_NAMES[0]  # the row name that selects the plain base model ("base")
 _HOOK_ROWS = "_lorakit_hook_rows"  # set on the model while a hook-routed forward runs
@@ -69,38 +77,45 @@ class RowPlan:
 class _Router:
     """``AdaptedLayer.row_routing`` for one layer: base(x) + the low-rank term of each row's adapter."""
 
-    __slots__ = ("plan", "_key", "_stacks", "_bins", "_single")
+    __slots__ = ("plan", "_key", "_stacks", "_bins", "_single", "_watch", "_registrations")
 
     def __init__(self, plan: RowPlan) -> None:
         self.plan = plan
         self._key: tuple = ()
-        self._stacks = None
+        self._stacks: Any = None
         self._bins: Bins | None = None
         self._single: str | None = None
+        self._watch: list[tuple] = []  # the stack slots this layout reads, checked on every call
+        self._registrations = -1
 
-    def _layout(self, stacks: Any, batch: int, tokens: int) -> None:
-        """Bins for this plan, batch and row length (built once per plan version and shape)."""
-        row_slots = [stacks.slots.get(n, stacks.zero) for n in self.plan.rows(batch)]
+    def _layout(self, layer: AdaptedLayer, key: tuple) -> None:
+        """Stacks (fully checked) and bins for this plan, batch and row length."""
+        stacks = self._stacks = layer_stacks(layer)
+        self._key, self._registrations = key, registrations()
+        row_slots = [stacks.slots.get(n, stacks.zero) for n in self.plan.rows(key[1])]
         first = row_slots[0]
         if all(s == first for s in row_slots):  # one route for the whole batch: no gather at all
             self._single, self._bins = (None if first == stacks.zero else stacks.names[first]), None
         else:
             with torch.inference_mode(False):  # the index tensors outlive this forward's mode
-                self._single, self._bins = None, plan_bins(stacks, row_slots, tokens)
+                self._single, self._bins = None, plan_bins(stacks, row_slots, key[2])
+        self._watch = [stacks.sources[s] for s in sorted(set(row_slots)) if s != stacks.zero]
 
     def __call__(self, layer: AdaptedLayer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        stacks = layer_stacks(layer)
         batch = x.shape[0]
-        tokens = x.numel() // batch if stacks.embedding else x.numel() // (batch * x.shape[-1])
-        key = (self.plan.version, batch, tokens)
-        if key != self._key or stacks is not self._stacks:
-            self._layout(stacks, batch, tokens)
-            self._key, self._stacks = key, stacks
+        tokens = x.numel() // (batch * x.shape[-1]) if x.is_floating_point() else x.numel() // batch
+        key = (self.plan.version, batch, tokens, layer.generation)
+        if key != self._key:
+            self._layout(layer, key)
+        elif self._bins is not None and (
+            self._registrations != registrations() or not unchanged(self._watch)
+        ):
+            self._layout(layer, key)  # weights changed in place (an optimizer step), moved or swapped
         if self._bins is None:
             if self._single is None:
                 return out
             return layer.adapters[self._single](x, out, layer.access)  # the plain single-adapter path
-        return add_low_rank(stacks, self._bins, x, out)
+        return add_low_rank(self._stacks, self._bins, x, out)
 
 
 @dataclass(eq=False)

@@ -18,10 +18,14 @@ adapter (n = the largest group) the factors are read straight from the stack, a 
 each matmul is a real matrix product instead of b tiny ones. ``plan_bins`` picks n from a cost estimate.
 An embedding gathers rows, never tables: t = A_stack[slot, token id], read from the flat (S*V, R) table.
 
-The cache key cannot collide with a deleted adapter's: it holds the layer's generation (bumped by every add,
-remove, merge and unmerge, never reused), weak references to the adapter and its two tensors (identity, not
-an address the allocator may hand out again), the tensors' ``_version`` (in-place updates such as optimizer
-steps) and the scaling. Changes made behind autograd's back (``tensor.data.copy_``) are not seen.
+The cache cannot serve a deleted or changed adapter. It is checked against the layer's generation (bumped by
+every add, remove, merge and unmerge, never reused); it holds the adapters and tensors it was built from, so
+their identity is never confused with a new object at a reused address (and a layer's adapters are compared
+by identity when a batch is laid out); it compares the tensors' ``_version`` (in-place updates such as
+optimizer steps), their ``data_ptr`` (``.to()``, ``.data =``) and each scaling on every routed forward, for
+the slots that forward reads; and a parameter registered anywhere (a tensor swapped into an adapter by
+``setattr`` or ``load_state_dict(assign=True)``) makes every layout re-check. Only changes made behind
+autograd's back (``tensor.data.copy_``) are not seen.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import math
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +45,20 @@ from lorakit.surgery.layer import AdaptedLayer
 
 # layer -> its stacks; outside the layer so that deepcopy and pickle of a model never carry them
 _STACKS: weakref.WeakKeyDictionary[AdaptedLayer, Stacks] = weakref.WeakKeyDictionary()
+_registrations = 0  # parameters registered on any module since import
+
+
+def _count_registration(module: nn.Module, name: str, param: Any) -> None:
+    global _registrations
+    _registrations += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+
+
+def registrations() -> int:
+    """How many parameters were registered on any module so far: a swapped adapter tensor is one."""
+    return _registrations
 
 
 def supported(adapter: nn.Module) -> bool:
@@ -62,7 +81,18 @@ def _factors(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _source(adapter: nn.Module) -> tuple:
     a, b = _factors(adapter)
-    return (a._version, b._version, adapter.scaling, weakref.ref(adapter), weakref.ref(a), weakref.ref(b))
+    return (adapter, a, b, a._version, b._version, a.data_ptr(), b.data_ptr(), adapter.scaling)
+
+
+def unchanged(sources: Sequence[tuple]) -> bool:
+    """No tensor of these slots was modified in place or moved, and no scaling changed (cheap: this runs for
+    the slots a forward reads on every routed forward)."""
+    for adapter, a, b, va, vb, pa, pb, scaling in sources:
+        if a._version != va or b._version != vb or a.data_ptr() != pa or b.data_ptr() != pb:
+            return False
+        if adapter.scaling != scaling:
+            return False
+    return True
 
 
 @dataclass(eq=False)
@@ -70,7 +100,7 @@ class Stacks:
     generation: int  # the layer's generation when built
     names: list[str]  # slot -> adapter name; slot len(names) is the zero (base) slot
     slots: dict[str, int]
-    sources: list[tuple]  # per slot: versions, scaling, weak references to the adapter, A and B
+    sources: list[tuple]  # per slot: the adapter, A, B, their versions and addresses, the scaling
     a: torch.Tensor  # linear: (S, k, R); embedding: (S, V, R)
     b: torch.Tensor  # (S, R, d), scaling folded in
     embedding: bool
@@ -81,30 +111,23 @@ class Stacks:
         return len(self.names)
 
     def fresh(self, layer: AdaptedLayer) -> bool:
-        """True while no adapter of ``layer`` was added, removed, replaced, modified or rescaled."""
+        """True while ``layer`` holds the very adapters and tensors the stacks were built from, unchanged."""
         if layer.generation != self.generation:
             return False
         adapters = layer.adapters._modules
         if len(adapters) != self.count:
             return False
-        for name, (va, vb, scaling, ad_ref, a_ref, b_ref) in zip(self.names, self.sources):
-            ad = adapters.get(name)
-            if ad is None or ad_ref() is not ad:
+        for name, (adapter, a, b, *_) in zip(self.names, self.sources):
+            if adapters.get(name) is not adapter:
                 return False
-            a, b = _factors(ad)
-            if (
-                a_ref() is not a
-                or b_ref() is not b
-                or a._version != va
-                or b._version != vb
-                or ad.scaling != scaling
-            ):
+            now_a, now_b = _factors(adapter)
+            if now_a is not a or now_b is not b:
                 return False
-        return True
+        return unchanged(self.sources)
 
 
 def layer_stacks(layer: AdaptedLayer) -> Stacks:
-    """The (cached) stacked, rank-padded A and scaled B of the LoRA adapters ``layer`` holds."""
+    """The (cached, fully checked) stacked, rank-padded A and scaled B of the LoRA adapters ``layer`` holds."""
     cached = _STACKS.get(layer)
     if cached is not None and cached.fresh(layer):
         return cached
@@ -156,11 +179,6 @@ class Bins:
     a: torch.Tensor | None
     b: torch.Tensor | None
     offset: torch.Tensor | None  # embedding: (count, 1) first row of each bin's table in the flat stack
-
-    @property
-    def permutation(self) -> bool:
-        """``src`` only reorders the rows (no padding), so ``out.index_add(0, src, y)`` puts y back."""
-        return self.src is not None and self.pos is not None and len(self.src) == len(self.pos)
 
 
 def plan_bins(stacks: Stacks, row_slots: Sequence[int], tokens: int) -> Bins:
@@ -229,8 +247,6 @@ def add_low_rank(stacks: Stacks, bins: Bins, x: torch.Tensor, out: torch.Tensor)
     if same and bins.src is None and bins.pos is None:  # rows already in bin order: one fused matmul-add
         return torch.baddbmm(out.reshape(g, -1, d), t, b_bins).view(out.shape)
     y = torch.bmm(t, b_bins).view(g * bins.n, -1, d)  # (G*n, s, d)
-    if same and bins.permutation:
-        return out.reshape(batch, -1, d).index_add(0, bins.src, y).view(out.shape)
-    if bins.pos is not None:
+    if bins.pos is not None:  # (index_select + add: index_add is as exact but several times slower on CPU)
         y = y.index_select(0, bins.pos)
     return out + y.view(out.shape).to(out.dtype)
