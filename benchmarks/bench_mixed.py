@@ -13,7 +13,11 @@ Variants: base (adapters disabled), single (every row on adapter 0), mixed (row 
 as ``model(..., adapter_names=...)`` on both sides, so lorakit's per-call routing set-up is timed too), mixed
 ctx (the same rows inside one ``adapter_rows`` block, set up outside the timing), plus lorakit's
 segment-by-adapter alternative (a loop over the adapters present, for comparison only).
-Every repeat runs every variant once, in a rotating order (interleaved); figures are medians in ms.
+Every repeat runs every variant once, in a rotating order (interleaved); figures are medians in ms, and
+the ratios also as the median of per-repeat ratios (paired). Goals (serving issue, the step shape): lorakit
+mixed <= 1.15x lorakit single, PEFT mixed >= 1.5x lorakit mixed. With ``OMP_WAIT_POLICY=PASSIVE`` (the
+README's advice on a busy machine) every small batched matmul also pays a thread wake-up (~0.1 ms on 2
+threads), which lorakit's mixed path has two of per layer and the single path none: compare like with like.
 """
 
 from __future__ import annotations

@@ -156,6 +156,8 @@ def test_add_low_rank_equals_the_per_row_equation():
         row_slots = torch.randint(0, slots_n, (batch,), generator=gen)
         if case % 4 == 0:
             row_slots = row_slots.sort().values
+        if case % 6 == 3:  # balanced and interleaved, one token per row: grouped bins, rows permuted
+            batch, tokens, row_slots = 6, 1, torch.tensor([0, 1, 2, 0, 1, 2])
         x = (
             torch.randint(0, vocab, (batch, tokens), generator=gen)
             if embedding

@@ -36,8 +36,8 @@ from lorakit.surgery.layer import AdaptedLayer, TrainedCopy, last_change
 from lorakit.surgery.stacks import (
     Bins,
     add_low_rank,
+    bins_for,
     layer_stacks,
-    plan_bins,
     registrations,
     supported,
     unchanged,
@@ -97,8 +97,7 @@ class _Router:
         if all(s == first for s in row_slots):  # one route for the whole batch: no gather at all
             self._single, self._bins = (None if first == stacks.zero else stacks.names[first]), None
         else:
-            with torch.inference_mode(False):  # the index tensors outlive this forward's mode
-                self._single, self._bins = None, plan_bins(stacks, row_slots, key[2])
+            self._single, self._bins = None, bins_for(stacks, row_slots, key[2])
         self._watch = [stacks.sources[s] for s in sorted(set(row_slots)) if s != stacks.zero]
 
     def __call__(self, layer: AdaptedLayer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

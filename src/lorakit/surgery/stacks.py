@@ -30,10 +30,9 @@ autograd's back (``tensor.data.copy_``) are not seen.
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -105,6 +104,7 @@ class Stacks:
     b: torch.Tensor  # (S, R, d), scaling folded in
     embedding: bool
     count: int  # adapters the layer held (supported or not)
+    layouts: dict = field(default_factory=dict)  # (row slots, tokens) -> Bins, see ``bins_for``
 
     @property
     def zero(self) -> int:
@@ -181,25 +181,20 @@ class Bins:
     offset: torch.Tensor | None  # embedding: (count, 1) first row of each bin's table in the flat stack
 
 
-def plan_bins(stacks: Stacks, row_slots: Sequence[int], tokens: int) -> Bins:
-    """Bins for rows with these stack slots, ``tokens`` tokens each: the bin size n minimises the work
-    (padded rows x tokens) plus one unit per bin whose factors must be copied out of the stack."""
+# Relative costs of a layout (CPU, measured with benchmarks/bench_mixed.py at 1 and 128 tokens per row): one
+# token through one bin position (the two small matmuls), moving one token's activations into bin order and
+# back, and the fixed cost of a bin whose factors are a view of the stack or must be copied out of it.
+_TOKEN, _PERMUTE, _VIEW_BIN, _COPY_BIN = 1, 3, 4, 16
+
+
+def _grouped(row_slots: Sequence[int], n: int) -> tuple[list[int], list[int], list[int]]:
+    """Rows grouped by slot (slots ascending), in bins of n rows padded by repeating a row of the bin:
+    (slot per bin, row read at each bin position, bin position of each row)."""
     groups: dict[int, list[int]] = {}
     for row, slot in enumerate(row_slots):
         groups.setdefault(slot, []).append(row)
-    order = sorted(groups)
-    counts = [len(groups[s]) for s in order]
-    contiguous = order == list(range(order[0], order[0] + len(order)))
-    biggest = max(counts)
-
-    def cost(n: int) -> int:
-        bins = sum(math.ceil(c / n) for c in counts)
-        return bins * n * tokens + (0 if contiguous and n >= biggest else bins)
-
-    candidates = {1, biggest, *counts, *(2**i for i in range(biggest.bit_length()))}
-    n = min(sorted(c for c in candidates if 1 <= c <= biggest), key=cost)
     slot, src, pos = [], [], [0] * len(row_slots)
-    for s in order:
+    for s in sorted(groups):
         rows = groups[s]
         for start in range(0, len(rows), n):
             chunk = rows[start : start + n]
@@ -207,21 +202,62 @@ def plan_bins(stacks: Stacks, row_slots: Sequence[int], tokens: int) -> Bins:
                 pos[row] = len(src) + j
             src.extend(chunk + [chunk[0]] * (n - len(chunk)))
             slot.append(s)
+    return slot, src, pos
+
+
+def plan_bins(stacks: Stacks, row_slots: Sequence[int], tokens: int) -> Bins:
+    """The cheapest layout for rows with these stack slots, ``tokens`` tokens each: one bin per row with the
+    rows in place (best for long rows), or the rows grouped by adapter into bins of n (best for one token per
+    row: a few real matmuls on views of the stack instead of one tiny product per row)."""
+    batch = len(row_slots)
+    identity = list(range(batch))
+    counts: dict[int, int] = {}
+    for slot in row_slots:
+        counts[slot] = counts.get(slot, 0) + 1
+    biggest = max(counts.values())
+    layouts = [(list(row_slots), identity, identity, 1)]  # one bin per row, rows in place
+    sizes = {biggest, *counts.values(), *(2**i for i in range(biggest.bit_length()))}
+    layouts += [(*_grouped(row_slots, n), n) for n in sorted(sizes)]
+
+    def is_run(slot: list[int]) -> bool:  # bins are stack slots lo, lo+1, ...: their factors are a view
+        return slot == list(range(slot[0], slot[0] + len(slot)))
+
+    def cost(layout: tuple) -> int:
+        slot, src, _, n = layout
+        moved = 0 if src == identity else batch * tokens * _PERMUTE
+        return len(slot) * (n * tokens * _TOKEN + (_VIEW_BIN if is_run(slot) else _COPY_BIN)) + moved
+
+    slot, src, pos, n = min(layouts, key=cost)
     device = stacks.a.device
     as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
-    identity = list(range(len(row_slots)))
-    view = slice(order[0], order[-1] + 1) if contiguous and n >= biggest else None
+    view = slice(slot[0], slot[-1] + 1) if is_run(slot) else None
     slots = as_long(slot)
     return Bins(
         n=n,
         count=len(slot),
         slot=slots,
         src=None if src == identity else as_long(src),
-        pos=None if pos == identity and len(src) == len(pos) else as_long(pos),
+        pos=None if pos == identity and len(src) == batch else as_long(pos),
         a=stacks.a[view] if view is not None and not stacks.embedding else None,
         b=stacks.b[view] if view is not None else None,
         offset=(slots * stacks.a.shape[1])[:, None] if stacks.embedding else None,
     )
+
+
+_MAX_LAYOUTS = 16  # layouts kept per layer's stacks (row plans seen recently)
+
+
+def bins_for(stacks: Stacks, row_slots: Sequence[int], tokens: int) -> Bins:
+    """``plan_bins``, remembered with the stacks: each new ``adapter_rows`` block (a server batch, a
+    ``generate`` call) with rows seen before reuses the layout and its index tensors."""
+    key = (tuple(row_slots), tokens)
+    bins = stacks.layouts.get(key)
+    if bins is None:
+        if len(stacks.layouts) >= _MAX_LAYOUTS:
+            stacks.layouts.pop(next(iter(stacks.layouts)))
+        with torch.inference_mode(False):  # the index tensors outlive the forward that made them
+            bins = stacks.layouts[key] = plan_bins(stacks, row_slots, tokens)
+    return bins
 
 
 def add_low_rank(stacks: Stacks, bins: Bins, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
