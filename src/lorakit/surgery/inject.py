@@ -97,6 +97,7 @@ def inject(
         module.add(adapter_name)
     configs[adapter_name] = cfg
     model.lorakit_configs = configs
+    bump_generation()  # the model's adapter names changed: routing checks are redone
     from lorakit.surgery.rows import install_row_routing  # rows builds on this module's walks
 
     install_row_routing(model)
@@ -194,6 +195,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             _replace(model, tname, tc.original)
     del configs[name]
     model.lorakit_configs = configs
+    bump_generation()
     if _active_name(model) == name:
         model.lorakit_active = None
         if configs:
