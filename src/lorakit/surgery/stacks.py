@@ -6,16 +6,17 @@ For each adapted layer the LoRA adapters it holds are stacked once (and cached u
     B_stack: (S, R, d)   scaling_s * B_s^T (rsLoRA's alpha/sqrt(r) folded in the same way)
 
 with one extra all-zero slot for the plain base. Zero padding is exact: padded rank columns contribute 0.
-A batch is then computed in *bins*: the rows are grouped by slot into G bins of n rows (padded), bin g using
-slot ``slot[g]``, and the low-rank term of every row comes from two batched matmuls::
+A batch is then computed in *bins* of n rows, bin g using slot ``slot[g]``, and the low-rank term of every
+row comes from two batched matmuls::
 
     t = bmm(x_bins, A_stack[slot])      x_bins: (G, n*s, k) -> (G, n*s, R)
     y = bmm(t, B_stack[slot])           -> (G, n*s, d), read back into row order
 
-With n = 1 this is the per-row gather form of Punica's SGMV / S-LoRA (Chen et al. 2023,
-https://arxiv.org/abs/2310.18547; Sheng et al. 2023, https://arxiv.org/abs/2311.03285); with one bin per
-adapter (n = the largest group) the factors are read straight from the stack, a view without any copy, and
-each matmul is a real matrix product instead of b tiny ones. ``plan_bins`` picks n from a cost estimate.
+With one bin per row, rows in place (n = 1), this is the per-row gather form of Punica's SGMV / S-LoRA (Chen
+et al. 2023, https://arxiv.org/abs/2310.18547; Sheng et al. 2023, https://arxiv.org/abs/2311.03285): best for
+long rows. With the rows grouped by adapter (n = the largest group, padded), the factors are read straight
+from the stack, a view without any copy, and each matmul is a real matrix product instead of b tiny ones:
+best at one token per row. ``plan_bins`` picks the layout from a cost estimate; ``bins_for`` remembers it.
 An embedding gathers rows, never tables: t = A_stack[slot, token id], read from the flat (S*V, R) table.
 
 The cache cannot serve a deleted or changed adapter. It is checked against the layer's generation (bumped by
