@@ -125,6 +125,18 @@ def _positive(name: str, value: Any, integer: bool = False) -> None:
         raise PlanError(f"{name}={value!r} must be {kind}")
 
 
+@dataclass(frozen=True)
+class _Economics:
+    """What every method's plan shares besides the architecture, the setup and the GPU."""
+
+    total_tokens: float
+    mfu: float | None
+    benefit_per_month: float
+    horizon_months: float
+    adapters_per_base: int
+    serving_hours_per_month: float
+
+
 def plan(
     model: str | Arch,
     *,
@@ -137,6 +149,7 @@ def plan(
     targets: str | tuple[str, ...] | list[str] | None = None,
     gpu: str | Gpu = "A100-80GB",
     gpus: int | None = None,
+    gpu_table: str | dict[str, Gpu] | None = None,
     price_per_hour: float | None = None,
     mfu: float | None = None,
     benefit_per_month: float = 0.0,
@@ -151,7 +164,6 @@ def plan(
     serving_hours_per_month: float = 730.0,
     task: str | None = None,
     task_complexity: str = "moderate",
-    gpu_table: str | dict[str, Gpu] | None = None,
 ) -> Plan:
     """Plan a fine-tune. Data size: ``tokens`` per epoch, or ``dataset_rows`` x ``seq_len`` (each row
     padded or packed to ``seq_len``). Defaults follow the source note's recipe (r 8, q/v targets, batch 4,
@@ -159,12 +171,74 @@ def plan(
     (what ``lorakit train`` runs under torchrun); "fsdp" is refused until the trainer shards. Raises
     :class:`PlanError` on bad input, an unknown GPU (listing the known ones) or a method that fits on no
     GPU of the table."""
+    table, chosen = _gpu_choice(gpu, gpu_table, price_per_hour)
+    per_epoch = _tokens_per_epoch(tokens, dataset_rows, seq_len)
+    _check_numbers(epochs, horizon_months, gpus, mfu, benefit_per_month)
+    if task_complexity not in ("simple", "moderate", "complex"):
+        raise PlanError(f"task_complexity={task_complexity!r}; expected 'simple', 'moderate' or 'complex'")
+    if method not in METHODS:
+        raise PlanError(f"method={method!r} is not supported; expected one of {list(METHODS)}")
+    arch = resolve_arch(model, task=task)
+    pc = count_params(arch)
+    base = Setup(
+        method=method,
+        r=r,
+        targets=tuple(targets) if isinstance(targets, list) else targets,
+        seq_len=int(seq_len),
+        micro_batch=micro_batch,
+        precision=precision,
+        grad_checkpointing=grad_checkpointing,
+        attention=attention,
+        optimizer=optimizer,
+        distributed=distributed,
+    )
+    econ = _Economics(
+        per_epoch * float(epochs), mfu, benefit_per_month, horizon_months, adapters_per_base,
+        serving_hours_per_month,
+    )
+    methods = {  # every method side by side; only the selected one is held to ``gpus``
+        m: _method_plan(
+            arch, pc, dataclasses.replace(base, method=m), chosen, table, gpus if m == method else None, econ
+        )
+        for m in METHODS
+    }
+    _check_fits(methods[method], arch, base, chosen, gpus)
+    from lorakit.bench.advice import assumptions, recommendations
+
+    p = Plan(
+        model=str(model if isinstance(model, str) else arch.name),
+        arch=arch,
+        params=pc,
+        gpu=chosen,
+        setup=base,
+        tokens_per_epoch=per_epoch,
+        epochs=float(epochs),
+        total_tokens=econ.total_tokens,
+        benefit_per_month=float(benefit_per_month),
+        horizon_months=float(horizon_months),
+        adapters_per_base=adapters_per_base,
+        methods=methods,
+    )
+    p.recommendations = recommendations(p, table, task_complexity)
+    p.assumptions = assumptions(p, mfu)
+    return p
+
+
+def _gpu_choice(
+    gpu: str | Gpu, gpu_table: str | dict[str, Gpu] | None, price_per_hour: float | None
+) -> tuple[dict[str, Gpu], Gpu]:
+    """(the GPU table, the chosen GPU with its price overridden when one is given)."""
     table = gpu_table if isinstance(gpu_table, dict) else load_gpus(gpu_table)
     chosen = get_gpu(gpu, table)
     if price_per_hour is not None:
         if not (math.isfinite(price_per_hour) and price_per_hour >= 0):
             raise PlanError(f"price_per_hour={price_per_hour!r} must be a number >= 0")
         chosen = dataclasses.replace(chosen, price_per_hour=float(price_per_hour))
+    return table, chosen
+
+
+def _tokens_per_epoch(tokens: int | None, dataset_rows: int | None, seq_len: int) -> int:
+    """The data size: ``tokens``, or ``dataset_rows`` rows of ``seq_len`` tokens (exactly one is given)."""
     if (tokens is None) == (dataset_rows is None):
         raise PlanError(
             "give exactly one data size: --tokens N (tokens per epoch; tokens= in the API) or --dataset-rows R "
@@ -173,10 +247,14 @@ def plan(
     _positive("seq_len", seq_len, integer=True)
     if tokens is not None:
         _positive("tokens", tokens, integer=True)
-        per_epoch = int(tokens)
-    else:
-        _positive("dataset_rows", dataset_rows, integer=True)
-        per_epoch = int(dataset_rows) * int(seq_len)
+        return int(tokens)
+    _positive("dataset_rows", dataset_rows, integer=True)
+    return int(dataset_rows) * int(seq_len)
+
+
+def _check_numbers(
+    epochs: float, horizon_months: float, gpus: int | None, mfu: float | None, benefit_per_month: float
+) -> None:
     _positive("epochs", epochs)
     _positive("horizon_months", horizon_months)
     if gpus is not None:
@@ -189,81 +267,28 @@ def plan(
         and benefit_per_month >= 0
     ):
         raise PlanError(f"benefit_per_month={benefit_per_month!r} must be a number >= 0")
-    if task_complexity not in ("simple", "moderate", "complex"):
-        raise PlanError(f"task_complexity={task_complexity!r}; expected 'simple', 'moderate' or 'complex'")
-    if method not in METHODS:
-        raise PlanError(f"method={method!r} is not supported; expected one of {list(METHODS)}")
-    arch = resolve_arch(model, task=task)
-    pc = count_params(arch)
-    targets = tuple(targets) if isinstance(targets, list) else targets
-    base = Setup(
-        method=method,
-        r=r,
-        targets=targets,
-        seq_len=int(seq_len),
-        micro_batch=micro_batch,
-        precision=precision,
-        grad_checkpointing=grad_checkpointing,
-        attention=attention,
-        optimizer=optimizer,
-        distributed=distributed,
-    )
-    total_tokens = per_epoch * float(epochs)
-    methods = {}
-    for m in METHODS:
-        setup = dataclasses.replace(base, method=m)
-        methods[m] = _method_plan(
-            arch,
-            pc,
-            setup,
-            chosen,
-            table,
-            gpus if m == method else None,
-            mfu,
-            total_tokens,
-            benefit_per_month,
-            horizon_months,
-            adapters_per_base,
-            serving_hours_per_month,
-        )
-    sel = methods[method]
+
+
+def _check_fits(sel: MethodPlan, arch: Arch, setup: Setup, gpu: Gpu, gpus: int | None) -> None:
+    """Refuse a plan whose selected method fits no GPU of the table, or not the ``gpus`` asked for."""
     if not any(sel.fits_on.values()):
         need = sel.single_gpu_memory.activations + sel.single_gpu_memory.transient
         raise PlanError(
-            f"method={method!r} on {arch.name} fits on no GPU in the table ({_DDP_NOTE}): one GPU "
+            f"method={setup.method!r} on {arch.name} fits on no GPU in the table ({_DDP_NOTE}): one GPU "
             f"needs {sel.single_gpu_memory.total / GIB:,.1f} GiB, {need / GIB:,.1f} GiB of it activations "
-            f"(seq_len {seq_len} x micro_batch {micro_batch}); try qlora, gradient checkpointing or a "
-            "smaller micro-batch/sequence"
+            f"(seq_len {setup.seq_len} x micro_batch {setup.micro_batch}); try qlora, gradient checkpointing "
+            "or a smaller micro-batch/sequence"
         )
     if sel.gpus is None:
-        first = sel.fits_on.get(chosen.name)
-        per_gpu = memory(arch, base, chosen, gpus or 1).total / GIB
+        first = sel.fits_on.get(gpu.name)
+        per_gpu = memory(arch, setup, gpu, gpus or 1).total / GIB
         where = ", ".join(f"{k} x{v}" for k, v in sel.fits_on.items() if v)
         raise PlanError(
-            f"method={method!r} on {arch.name} does not fit {gpus or 1} x {chosen.name} "
-            f"({per_gpu:,.1f} GiB per GPU of {chosen.memory_gb} GiB; {_DDP_NOTE})"
+            f"method={setup.method!r} on {arch.name} does not fit {gpus or 1} x {gpu.name} "
+            f"({per_gpu:,.1f} GiB per GPU of {gpu.memory_gb} GiB; {_DDP_NOTE})"
             + (f"; it needs {first} of them" if first else "")
             + f"; it fits on: {where}"
         )
-    from lorakit.bench.advice import assumptions, recommendations
-
-    p = Plan(
-        model=str(model if isinstance(model, str) else arch.name),
-        arch=arch,
-        params=pc,
-        gpu=chosen,
-        setup=base,
-        tokens_per_epoch=per_epoch,
-        epochs=float(epochs),
-        total_tokens=total_tokens,
-        benefit_per_month=float(benefit_per_month),
-        horizon_months=float(horizon_months),
-        adapters_per_base=adapters_per_base,
-        methods=methods,
-    )
-    p.recommendations = recommendations(p, table, task_complexity)
-    p.assumptions = assumptions(p, mfu)
-    return p
 
 
 def _method_plan(
@@ -273,13 +298,9 @@ def _method_plan(
     gpu: Gpu,
     table: dict[str, Gpu],
     gpus: int | None,
-    mfu: float | None,
-    total_tokens: float,
-    benefit: float,
-    horizon: float,
-    adapters_per_base: int,
-    serving_hours: float,
+    econ: _Economics,
 ) -> MethodPlan:
+    """One method's memory, GPUs, FLOPs, time, cost and ROI; ``gpus`` None: the fewest that fit."""
     from lorakit.bench.cost import trainable_params
 
     mem1 = memory(arch, setup, None, 1)
@@ -293,16 +314,15 @@ def _method_plan(
         k = gpus if memory(arch, setup, gpu, gpus).total <= cap else None
     n = trainable_params(arch, setup)
     fpt = flops_per_token(arch, setup)
-    total_flops = (
-        fpt * total_tokens + flops_per_step_extra(arch, setup) * total_tokens / setup.tokens_per_step
-    )
-    eff_mfu = (mfu if mfu is not None else DEFAULT_MFU) * METHOD_EFFICIENCY[setup.method]
-    serving = serving_cost_per_month(arch, setup, gpu, adapters_per_base, serving_hours)
+    tokens = econ.total_tokens
+    total_flops = fpt * tokens + flops_per_step_extra(arch, setup) * tokens / setup.tokens_per_step
+    eff_mfu = (econ.mfu if econ.mfu is not None else DEFAULT_MFU) * METHOD_EFFICIENCY[setup.method]
+    serving = serving_cost_per_month(arch, setup, gpu, econ.adapters_per_base, econ.serving_hours_per_month)
     hours = cost = roi = None
     if k is not None:
         hours = train_hours(total_flops, gpu, k, eff_mfu)
         cost = hours * k * gpu.price_per_hour
-        roi = Roi(cost, serving, benefit, horizon)
+        roi = Roi(cost, serving, econ.benefit_per_month, econ.horizon_months)
     return MethodPlan(
         method=setup.method,
         trainable_params=n,
