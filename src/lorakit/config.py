@@ -1,7 +1,8 @@
 """Frozen configuration dataclasses for adapters and quantization, with validation.
 
 Every error names the field, the bad value and what is allowed (STYLE.md rule 5). Configs are turned
-into flat layer arguments by one builder per method (see ``lorakit.adapters.registry``).
+into flat layer arguments by one builder per method; which methods exist, their own fields and the rules
+between fields are in the method registry (``lorakit.methods``), which ``AdapterConfig.validate`` asks.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from typing import Any, Union
 
 import torch
 
-METHODS = ("lora", "dora", "adalora")
-INITS = ("default", "gaussian", "pissa")
 BIAS = ("none",)
 QUANT_DTYPES = ("nf4", "fp4", "int8")
 
@@ -26,6 +25,16 @@ TargetSpec = Union[str, Sequence[str], None]
 
 class ConfigError(ValueError):
     """A configuration value is invalid. The message names the field and what was expected."""
+
+
+def __getattr__(name: str) -> Any:
+    """``METHODS`` and ``INITS``, kept for one release: the registered method names and the init values
+    they accept, read from the method registry (``lorakit.methods.names()`` / ``inits()``)."""
+    if name in ("METHODS", "INITS"):
+        from lorakit import methods  # the registry builds on this module
+
+        return methods.names() if name == "METHODS" else methods.inits()
+    raise AttributeError(f"module 'lorakit.config' has no attribute {name!r}")
 
 
 # Every integer a config holds must fit in 64 bits: torch and numpy hold it, and a larger one is a typo.
@@ -156,6 +165,13 @@ def _check_layers(value: Any) -> None:
         check_int("layers_to_transform", value, minimum=0)
 
 
+def _check_options(value: Any) -> None:
+    if value is not None and not isinstance(value, Mapping):
+        raise ConfigError(
+            f"method_options={show(value)} has the wrong type; expected a mapping of option name -> value"
+        )
+
+
 def _as_tuple(value: TargetSpec) -> str | tuple[str, ...] | None:
     if value is None or isinstance(value, str):
         return value
@@ -167,7 +183,8 @@ class AdapterConfig:
     """What to adapt and how.
 
     Args:
-        method: "lora" (Hu et al. 2021), "dora" (Liu et al. 2024) or "adalora" (Zhang et al. 2023).
+        method: a registered method (``lorakit.methods.names()``): "lora" (Hu et al. 2021), "dora"
+            (Liu et al. 2024), "adalora" (Zhang et al. 2023), or one registered elsewhere.
         r: rank of the update (for AdaLoRA, the final average rank ``target_r`` is used instead).
         alpha: scaling numerator; the update is scaled by alpha/r (alpha/sqrt(r) with ``use_rslora``).
         dropout: dropout probability on the adapter's input, in [0, 1).
@@ -182,11 +199,14 @@ class AdapterConfig:
         modules_to_save: module names (suffix match) trained in full and saved with the adapter,
             e.g. a classifier head.
         use_rslora: rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023).
-        init: "default" (A Kaiming-uniform a=sqrt(5), B = 0), "gaussian" (A ~ N(0, 1/r), B = 0) or
+        init: an initialisation the method accepts (its registry entry's ``inits``); LoRA's:
+            "default" (A Kaiming-uniform a=sqrt(5), B = 0), "gaussian" (A ~ N(0, 1/r), B = 0) or
             "pissa" (principal singular vectors of W, the residual kept in the base weight).
         bias: only "none" (biases stay frozen).
         init_r, target_r, tinit, tfinal, delta_t, beta1, beta2, orth_reg_weight, total_step: AdaLoRA
-            (see ``lorakit.adapters.adalora``).
+            (see ``lorakit.adapters.adalora``; top-level fields from before the registry).
+        method_options: the method's own fields (name -> value), as its registry entry declares them
+            (``Option``); unknown names and bad values are errors. Read them with :meth:`option`.
     """
 
     method: str = "lora"
@@ -213,6 +233,7 @@ class AdapterConfig:
     beta2: float = 0.85
     orth_reg_weight: float = 0.5
     total_step: int | None = None
+    method_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Shapes first: normalising a wrong type (tuple("abc"), dict(5), ...) would hide or crash on it.
@@ -232,13 +253,18 @@ class AdapterConfig:
         object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
         object.__setattr__(self, "rank_pattern", dict(self.rank_pattern or {}))
         object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
+        _check_options(self.method_options)
+        object.__setattr__(self, "method_options", dict(self.method_options or {}))
         self.validate()
 
     def validate(self) -> None:
         """Every field is checked whatever the method (a wrong value in an unused field is still a typo);
-        the rules between fields apply to the method they concern."""
-        _check_choice("method", self.method, METHODS)
-        _check_choice("init", self.init, INITS)
+        the rules between fields, the init and ``method_options`` are checked by the method's registry
+        entry (``lorakit.methods.Method.check``)."""
+        from lorakit import methods  # the registry builds on this module
+
+        method = methods.get(self.method)
+        _check_choice("init", self.init, methods.inits())
         _check_choice("bias", self.bias, BIAS)
         check_int("r", self.r, example="8")
         _check_number("alpha", self.alpha, lambda a: a > 0, "a positive number (e.g. 16)")
@@ -267,27 +293,8 @@ class AdapterConfig:
                 name, getattr(self, name), lambda b: 0.0 < b < 1.0, "a number strictly between 0 and 1"
             )
         _check_number("orth_reg_weight", self.orth_reg_weight, lambda w: w >= 0, "a number >= 0")
-        if self.method == "adalora":
-            self._validate_adalora()
-        elif self.init == "pissa" and self.method != "lora":
-            raise ConfigError(f"init='pissa' is only supported with method='lora', not {self.method!r}")
-
-    def _validate_adalora(self) -> None:
-        if self.target_r > self.init_r:
-            raise ConfigError(
-                f"target_r={self.target_r} is larger than init_r={self.init_r}; AdaLoRA only prunes ranks"
-            )
-        if self.total_step is not None and self.total_step <= self.tinit + self.tfinal:
-            raise ConfigError(
-                f"total_step={self.total_step} is too small: it must exceed tinit + tfinal "
-                f"= {self.tinit} + {self.tfinal} so the budget has steps to shrink over"
-            )
-        if self.init != "default":
-            raise ConfigError(f"init={self.init!r} cannot be combined with method='adalora'")
-        if self.use_rslora:
-            raise ConfigError(
-                "use_rslora cannot be combined with method='adalora' (it scales by alpha/ranknum)"
-            )
+        _check_options(self.method_options)
+        method.check(self)
 
     def replace(self, **changes: Any) -> AdapterConfig:
         """A copy with some fields changed (validated again)."""
@@ -308,6 +315,18 @@ class AdapterConfig:
             if key not in names:
                 raise ConfigError(f"adapter: unknown key {show(key)}{_closest(key, names)}; allowed: {names}")
         return cls(**dict(data))
+
+    def option(self, name: str) -> Any:
+        """The method's own field ``name``: ``method_options[name]``, else its declared default."""
+        from lorakit import methods  # the registry builds on this module
+
+        declared = methods.get(self.method).options
+        if name not in declared:
+            raise ConfigError(
+                f"method={self.method!r} has no option {show(name)}{_closest(name, list(declared))}; "
+                f"it declares {list(declared)}"
+            )
+        return self.method_options.get(name, declared[name].default)
 
     def rank_for(self, module_name: str) -> int:
         return int(_pattern_value(self.rank_pattern, module_name, self.r))

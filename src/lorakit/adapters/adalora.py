@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters.adalora_budget import BudgetSchedule, RankAllocator
-from lorakit.adapters.base import register_callbacks, register_method
+from lorakit.adapters.adalora_peft import ADALORA_PEFT
 from lorakit.config import AdapterConfig, ConfigError
+from lorakit.methods import Method, register
 from lorakit.train.callbacks import Callback, TrainState
 from lorakit.weights import WeightAccess
 
@@ -175,13 +176,7 @@ class AdaLoraLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, init_r={self.init_r}, kept={self.r}, alpha={self.alpha}"
 
 
-@register_method("adalora")
-def build_adalora(access: WeightAccess, cfg: AdapterConfig, module_name: str) -> nn.Module:
-    if access.kind != "linear":
-        raise ConfigError(
-            f"method='adalora' adapts linear layers (nn.Linear, GPT-2 Conv1D, quantized linear); "
-            f"{module_name!r} is {access.kind}: drop it from target_modules"
-        )
+def _build_adalora(access: WeightAccess, cfg: AdapterConfig, module_name: str) -> nn.Module:
     for name in ("rank_pattern", "alpha_pattern"):
         if getattr(cfg, name):
             raise ConfigError(
@@ -389,7 +384,6 @@ class AdaLoraCallback(Callback):
         self.controller.load_state_dict(state)
 
 
-@register_callbacks("adalora")
 def adalora_callbacks(model: nn.Module, adapter_name: str, cfg: AdapterConfig) -> list[Callback]:
     return [AdaLoraCallback(model, adapter_name, cfg)]
 
@@ -416,3 +410,34 @@ def _controller(model: nn.Module, adapter_name: str | None, total_step: int | No
     elif total_step is not None and cache[name].schedule is None:
         cache[name].set_total_step(total_step)
     return cache[name]
+
+
+# ---- the registry entry (its PEFT format, "ADALORA", is in adalora_peft.py) ----
+def _validate(cfg: AdapterConfig) -> None:
+    """The rules between AdaLoRA's fields (each field alone is checked by AdapterConfig)."""
+    if cfg.target_r > cfg.init_r:
+        raise ConfigError(
+            f"target_r={cfg.target_r} is larger than init_r={cfg.init_r}; AdaLoRA only prunes ranks"
+        )
+    if cfg.total_step is not None and cfg.total_step <= cfg.tinit + cfg.tfinal:
+        raise ConfigError(
+            f"total_step={cfg.total_step} is too small: it must exceed tinit + tfinal "
+            f"= {cfg.tinit} + {cfg.tfinal} so the budget has steps to shrink over"
+        )
+    if cfg.use_rslora:
+        raise ConfigError("use_rslora cannot be combined with method='adalora' (it scales by alpha/ranknum)")
+
+
+ADALORA = register(
+    Method(
+        "adalora",
+        _build_adalora,
+        kinds=("linear",),
+        peft=ADALORA_PEFT,
+        validate=_validate,
+        callbacks=adalora_callbacks,
+        doc="AdaLoRA, adaptive budget allocation (Zhang et al. 2023)",
+    )
+)
+# The checked builder (a layer kind AdaLoRA does not adapt is a ConfigError naming the module).
+build_adalora = ADALORA.build

@@ -1,22 +1,22 @@
-"""The adapter-method interface and the method registry.
+"""The adapter-method interface (AdapterMethod), shape-checked state loading, older registry decorators.
 
 An adapter method is an ``nn.Module`` holding one adapter's parameters, built from flat arguments. The
 adapted layer (``lorakit.surgery.layer.AdaptedLayer``) calls it as ``adapter(x, base_out, access)`` and
 uses what it returns as the layer's output; the adapter never holds a reference to the base module.
 
-A registry maps a method name ("lora", "dora", "adalora") to a builder that turns an ``AdapterConfig``
-into an adapter for one base module (STYLE.md rule 5: configs become flat arguments in one place).
+Which methods exist, and everything about each, is in the method registry (``lorakit.methods``); each
+method's file registers its entry. The decorators here are the older way to add a builder or callbacks.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import torch
 
-from lorakit.config import AdapterConfig, ConfigError
+from lorakit import methods
+from lorakit.methods import Builder, CallbackFactory
 from lorakit.weights import WeightAccess
 
 
@@ -44,43 +44,32 @@ class AdapterMethod(Protocol):
         ...
 
 
-# method name -> builder(access, cfg, module_name) -> adapter module
-Builder = Callable[[WeightAccess, AdapterConfig, str], torch.nn.Module]
-_BUILDERS: dict[str, Builder] = {}
-_MODULES = {"lora": "lorakit.adapters.lora", "dora": "lorakit.adapters.dora", "adalora": "lorakit.adapters.adalora"}
-
-
 def register_method(name: str) -> Callable[[Builder], Builder]:
-    """Decorator registering a builder for ``AdapterConfig(method=name)``."""
+    """Decorator registering ``builder`` as method ``name``'s (a new entry adapts every layer kind and
+    has no file format). For a full entry -- layer kinds, PEFT codec, own config fields, callbacks --
+    use ``lorakit.methods.register(Method(...))``, as the built-in methods do."""
 
     def deco(builder: Builder) -> Builder:
-        _BUILDERS[name] = builder
+        if name in methods.names():
+            methods.replace(name, builder=builder)
+        else:
+            methods.register(methods.Method(name, builder, kinds=tuple(methods.KINDS)))
         return builder
 
     return deco
 
 
 def builder_for(method: str) -> Builder:
-    if method not in _BUILDERS and method in _MODULES:
-        try:
-            importlib.import_module(_MODULES[method])
-        except ModuleNotFoundError as e:
-            if e.name != _MODULES[method]:
-                raise
-    if method not in _BUILDERS:
-        raise ConfigError(f"method={method!r} is not available; registered methods: {sorted(_BUILDERS)}")
-    return _BUILDERS[method]
+    """The checked builder of a registered method (``Method.build``)."""
+    return methods.get(method).build
 
 
-# method name -> factory(model, adapter_name, cfg) -> list of trainer callbacks the method needs
-_CALLBACKS: dict[str, Callable[..., list]] = {}
+def register_callbacks(name: str) -> Callable[[CallbackFactory], CallbackFactory]:
+    """Decorator setting ``factory(model, adapter_name, cfg) -> [Callback, ...]`` on method ``name``'s
+    registry entry (``Method.callbacks``)."""
 
-
-def register_callbacks(name: str) -> Callable[[Callable[..., list]], Callable[..., list]]:
-    """Decorator registering ``factory(model, adapter_name, cfg) -> [Callback, ...]`` for a method."""
-
-    def deco(factory: Callable[..., list]) -> Callable[..., list]:
-        _CALLBACKS[name] = factory
+    def deco(factory: CallbackFactory) -> CallbackFactory:
+        methods.replace(name, callbacks=factory)
         return factory
 
     return deco
@@ -93,8 +82,7 @@ def method_callbacks(model: torch.nn.Module, adapter_name: str | None = None) ->
     if name is None or name not in configs:
         return []
     cfg = configs[name]
-    builder_for(cfg.method)  # imports the method's module, which registers its callbacks
-    factory = _CALLBACKS.get(cfg.method)
+    factory = methods.get(cfg.method).callbacks
     return list(factory(model, name, cfg)) if factory else []
 
 

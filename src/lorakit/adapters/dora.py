@@ -29,14 +29,17 @@ forward, as before.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.base import copy_peft_state, register_method
-from lorakit.adapters.lora import LoraLinear
-from lorakit.config import AdapterConfig, ConfigError
+from lorakit.adapters.base import copy_peft_state
+from lorakit.adapters.lora import LORA_INITS, LoraLinear, lora_from_peft, lora_to_peft
+from lorakit.config import AdapterConfig
+from lorakit.methods import Method, PeftCodec, json_field, register
 from lorakit.surgery.layer import AdapterStateError
 from lorakit.weights import WeightAccess
 
@@ -267,14 +270,8 @@ class DoraLinear(LoraLinear):
         copy_peft_state("dora", self.peft_state(), state)
 
 
-@register_method("dora")
-def build_dora(access: WeightAccess, cfg: AdapterConfig, module_name: str) -> nn.Module:
-    """DoRA adapter for one base module; the magnitude starts at the base's row norms."""
-    if access.kind != "linear":
-        raise ConfigError(
-            f"method='dora' supports linear layers (nn.Linear, GPT-2 Conv1D, quantized linear); "
-            f"{module_name!r} is an {access.kind} layer: use method='lora' or exclude it via exclude_modules"
-        )
+def _build_dora(access: WeightAccess, cfg: AdapterConfig, module_name: str) -> nn.Module:
+    """DoRA adapter for one linear base module; the magnitude starts at the base's row norms."""
     r, alpha = cfg.rank_for(module_name), cfg.alpha_for(module_name)
     adapter = DoraLinear(
         access.in_features,
@@ -288,3 +285,26 @@ def build_dora(access: WeightAccess, cfg: AdapterConfig, module_name: str) -> nn
     )
     adapter.init_magnitude(access)
     return adapter
+
+
+def _dora_to_peft(cfg: AdapterConfig, adapters: Mapping[str, nn.Module]) -> dict[str, Any]:
+    return {**lora_to_peft(cfg, adapters), "use_dora": True}
+
+
+def _is_dora(d: Mapping[str, Any]) -> bool:
+    """PEFT writes DoRA as a "LORA" adapter with ``use_dora`` true."""
+    return bool(json_field(d, "use_dora", bool, False))
+
+
+DORA = register(
+    Method(
+        "dora",
+        _build_dora,
+        kinds=("linear",),
+        peft=PeftCodec("LORA", _dora_to_peft, lora_from_peft, claims=_is_dora, rank_keys=("lora_A.weight",)),
+        inits=LORA_INITS,
+        doc="DoRA, weight-decomposed low-rank adaptation (Liu et al. 2024)",
+    )
+)
+# The checked builder (a layer kind DoRA does not adapt is a ConfigError naming the module).
+build_dora = DORA.build

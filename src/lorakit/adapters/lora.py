@@ -7,19 +7,23 @@ Adapter parameters are kept in fp32 (by default) whatever the base dtype; inputs
 adapter dtype and the update is cast back to the base output's dtype.
 
 Tensor names follow PEFT: ``lora_A.weight``/``lora_B.weight`` for Linear, GPT-2 Conv1D and Conv, and
-``lora_embedding_A``/``lora_embedding_B`` for Embedding.
+``lora_embedding_A``/``lora_embedding_B`` for Embedding. The registry entry at the end of this file says
+the rest: the layer kinds, the inits that ride on LoRA (PiSSA), and its PEFT format (``peft_type`` "LORA").
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.base import copy_peft_state, register_method
+from lorakit.adapters.base import copy_peft_state
 from lorakit.config import AdapterConfig, ConfigError
+from lorakit.methods import Init, Method, PeftCodec, json_field, register
 from lorakit.weights import WeightAccess
 
 
@@ -175,7 +179,6 @@ def pissa_init(adapter: LoraLinear, access: WeightAccess, module_name: str) -> N
     access.set_dense_weight(w - adapter.delta_weight(access))
 
 
-@register_method("lora")
 def build_lora(access: WeightAccess, cfg: AdapterConfig, module_name: str) -> nn.Module:
     r, alpha = cfg.rank_for(module_name), cfg.alpha_for(module_name)
     if access.kind == "embedding":
@@ -188,3 +191,39 @@ def build_lora(access: WeightAccess, cfg: AdapterConfig, module_name: str) -> nn
     if cfg.init == "pissa":
         pissa_init(adapter, access, module_name)
     return adapter
+
+
+# ---- PEFT's "LORA" adapter_config.json: the fields beyond those every LoRA-family type shares ----
+def lora_from_peft(d: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(
+        r=json_field(d, "r", int, 8),
+        use_rslora=json_field(d, "use_rslora", bool, False),
+        rank_pattern=json_field(d, "rank_pattern", dict, {}),
+    )
+
+
+def lora_to_peft(cfg: AdapterConfig, adapters: Mapping[str, nn.Module]) -> dict[str, Any]:
+    return {"use_rslora": cfg.use_rslora, "use_dora": False}
+
+
+# Inits whose adapters need only the trained tensors (and PiSSA's residual, recomputed from W).
+LORA_INITS = {
+    "default": Init(True, "A Kaiming-uniform (a=sqrt(5)), B = 0"),
+    "gaussian": Init("gaussian", "A ~ N(0, 1/r), B = 0"),
+}
+
+LORA = register(
+    Method(
+        "lora",
+        build_lora,
+        kinds=("linear", "embedding", "conv"),
+        peft=PeftCodec(
+            "LORA", lora_to_peft, lora_from_peft, rank_keys=("lora_A.weight", "lora_embedding_A")
+        ),
+        inits={
+            **LORA_INITS,
+            "pissa": Init("pissa", "PiSSA: A, B from the top-r singular triplets of W, W keeps the residual"),
+        },
+        doc="LoRA, low-rank adaptation (Hu et al. 2021)",
+    )
+)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from lorakit import methods
 from lorakit.config import AdapterConfig, show
 from lorakit.io.errors import AdapterConfigError, AdapterFileError
 from lorakit.io.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME
@@ -44,14 +45,6 @@ def target_filters(cfg: AdapterConfig) -> str:
     return f" (with {', '.join(given)})" if given else ""
 
 
-# Per builtin method, the tensor whose first dimension is a layer's rank (lora_embedding_A: embeddings).
-_RANK_KEYS = {
-    "lora": ("lora_A.weight", "lora_embedding_A"),
-    "dora": ("lora_A.weight",),
-    "adalora": ("lora_A",),
-}
-
-
 def check_ranks(
     cfg: AdapterConfig,
     targets: list[str],
@@ -61,18 +54,19 @@ def check_ranks(
     source: str,
 ) -> None:
     """Before anything is injected: every module the config targets has its tensors in the file, at the
-    rank the config gives it (``r`` / ``rank_pattern``; AdaLoRA: the kept ranks of its mask, else
-    ``init_r``), and an AdaLoRA mask names only targeted modules. Injecting builds each adapter at the
-    config's rank first, so without this a wrong ``r`` (10**12, say) would try to allocate it."""
-    keys = _RANK_KEYS.get(cfg.method)
-    if keys is None:  # a method registered elsewhere: its load_peft_state checks the shapes
+    rank the config gives it (the method codec's ``stored_rank``: ``r`` / ``rank_pattern``; AdaLoRA: the
+    kept ranks of its mask, else ``init_r``), and per-layer entries (AdaLoRA's masks) name only targeted
+    modules. Injecting builds each adapter at the config's rank first, so without this a wrong ``r``
+    (10**12, say) would try to allocate it."""
+    codec = methods.get(cfg.method).peft
+    keys = codec.rank_keys if codec is not None else ()
+    if not keys:  # the method names no rank tensor: its load_peft_state checks the shapes
         return
-    masks = {path: kw["rank_mask"] for path, kw in layer_kwargs.items() if "rank_mask" in kw}
-    stray = sorted(set(masks) - set(targets))
+    stray = sorted(set(layer_kwargs) - set(targets))
     if stray:
         raise AdapterConfigError(
-            f"{config_path}: rank_pattern names {first(stray)}, which the config does not adapt "
-            "(target_modules / layers_to_transform / exclude_modules / modules_to_save)"
+            f"{config_path}: {codec.layer_field or 'the per-layer entries'} names {first(stray)}, which the "
+            "config does not adapt (target_modules / layers_to_transform / exclude_modules / modules_to_save)"
         )
     for name in targets:
         found = [f"{PREFIX}{name}.{k}" for k in keys if f"{PREFIX}{name}.{k}" in tensors]
@@ -84,13 +78,7 @@ def check_ranks(
             )
         t = tensors[found[0]]
         stored = int(t.shape[0]) if t.dim() >= 1 else None
-        mask = masks.get(name)
-        if cfg.method != "adalora":
-            want, why = cfg.rank_for(name), "r / rank_pattern"
-        elif mask is not None:
-            want, why = sum(bool(b) for b in mask), "the kept ranks of its rank_pattern mask"
-        else:
-            want, why = cfg.init_r, "init_r, as there is no rank_pattern mask"
+        want, why = codec.stored_rank(cfg, name, layer_kwargs.get(name, {}))
         if stored != want:
             raise AdapterConfigError(
                 f"{config_path}: module {name!r} has rank {want} ({why}) but {found[0]!r} in {WEIGHTS_NAME} "

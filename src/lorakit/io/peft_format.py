@@ -4,19 +4,15 @@ Keys: ``base_model.model.<module path>.<name>`` where ``<name>`` is what the ada
 returns (``lora_A.weight``, ``lora_embedding_A``, ``lora_magnitude_vector``, ``lora_E``, ...) and, for a
 module in ``modules_to_save``, the trained copy's own ``state_dict`` names (``classifier.weight``).
 
-Config: one *codec* per ``peft_type`` converts the json both ways. lorakit ships codecs for "LORA"
-(methods lora and dora, via ``use_dora``) and "ADALORA". A method module can replace or add one with
-:func:`register_peft_type`; the io layer imports the method's module (``lorakit.adapters.<method>``)
-before looking a codec up, so a registration there takes effect without io changes::
+Config: the fields every LoRA-family ``peft_type`` shares (r, lora_alpha, lora_dropout, target_modules,
+init_lora_weights, ...) are read and written here; each method's own fields through its registry entry's
+codec (``lorakit.methods.PeftCodec``, in the method's file: "LORA" for lora and dora -- DoRA claims the
+files with ``use_dora`` true -- and "ADALORA"). ``peft_type``, ``task_type`` and
+``base_model_name_or_path`` are added by the caller.
 
-    register_peft_type("ADALORA", ("adalora",), from_peft=..., to_peft=..., layer_kwargs=...)
-
-``from_peft(data: dict) -> AdapterConfig`` validates the json (raise ConfigError naming the field);
-``to_peft(cfg, model, adapter_name) -> dict`` returns the json fields (use :func:`common_to_peft` for
-the fields every LoRA-family type shares); the optional ``layer_kwargs(data) -> {module path: kwargs}``
-passes per-layer extras to ``adapter.load_peft_state(state, **kwargs)`` -- AdaLoRA's kept-rank masks
-(PEFT's ``rank_pattern``: ``"<path>.lora_E"`` -> init_r booleans) reach the adapter this way as
-``rank_mask``. ``peft_type``, ``task_type`` and ``base_model_name_or_path`` are added by the caller.
+:func:`register_peft_type` is the older hook (kept for one release): a codec for a whole json, used
+before the registry's, ``from_peft(data) -> AdapterConfig`` and ``to_peft(cfg, model, adapter_name)
+-> dict``, with the optional ``layer_kwargs(data) -> {module path: kwargs}`` for ``load_peft_state``.
 
 What PEFT accepts quietly and we refuse: ``r = 0``, an unknown ``peft_type``, ``bias`` other than
 "none", and PEFT features lorakit does not implement (``lora_bias``, ``layer_replication``, ...).
@@ -32,12 +28,14 @@ from typing import Any
 
 from torch import nn
 
-from lorakit.adapters.base import builder_for
+from lorakit import methods
+from lorakit.adapters.adalora_peft import adalora_rank_masks  # noqa: F401  (moved; kept here for one release)
 from lorakit.config import AdapterConfig, ConfigError, show
+from lorakit.methods import Method
 from lorakit.surgery.inject import adapted_layers
 from lorakit.surgery.targets import TargetError, describe_modules, head_names, match_targets
 
-PREFIX = "base_model.model."
+PREFIX = methods.PEFT_PREFIX
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -52,8 +50,9 @@ _TASK_BY_CLASS = (
     ("ForQuestionAnswering", "QUESTION_ANS"),
     ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
 )
-# init_lora_weights values whose adapters load onto an untouched base (the init is overwritten).
-_PLAIN_INITS = {"gaussian": "gaussian", "eva": "default", "orthogonal": "default"}
+# init_lora_weights values of PEFT's that lorakit reads as its default init: they only set starting
+# values, which the loaded tensors overwrite (the base is untouched).
+_LOADS_AS_DEFAULT = ("eva", "orthogonal")
 # PEFT features lorakit does not implement: each must be absent/null/false/empty.
 _UNSUPPORTED = (
     "lora_bias",
@@ -73,7 +72,7 @@ _UNSUPPORTED = (
 
 @dataclass(frozen=True)
 class PeftCodec:
-    """Converts one ``peft_type``'s json to/from AdapterConfig (see the module docstring)."""
+    """A whole-json codec registered through :func:`register_peft_type` (the older hook)."""
 
     peft_type: str
     methods: tuple[str, ...]
@@ -82,8 +81,7 @@ class PeftCodec:
     layer_kwargs: Callable[[Mapping[str, Any]], dict[str, dict[str, Any]]] | None = None
 
 
-_CODECS: dict[str, PeftCodec] = {}
-_METHOD_OF_TYPE = {"LORA": "lora", "ADALORA": "adalora"}
+_CODECS: dict[str, PeftCodec] = {}  # only what register_peft_type added; the methods' are in the registry
 
 
 def register_peft_type(
@@ -93,51 +91,47 @@ def register_peft_type(
     to_peft: Callable[[AdapterConfig, nn.Module, str], dict[str, Any]],
     layer_kwargs: Callable[[Mapping[str, Any]], dict[str, dict[str, Any]]] | None = None,
 ) -> None:
-    """Register (or replace) the codec for ``peft_type``, used to save adapters of ``methods``.
-    ``layer_kwargs(json) -> {module path: kwargs}`` optionally passes per-layer extras from the json
-    to ``adapter.load_peft_state(state, **kwargs)`` (AdaLoRA: its kept-rank mask)."""
+    """Register (or replace) a whole-json codec for ``peft_type``, used to read it and to save adapters
+    of ``methods`` before the registry's codecs. Kept for one release: a method's file format belongs in
+    its registry entry (``lorakit.methods.PeftCodec``)."""
     _CODECS[peft_type] = PeftCodec(peft_type, tuple(methods), from_peft, to_peft, layer_kwargs)
 
 
-def _import_method(method: str) -> None:
-    try:
-        builder_for(method)  # imports lorakit.adapters.<method>, which may register a codec
-    except ConfigError:
-        pass
+def _readable() -> list[str]:
+    return sorted(set(_CODECS) | set(methods.peft_types()))
 
 
-def codec_for_peft_type(peft_type: Any, source: str = CONFIG_NAME) -> PeftCodec:
-    if isinstance(peft_type, str) and peft_type in _METHOD_OF_TYPE:
-        _import_method(_METHOD_OF_TYPE[peft_type])
-    if not isinstance(peft_type, str) or peft_type not in _CODECS:
-        raise ConfigError(
-            f"{source}: peft_type={show(peft_type)} is not supported; lorakit reads {sorted(_CODECS)}"
-        )
-    return _CODECS[peft_type]
+def method_for_peft(data: Mapping[str, Any]) -> Method:
+    """The registered method whose codec reads ``data``: among those writing its peft_type, the one
+    whose ``claims`` accepts it, else the one without ``claims``."""
+    peft_type = data.get("peft_type")
+    candidates = methods.by_peft_type(peft_type)
+    claimed = [m for m in candidates if m.peft.claims is not None and m.peft.claims(data)]
+    rest = [m for m in candidates if m.peft.claims is None]
+    if not (claimed or rest):
+        raise ConfigError(f"peft_type={show(peft_type)}: no registered method reads this file")
+    return (claimed or rest)[0]
 
 
-def codec_for_method(method: str) -> PeftCodec:
-    _import_method(method)
-    for codec in reversed(list(_CODECS.values())):  # latest registration wins
+def _check_peft_type(peft_type: Any, source: str) -> None:
+    if not isinstance(peft_type, str) or (peft_type not in _CODECS and peft_type not in methods.peft_types()):
+        raise ConfigError(f"{source}: peft_type={show(peft_type)} is not supported; lorakit reads {_readable()}")
+
+
+def codec_for_method(method: str) -> PeftCodec | methods.PeftCodec:
+    """What writes ``method``'s adapters: a codec from :func:`register_peft_type` naming it (latest
+    wins), else the method's registry entry's."""
+    for codec in reversed(list(_CODECS.values())):
         if method in codec.methods:
             return codec
-    raise ConfigError(f"method={method!r} has no PEFT file format registered; known: {sorted(_CODECS)}")
+    codec = methods.get(method).peft
+    if codec is None:
+        raise ConfigError(f"method={method!r} has no PEFT file format registered; known: {_readable()}")
+    return codec
 
 
 # ----------------------------------------------------------------------------------------- reading
-def _get(d: Mapping[str, Any], key: str, types: type | tuple[type, ...], default: Any = None) -> Any:
-    value = d.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise ConfigError(f"{key}={show(value)} has the wrong type; expected {_type_names(types)}")
-    if not isinstance(value, types):
-        raise ConfigError(f"{key}={show(value)} has the wrong type; expected {_type_names(types)}")
-    return value
-
-
-def _type_names(types: type | tuple[type, ...]) -> str:
-    return " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+_get = methods.json_field
 
 
 def _targets(d: Mapping[str, Any], key: str) -> str | tuple[str, ...] | None:
@@ -145,21 +139,29 @@ def _targets(d: Mapping[str, Any], key: str) -> str | tuple[str, ...] | None:
     return tuple(value) if isinstance(value, list) else value
 
 
+def _peft_inits() -> dict[bool | str, str]:
+    """init_lora_weights value -> lorakit init name, over the inits of every registered method."""
+    return {i.peft_value: name for m in methods.entries() for name, i in m.inits.items()}
+
+
 def _init_from_peft(value: Any) -> str:
     if value is None or isinstance(value, bool):
         return "default"
-    if isinstance(value, str) and value in _PLAIN_INITS:
-        return _PLAIN_INITS[value]
-    if isinstance(value, str) and (value == "pissa" or value.startswith("pissa_niter_")):
-        if value != "pissa":
-            warnings.warn(
-                f"init_lora_weights={value!r}: lorakit recomputes the PiSSA residual with an exact SVD",
-                stacklevel=3,
-            )
-        return "pissa"
+    known = _peft_inits()
+    if isinstance(value, str) and value in _LOADS_AS_DEFAULT:
+        return "default"
+    if isinstance(value, str) and value.startswith("pissa_niter_") and "pissa" in known:
+        warnings.warn(
+            f"init_lora_weights={value!r}: lorakit recomputes the PiSSA residual with an exact SVD",
+            stacklevel=3,
+        )
+        return known["pissa"]
+    if isinstance(value, str) and value in known:
+        return known[value]
+    names = [repr(v) for v in [*(k for k in known if isinstance(k, str)), *_LOADS_AS_DEFAULT]]
     raise ConfigError(
-        f"init_lora_weights={show(value)} is not supported; lorakit loads true/false, 'gaussian', 'eva', "
-        "'orthogonal' and 'pissa' adapters (others change the base weights in ways lorakit cannot redo)"
+        f"init_lora_weights={show(value)} is not supported; lorakit loads true/false, {', '.join(names)} "
+        "adapters (others change the base weights in ways lorakit cannot redo)"
     )
 
 
@@ -198,7 +200,7 @@ def common_from_peft(d: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # lorakit field -> the json field it is read from, so a config error names what the file says
-_PEFT_NAMES = dict(alpha="lora_alpha", dropout="lora_dropout", init="init_lora_weights", delta_t="deltaT")
+_PEFT_NAMES = dict(alpha="lora_alpha", dropout="lora_dropout", init="init_lora_weights")
 
 
 def _config(renames: Mapping[str, str], **fields: Any) -> AdapterConfig:
@@ -211,85 +213,36 @@ def _config(renames: Mapping[str, str], **fields: Any) -> AdapterConfig:
         raise ConfigError(msg) from None
 
 
-def _lora_from_peft(d: Mapping[str, Any]) -> AdapterConfig:
-    fields = common_from_peft(d)
-    use_dora = _get(d, "use_dora", bool, False)
-    if use_dora and fields["init"] == "pissa":
-        raise ConfigError("init_lora_weights='pissa' with use_dora=true is not supported")
-    return _config(
-        _PEFT_NAMES,
-        method="dora" if use_dora else "lora",
-        r=_get(d, "r", int, 8),
-        use_rslora=_get(d, "use_rslora", bool, False),
-        rank_pattern=_get(d, "rank_pattern", dict, {}),
-        **fields,
-    )
-
-
-def adalora_rank_masks(masks: Mapping[str, Any]) -> dict[str, list[bool]]:
-    """PEFT's AdaLoRA ``rank_pattern`` (``"<module>.lora_E"`` -> kept-rank booleans over init_r) keyed by
-    module path. The saved tensors hold only the kept ranks (PEFT slices them on save)."""
-    out: dict[str, list[bool]] = {}
-    for key, mask in masks.items():
-        if not isinstance(mask, list) or not all(isinstance(b, bool) for b in mask):
-            raise ConfigError(
-                f"rank_pattern[{show(key)}] must be a list of booleans (AdaLoRA's kept-rank mask)"
-            )
-        module = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        out[re.sub(r"\.lora_E(\.[^.]+)?$", "", module)] = mask
-    return out
-
-
-def _adalora_from_peft(d: Mapping[str, Any]) -> AdapterConfig:
-    if _get(d, "use_dora", bool, False):
-        raise ConfigError("use_dora=true cannot be combined with peft_type='ADALORA'")
-    if _get(d, "use_rslora", bool, False):
-        raise ConfigError("use_rslora=true cannot be combined with peft_type='ADALORA'")
-    fields = common_from_peft(d)
-    target_r, init_r = _get(d, "target_r", int, 8), _get(d, "init_r", int, 12)
-    for key, mask in adalora_rank_masks(_get(d, "rank_pattern", dict, {})).items():
-        if len(mask) != init_r:
-            raise ConfigError(f"rank_pattern[{key!r}] has {len(mask)} entries; expected init_r={init_r}")
-    # rank_pattern is AdaLoRA's kept-rank masks, not a rank override: it reaches the adapter through
-    # load_peft_state(rank_mask=...) (see _adalora_layer_kwargs), not through the config.
-    return _config(
-        {**_PEFT_NAMES, "r": "target_r"},
-        method="adalora",
-        r=target_r,
-        init_r=init_r,
-        target_r=target_r,
-        tinit=_get(d, "tinit", int, 0),
-        tfinal=_get(d, "tfinal", int, 0),
-        delta_t=_get(d, "deltaT", int, 1),
-        beta1=_get(d, "beta1", (int, float), 0.85),
-        beta2=_get(d, "beta2", (int, float), 0.85),
-        orth_reg_weight=_get(d, "orth_reg_weight", (int, float), 0.5),
-        total_step=_get(d, "total_step", int),
-        **fields,
-    )
-
-
-def _adalora_layer_kwargs(d: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    masks = adalora_rank_masks(d.get("rank_pattern") or {})
-    return {path: {"rank_mask": mask} for path, mask in masks.items()}
-
-
 def config_from_peft(data: Any, source: str = CONFIG_NAME) -> tuple[AdapterConfig, dict[str, Any]]:
     """Parse an adapter_config.json mapping: (AdapterConfig, metadata with task_type,
     base_model_name_or_path and, if the codec has any, "layer_kwargs" for ``load_peft_state``).
     Every error is a ConfigError starting with ``source``."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
-    codec = codec_for_peft_type(data.get("peft_type"), source)
+    peft_type = data.get("peft_type")
+    _check_peft_type(peft_type, source)
     try:
-        cfg = codec.from_peft(data)
-        layer_kwargs = codec.layer_kwargs(data) if codec.layer_kwargs else {}
+        if peft_type in _CODECS:
+            legacy = _CODECS[peft_type]
+            cfg = legacy.from_peft(data)
+            layer_kwargs = legacy.layer_kwargs(data) if legacy.layer_kwargs else {}
+        else:
+            cfg, layer_kwargs = _from_registry(data)
         meta = {k: _get(data, k, str) for k in ("task_type", "base_model_name_or_path")}
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     if layer_kwargs:
         meta["layer_kwargs"] = layer_kwargs
     return cfg, meta
+
+
+def _from_registry(data: Mapping[str, Any]) -> tuple[AdapterConfig, dict[str, dict[str, Any]]]:
+    method = method_for_peft(data)
+    codec = method.peft
+    fields = common_from_peft(data)
+    own = codec.from_peft(data)
+    cfg = _config({**_PEFT_NAMES, **codec.json_names}, method=method.name, **{**fields, **own})
+    return cfg, (codec.layer_kwargs(data) if codec.layer_kwargs else {})
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -319,10 +272,6 @@ def _explicit_targets(cfg: AdapterConfig, model: nn.Module, adapter_name: str) -
     return names
 
 
-def _init_to_peft(init: str) -> bool | str:
-    return {"default": True}.get(init, init)
-
-
 def common_to_peft(cfg: AdapterConfig, model: nn.Module, adapter_name: str) -> dict[str, Any]:
     """The json fields every LoRA-family peft_type shares, from a config and the model it is in."""
     layers = [layer for _, layer in adapted_layers(model) if adapter_name in layer.adapters]
@@ -340,50 +289,9 @@ def common_to_peft(cfg: AdapterConfig, model: nn.Module, adapter_name: str) -> d
         "layers_pattern": cfg.layers_pattern,
         "rank_pattern": dict(cfg.rank_pattern),
         "alpha_pattern": dict(cfg.alpha_pattern),
-        "init_lora_weights": _init_to_peft(cfg.init),
+        "init_lora_weights": methods.get(cfg.method).inits[cfg.init].peft_value,
         "inference_mode": True,
     }
-
-
-def _lora_to_peft(cfg: AdapterConfig, model: nn.Module, adapter_name: str) -> dict[str, Any]:
-    return {
-        **common_to_peft(cfg, model, adapter_name),
-        "use_rslora": cfg.use_rslora,
-        "use_dora": cfg.method == "dora",
-    }
-
-
-def _adalora_to_peft(cfg: AdapterConfig, model: nn.Module, adapter_name: str) -> dict[str, Any]:
-    d = common_to_peft(cfg, model, adapter_name)
-    # PEFT's rank_pattern for AdaLoRA is a kept-rank mask over init_r per "<module>.lora_E"; only the
-    # count matters on load (the tensors are saved with the kept ranks).
-    masks = {}
-    for name, layer in adapted_layers(model):
-        if adapter_name not in layer.adapters:
-            continue
-        adapter = layer.adapters[adapter_name]
-        mask = getattr(adapter, "rank_mask", None)
-        if mask is not None:
-            masks[f"{name}.lora_E"] = [bool(b) for b in mask.tolist()]
-        else:
-            kept = int(getattr(adapter, "r", cfg.init_r))
-            masks[f"{name}.lora_E"] = [True] * kept + [False] * (cfg.init_r - kept)
-    if all(all(m) for m in masks.values()):
-        masks = {}  # nothing pruned: PEFT's rank_pattern stays null
-    total = cfg.total_step if cfg.total_step is not None else cfg.tinit + cfg.tfinal + 1  # PEFT needs > 0
-    d.update(
-        rank_pattern=masks or None,
-        init_r=cfg.init_r,
-        target_r=cfg.target_r,
-        tinit=cfg.tinit,
-        tfinal=cfg.tfinal,
-        deltaT=cfg.delta_t,
-        beta1=cfg.beta1,
-        beta2=cfg.beta2,
-        orth_reg_weight=cfg.orth_reg_weight,
-        total_step=total,
-    )
-    return d
 
 
 def task_type_of(model: nn.Module) -> str | None:
@@ -404,12 +312,12 @@ def config_to_peft(
 ) -> dict[str, Any]:
     """The adapter_config.json mapping for adapter ``adapter_name`` of ``model``."""
     codec = codec_for_method(cfg.method)
-    data = codec.to_peft(cfg, model, adapter_name)
+    if isinstance(codec, PeftCodec):  # register_peft_type's: the whole json
+        data = codec.to_peft(cfg, model, adapter_name)
+    else:
+        adapters = {n: layer.adapters[adapter_name] for n, layer in adapted_layers(model) if adapter_name in layer.adapters}
+        data = {**common_to_peft(cfg, model, adapter_name), **codec.to_peft(cfg, adapters)}
     data.update(
         peft_type=codec.peft_type, task_type=task_type, base_model_name_or_path=base_model_name_or_path
     )
     return dict(sorted(data.items()))
-
-
-register_peft_type("LORA", ("lora", "dora"), _lora_from_peft, _lora_to_peft)
-register_peft_type("ADALORA", ("adalora",), _adalora_from_peft, _adalora_to_peft, _adalora_layer_kwargs)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lorakit import methods
 from lorakit.config import AdapterConfig
 
 # Default targets: the first family whose names occur in the model wins (query and value projections).
@@ -74,9 +75,11 @@ def match_targets(
 
     Each entry of a target list must match some module: a typo (``qproj``) next to a good entry would
     otherwise adapt less than asked without a word. ``strict=False`` (reading an adapter file, which
-    PEFT accepts with such entries) turns that into a warning."""
+    PEFT accepts with such entries) turns that into a warning. A matched module of a layer kind the
+    method does not adapt (its registry entry's ``kinds``) is an error naming it."""
     spec = cfg.target_modules
     heads = tuple(head_names)
+    method = methods.get(cfg.method)
     if isinstance(spec, (list, tuple)):
         _check_entries(spec, modules, strict)
     if spec is None:
@@ -115,8 +118,8 @@ def match_targets(
                 f"target {m.name!r} is a {m.type_name}, which lorakit cannot adapt; supported: Linear, "
                 "Embedding, Conv1d, Conv2d, GPT-2 Conv1D and quantized linears"
             )
-        if cfg.method in ("dora", "adalora") and m.kind != "linear":
-            raise TargetError(f"method={cfg.method!r} supports linear layers only; {m.name!r} is {m.type_name}")
+        if m.kind not in method.kinds:
+            raise TargetError(method.kind_error(m.name, m.kind, m.type_name))
         chosen.append(m.name)
     if not chosen:
         shown = spec if isinstance(spec, str) else list(spec)
