@@ -41,9 +41,9 @@ from dataclasses import dataclass
 
 from lorakit.bench.arch import HEADS, Arch, Matrix, PlanError, count_params, matrices, module_infos
 from lorakit.bench.gpus import Gpu
+from lorakit.methods import setups
 
 GIB = 2**30
-METHODS = ("full", "lora", "qlora", "dora")
 PRECISIONS = ("bf16-mixed", "fp32")
 OPTIMIZERS = {"adamw": 8}  # optimizer -> state bytes per trainable param: exactly what lorakit train runs
 DISTRIBUTED = ("ddp",)  # multi-GPU strategies lorakit train runs ("fsdp", Memory.sharded, when it shards)
@@ -56,6 +56,9 @@ DEFAULT_MFU = 0.35  # assumption: model FLOPs utilisation of a well-configured s
 # assumption: throughput relative to LoRA at the same FLOPs. QLoRA dequantizes every base weight per
 # matmul; DoRA's extra elementwise passes were measured 1.10x slower than LoRA here (REFERENCE.md).
 METHOD_EFFICIENCY = {"full": 1.0, "lora": 1.0, "qlora": 0.75, "dora": 1 / 1.10}
+# The setups the planner prices: the registry's (lorakit.methods.setups: methods, "full", "qlora") that
+# the formulas here cover.
+METHODS = tuple(m for m in setups() if m in METHOD_EFFICIENCY)
 
 
 @dataclass(frozen=True)
