@@ -84,7 +84,9 @@ class PeftCodec:
         peft_type: adapter_config.json's ``peft_type`` ("LORA", "ADALORA", ...); methods may share one.
         to_peft: ``(cfg, adapters) -> json fields`` of the method's own; ``adapters`` maps module path
             -> this adapter's module in each adapted layer.
-        from_peft: ``(json) -> AdapterConfig fields`` of the method's own (read with :func:`json_field`).
+        from_peft: ``(json) -> AdapterConfig fields`` of the method's own (read with :func:`json_field`),
+            ``r`` included: the shared fields io reads leave it out, as its meaning differs (AdaLoRA's
+            json ``r`` is ignored; its rank is ``target_r``).
         claims: for methods sharing a ``peft_type``: does this json belong to this method (DoRA:
             ``use_dora`` is true)? The method without ``claims`` takes the rest.
         json_names: lorakit field -> the json field it is read from, so a config error names what the

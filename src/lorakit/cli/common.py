@@ -19,7 +19,10 @@ def split_csv(value: str | None) -> list[str] | None:
 
 
 def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="lora", choices=["lora", "dora", "adalora"])
+    from lorakit import methods
+
+    parser.add_argument("--method", default="lora", choices=list(methods.names()),
+                        help="adapter method, from the method registry (default lora)")
     parser.add_argument("--targets", default=None,
                         help="comma-separated module names, 'all-linear', or a regex (default: query/value projections)")
     parser.add_argument("--r", type=int, default=8, help="adapter rank (default 8)")

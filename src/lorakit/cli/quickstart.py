@@ -7,7 +7,10 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/quickstart", help="output directory (default runs/quickstart)")
-    parser.add_argument("--method", default="lora", choices=["lora", "dora", "adalora", "qlora"])
+    from lorakit.recipes.quickstart import quickstart_methods
+
+    parser.add_argument("--method", default="lora", choices=list(quickstart_methods()),
+                        help="adapter method, or qlora (LoRA on an NF4-quantized base); default lora")
     parser.add_argument("--size", default="full", choices=["tiny", "small", "full"],
                         help="data size / epochs (tiny and small are for tests and slow machines)")
     parser.add_argument("--seed", type=int, default=0)

@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from lorakit.methods import setups, variant
 from lorakit.recipes.intents import INTENTS, write_intents
 
-METHODS = ("lora", "dora", "adalora", "qlora")
 SIZES = {  # name -> (train rows per intent, test rows per intent, epochs)
     "tiny": (12, 6, 2),
     "small": (30, 15, 3),
@@ -44,17 +44,24 @@ class QuickstartResult:
         return dict(self.__dict__)
 
 
+def quickstart_methods() -> tuple[str, ...]:
+    """The setups the quickstart trains: every registered adapter method and its variants ("qlora"),
+    not "full" (lorakit.methods.setups)."""
+    return setups(adapters_only=True)
+
+
 def quickstart_config(out_dir: str, method: str = "lora", size: str = "full", model: str = "minilm",
                       seed: int = 0) -> dict[str, Any]:
     """The run config (as a dict for ``RunConfig.from_dict``) the quickstart trains with."""
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not supported; expected one of {list(METHODS)}")
+    if method not in quickstart_methods():
+        raise ValueError(f"method={method!r} is not supported; expected one of {list(quickstart_methods())}")
+    setup = variant(method)  # "qlora": LoRA on an NF4 base
     if size not in SIZES:
         raise ValueError(f"size={size!r} is not supported; expected one of {list(SIZES)}")
     n_train, n_test, epochs = SIZES[size]
     data_dir = os.path.join(out_dir, "data")
     train_path, test_path = write_intents(data_dir, n_train, n_test, seed)
-    adapter: dict[str, Any] = {"method": "lora" if method == "qlora" else method, "r": 8, "alpha": 16,
+    adapter: dict[str, Any] = {"method": setup.method if setup else method, "r": 8, "alpha": 16,
                                "dropout": 0.1, "target_modules": ["query", "value"],
                                "modules_to_save": ["classifier"]}
     steps_per_epoch = -(-n_train * len(INTENTS) // 16)
@@ -71,7 +78,7 @@ def quickstart_config(out_dir: str, method: str = "lora", size: str = "full", mo
                      "num_workers": 0, "seed": seed, "eval_at_start": True},
         "output": {"dir": out_dir, "save_every": 0, "keep_last": 1},
     }
-    if method == "qlora":
+    if setup is not None and setup.quantized:
         cfg["quant"] = {"dtype": "nf4", "blocksize": 64, "double_quant": True, "compute_dtype": "float32",
                         "skip": ["classifier", "pooler.dense"]}
     return cfg
