@@ -45,8 +45,10 @@ from lorakit.methods import setups
 
 GIB = 2**30
 PRECISIONS = ("bf16-mixed", "fp32")
+ATTENTIONS = ("sdpa", "eager")  # "sdpa": memory-efficient/Flash, no s x s matrix; "eager": keeps it
 OPTIMIZERS = {"adamw": 8}  # optimizer -> state bytes per trainable param: exactly what lorakit train runs
 DISTRIBUTED = ("ddp",)  # multi-GPU strategies lorakit train runs ("fsdp", Memory.sharded, when it shards)
+KNOWN_DISTRIBUTED = ("ddp", "fsdp")  # what may be asked for: fsdp is refused with FSDP_REFUSED until then
 FSDP_REFUSED = (
     "distributed='fsdp' is not supported yet: lorakit train runs DDP only (every GPU holds the whole model, "
     "its gradients and optimizer states); plan with distributed='ddp', or fit one GPU with method='qlora'"
@@ -72,7 +74,7 @@ class Setup:
     micro_batch: int = 4
     precision: str = "bf16-mixed"
     grad_checkpointing: bool = True
-    attention: str = "sdpa"  # "sdpa" (memory-efficient/Flash: no s x s matrix) or "eager"
+    attention: str = "sdpa"  # one of ATTENTIONS
     optimizer: str = "adamw"
     distributed: str = "ddp"  # how K > 1 GPUs train; see DISTRIBUTED
     adapter_dtype: str | None = None  # "fp32" | "bf16"; default fp32, bf16 for qlora (QLoRA's scripts)
@@ -85,7 +87,7 @@ class Setup:
         checks = [
             ("method", self.method, METHODS),
             ("precision", self.precision, PRECISIONS),
-            ("attention", self.attention, ("sdpa", "eager")),
+            ("attention", self.attention, ATTENTIONS),
             ("optimizer", self.optimizer, tuple(OPTIMIZERS)),
             ("distributed", self.distributed, DISTRIBUTED),
             ("adapter_dtype", self.adapter_dtype, (None, "fp32", "bf16")),

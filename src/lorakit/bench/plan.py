@@ -16,12 +16,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorakit.bench.advice import RANKS, assumptions, recommendations
 from lorakit.bench.arch import Arch, ParamCount, PlanError, count_params, resolve_arch
 from lorakit.bench.cost import (
+    ATTENTIONS,
     DEFAULT_MFU,
     GIB,
+    KNOWN_DISTRIBUTED,
     METHOD_EFFICIENCY,
     METHODS,
+    OPTIMIZERS,
+    PRECISIONS,
     Memory,
     Setup,
     flops_per_step_extra,
@@ -35,6 +40,15 @@ from lorakit.bench.roi import Roi, serving_cost_per_month
 
 MAX_GPUS = 64  # assumption: the largest job considered (8 nodes x 8 GPUs)
 _DDP_NOTE = "under DDP every GPU holds the whole model (lorakit train cannot shard it yet)"
+# The values each string parameter of plan() accepts; the command line offers them as its choices.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHODS,
+    "precision": PRECISIONS,
+    "attention": ATTENTIONS,
+    "optimizer": tuple(OPTIMIZERS),
+    "distributed": KNOWN_DISTRIBUTED,
+    "task_complexity": tuple(RANKS),
+}
 
 
 @dataclass
@@ -165,17 +179,55 @@ def plan(
     task: str | None = None,
     task_complexity: str = "moderate",
 ) -> Plan:
-    """Plan a fine-tune. Data size: ``tokens`` per epoch, or ``dataset_rows`` x ``seq_len`` (each row
-    padded or packed to ``seq_len``). Defaults follow the source note's recipe (r 8, q/v targets, batch 4,
-    3 epochs, mixed precision, gradient checkpointing). ``distributed`` is how ``gpus`` > 1 train: "ddp"
-    (what ``lorakit train`` runs under torchrun); "fsdp" is refused until the trainer shards. Raises
-    :class:`PlanError` on bad input, an unknown GPU (listing the known ones) or a method that fits on no
-    GPU of the table."""
+    """Plan a fine-tune: every method side by side on the chosen GPU, the requested one selected.
+
+    Data size: ``tokens`` per epoch, or ``dataset_rows`` x ``seq_len`` (each row padded or packed to
+    ``seq_len``). Defaults follow the source note's recipe (rank, q/v targets, micro-batch, epochs, mixed
+    precision, gradient checkpointing); ``mfu`` None is the assumed :data:`lorakit.bench.cost.DEFAULT_MFU`.
+    The command line (``lorakit plan``) takes its flags, defaults, choices (:data:`CHOICES`) and help from
+    this signature and the list below.
+
+    Args:
+        model: a builtin name, a local Hugging Face model directory, a size such as "7B"
+            (:mod:`lorakit.bench.ref_sizes`), or an :class:`Arch`.
+        tokens: training tokens per epoch.
+        dataset_rows: rows per epoch, each ``seq_len`` tokens.
+        seq_len: tokens per row / sequence.
+        epochs: passes over the data.
+        method: the method to plan; the others are planned beside it for comparison.
+        r: adapter rank.
+        targets: module names (a list; comma-separated on the command line), 'all-linear' or a regex
+            (default: query/value).
+        gpu: GPU name from the table.
+        gpus: GPUs to use (default: the fewest that fit).
+        gpu_table: your own GPU table (JSON, same layout as the default).
+        price_per_hour: override the GPU's hourly price (USD).
+        mfu: model FLOPs utilisation in (0, 1].
+        benefit_per_month: expected benefit in USD per month.
+        horizon_months: ROI horizon.
+        micro_batch: sequences per GPU per step.
+        precision: training precision.
+        grad_checkpointing: recompute each block's activations in the backward instead of keeping them.
+        attention: attention kernel: sdpa keeps no s x s matrix (memory-efficient / Flash), eager does.
+        optimizer: what lorakit train runs: AdamW.
+        distributed: how ``gpus`` > 1 train: ddp (what lorakit train runs: every GPU holds the whole model,
+            so memory per GPU does not shrink); fsdp is refused until sharded training exists.
+        adapters_per_base: unmerged adapters sharing one served base, 1 meaning merged.
+        serving_hours_per_month: hours a month the served model runs.
+        task: "causal-lm", "classification" or "base" (default: the model's own).
+        task_complexity: how hard the task is; it sets the rank range and targets recommended.
+
+    Raises:
+        PlanError: bad input, an unknown GPU (listing the known ones) or a method that fits on no GPU of
+            the table.
+    """
     table, chosen = _gpu_choice(gpu, gpu_table, price_per_hour)
     per_epoch = _tokens_per_epoch(tokens, dataset_rows, seq_len)
     _check_numbers(epochs, horizon_months, gpus, mfu, benefit_per_month)
-    if task_complexity not in ("simple", "moderate", "complex"):
-        raise PlanError(f"task_complexity={task_complexity!r}; expected 'simple', 'moderate' or 'complex'")
+    levels = CHOICES["task_complexity"]
+    if task_complexity not in levels:
+        expected = ", ".join(map(repr, levels[:-1])) + f" or {levels[-1]!r}"
+        raise PlanError(f"task_complexity={task_complexity!r}; expected {expected}")
     if method not in METHODS:
         raise PlanError(f"method={method!r} is not supported; expected one of {list(METHODS)}")
     arch = resolve_arch(model, task=task)
@@ -203,8 +255,6 @@ def plan(
         for m in METHODS
     }
     _check_fits(methods[method], arch, base, chosen, gpus)
-    from lorakit.bench.advice import assumptions, recommendations
-
     p = Plan(
         model=str(model if isinstance(model, str) else arch.name),
         arch=arch,
