@@ -41,9 +41,13 @@ def __getattr__(name: str) -> Any:
 INT_LIMIT = 2**63
 
 
-def _closest(name: str, choices: Sequence[str]) -> str:
+def did_you_mean(name: str, choices: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` naming the choice closest to ``name``, or "" when none is close."""
     match = difflib.get_close_matches(str(name), list(choices), n=1)
     return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+_closest = did_you_mean  # the older private name, still imported by lorakit.train
 
 
 def show(value: Any, limit: int = 80) -> str:
@@ -59,7 +63,7 @@ def _check_choice(field_name: str, value: Any, allowed: Sequence[str]) -> None:
     if not isinstance(value, str) or value not in allowed:
         raise ConfigError(
             f"{field_name}={show(value)} is not supported; expected one of {list(allowed)}"
-            + (_closest(value, allowed) if isinstance(value, str) else "")
+            + (did_you_mean(value, allowed) if isinstance(value, str) else "")
         )
 
 
@@ -313,7 +317,7 @@ class AdapterConfig:
         names = [f.name for f in dataclasses.fields(cls)]
         for key in data:
             if key not in names:
-                raise ConfigError(f"adapter: unknown key {show(key)}{_closest(key, names)}; allowed: {names}")
+                raise ConfigError(f"adapter: unknown key {show(key)}{did_you_mean(key, names)}; allowed: {names}")
         return cls(**dict(data))
 
     def option(self, name: str) -> Any:
@@ -323,7 +327,7 @@ class AdapterConfig:
         declared = methods.get(self.method).options
         if name not in declared:
             raise ConfigError(
-                f"method={self.method!r} has no option {show(name)}{_closest(name, list(declared))}; "
+                f"method={self.method!r} has no option {show(name)}{did_you_mean(name, list(declared))}; "
                 f"it declares {list(declared)}"
             )
         return self.method_options.get(name, declared[name].default)
@@ -405,5 +409,5 @@ class QuantConfig:
         names = [f.name for f in dataclasses.fields(cls)]
         for key in data:
             if key not in names:
-                raise ConfigError(f"quant: unknown key {show(key)}{_closest(key, names)}; allowed: {names}")
+                raise ConfigError(f"quant: unknown key {show(key)}{did_you_mean(key, names)}; allowed: {names}")
         return cls(**dict(data))

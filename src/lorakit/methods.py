@@ -5,7 +5,8 @@ base module, the layer kinds it adapts, the config fields of its own (``AdapterC
 and the rules between fields, the initialisations that ride on it (``AdapterConfig.init``: PiSSA is one
 of LoRA's; OLoRA and LoftQ would be too), its trainer callbacks, its PEFT file format, and a slot for
 the optimizer settings that ride on it (LoRA+ would be one). Config validation, target matching, the
-adapter files, the planner and the CLI ask this registry; no other module lists method names::
+adapter files, the trainer's method callbacks, the planner, the quickstart and the CLI's ``--method``
+choices ask this registry::
 
     register(Method("lora", build_lora, kinds=("linear", "embedding", "conv"), peft=..., inits=...))
 
@@ -28,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lorakit.config import AdapterConfig, ConfigError, _closest, show
+from lorakit.config import AdapterConfig, ConfigError, did_you_mean, show
 
 if TYPE_CHECKING:
     from torch import nn
@@ -160,7 +161,8 @@ class Method:
         others = " or ".join(repr(m.name) for m in _REGISTRY.values() if kind in m.kinds)
         kinds = "; ".join(f"{k}: {KINDS[k]}" for k in self.kinds)
         return (
-            f"method={self.name!r} supports {' and '.join(self.kinds)} layers only; {module_name!r} is {what}: "
+            f"method={self.name!r} supports {' and '.join(self.kinds)} layers only; "
+            f"{module_name!r} is {what}: "
             + (f"use method {others} for it, or " if others else "")
             + f"leave it out via target_modules / exclude_modules ({kinds})"
         )
@@ -168,10 +170,11 @@ class Method:
     def check(self, cfg: AdapterConfig) -> None:
         """The method's part of ``AdapterConfig.validate``: its inits, its own fields, its rules."""
         if cfg.init not in self.inits:
-            owners = [m.name for m in _REGISTRY.values() if cfg.init in m.inits]
+            owners = " or ".join(repr(m.name) for m in _REGISTRY.values() if cfg.init in m.inits)
+            hint = f" (init={cfg.init!r} is an option of method {owners})" if owners else ""
             raise ConfigError(
-                f"init={show(cfg.init)} is not supported with method={self.name!r}; it takes {list(self.inits)}"
-                + (f" (init={cfg.init!r} is an option of method {' or '.join(map(repr, owners))})" if owners else "")
+                f"init={show(cfg.init)} is not supported with method={self.name!r}; "
+                f"it takes {list(self.inits)}{hint}"
             )
         options = cfg.method_options
         for key, value in options.items():
@@ -179,7 +182,7 @@ class Method:
                 allowed = list(self.options)
                 raise ConfigError(
                     f"method_options: unknown key {show(key)} for method={self.name!r}"
-                    + (_closest(key, allowed) if isinstance(key, str) else "")
+                    + (did_you_mean(key, allowed) if isinstance(key, str) else "")
                     + (f"; allowed: {allowed}" if allowed else "; it takes none")
                 )
             check = self.options[key].check
@@ -198,11 +201,15 @@ def register(method: Method) -> Method:
         raise ConfigError(f"method name {show(method.name)} is invalid; expected an identifier")
     unknown = sorted(set(method.kinds) - set(KINDS))
     if unknown or not method.kinds:
-        raise ConfigError(f"method {method.name!r}: kinds {list(method.kinds)} are invalid; expected some of {list(KINDS)}")
+        raise ConfigError(
+            f"method {method.name!r}: kinds {list(method.kinds)} are invalid; expected some of {list(KINDS)}"
+        )
     if "default" not in method.inits:
         raise ConfigError(f"method {method.name!r}: inits must include 'default' (adapter files read as it)")
     if method.name in {v.name for v in VARIANTS}:
-        raise ConfigError(f"method name {method.name!r} is taken by a training setup ({variant(method.name).doc})")
+        raise ConfigError(
+            f"method name {method.name!r} is taken by a training setup ({variant(method.name).doc})"
+        )
     _REGISTRY[method.name] = method
     return method
 
@@ -222,7 +229,7 @@ def get(name: Any) -> Method:
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ConfigError(
             f"method={show(name)} is not supported; expected one of {list(_REGISTRY)}"
-            + (_closest(name, list(_REGISTRY)) if isinstance(name, str) else "")
+            + (did_you_mean(name, list(_REGISTRY)) if isinstance(name, str) else "")
         )
     return _REGISTRY[name]
 
@@ -281,7 +288,9 @@ class Variant:
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("full", None, doc="full fine-tuning: every weight trains, no adapter"),
-    Variant("qlora", "lora", quantized=True, doc="LoRA on an NF4-quantized frozen base (Dettmers et al. 2023)"),
+    Variant(
+        "qlora", "lora", quantized=True, doc="LoRA on an NF4-quantized frozen base (Dettmers et al. 2023)"
+    ),
 )
 
 

@@ -115,7 +115,9 @@ def method_for_peft(data: Mapping[str, Any]) -> Method:
 
 def _check_peft_type(peft_type: Any, source: str) -> None:
     if not isinstance(peft_type, str) or (peft_type not in _CODECS and peft_type not in methods.peft_types()):
-        raise ConfigError(f"{source}: peft_type={show(peft_type)} is not supported; lorakit reads {_readable()}")
+        raise ConfigError(
+            f"{source}: peft_type={show(peft_type)} is not supported; lorakit reads {_readable()}"
+        )
 
 
 def codec_for_method(method: str) -> PeftCodec | methods.PeftCodec:
@@ -315,7 +317,8 @@ def config_to_peft(
     if isinstance(codec, PeftCodec):  # register_peft_type's: the whole json
         data = codec.to_peft(cfg, model, adapter_name)
     else:
-        adapters = {n: layer.adapters[adapter_name] for n, layer in adapted_layers(model) if adapter_name in layer.adapters}
+        layers = adapted_layers(model)
+        adapters = {n: layer.adapters[adapter_name] for n, layer in layers if adapter_name in layer.adapters}
         data = {**common_to_peft(cfg, model, adapter_name), **codec.to_peft(cfg, adapters)}
     data.update(
         peft_type=codec.peft_type, task_type=task_type, base_model_name_or_path=base_model_name_or_path
