@@ -220,6 +220,8 @@ LORA = register(
         peft=PeftCodec(
             "LORA", lora_to_peft, lora_from_peft, rank_keys=("lora_A.weight", "lora_embedding_A")
         ),
+        # inits that change the base weight ride here too: OLoRA ("olora") and LoftQ ("loftq") would be
+        # entries beside PiSSA, carried out by build_lora; neither is implemented yet.
         inits={
             **LORA_INITS,
             "pissa": Init("pissa", "PiSSA: A, B from the top-r singular triplets of W, W keeps the residual"),
