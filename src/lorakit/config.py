@@ -2,13 +2,13 @@
 
 Every error names the field, the bad value and what is allowed (STYLE.md rule 5). Configs are turned
 into flat layer arguments by one builder per method; which methods exist, their own fields and the rules
-between fields are in the method registry (``lorakit.methods``), which ``AdapterConfig.validate`` asks.
+between fields are in the method registry (``lorakit.methods``, one layer below), which
+``AdapterConfig.validate`` asks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -17,22 +17,19 @@ from typing import Any, Union
 
 import torch
 
+from lorakit import methods
+from lorakit.errors import ConfigError, did_you_mean, show  # re-exported: their usual home for callers
+
 BIAS = ("none",)
 QUANT_DTYPES = ("nf4", "fp4", "int8")
 
 TargetSpec = Union[str, Sequence[str], None]
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid. The message names the field and what was expected."""
-
-
 def __getattr__(name: str) -> Any:
     """``METHODS`` and ``INITS``, kept for one release: the registered method names and the init values
     they accept, read from the method registry (``lorakit.methods.names()`` / ``inits()``)."""
     if name in ("METHODS", "INITS"):
-        from lorakit import methods  # the registry builds on this module
-
         return methods.names() if name == "METHODS" else methods.inits()
     raise AttributeError(f"module 'lorakit.config' has no attribute {name!r}")
 
@@ -41,22 +38,7 @@ def __getattr__(name: str) -> Any:
 INT_LIMIT = 2**63
 
 
-def did_you_mean(name: str, choices: Sequence[str]) -> str:
-    """`` (did you mean 'x'?)`` naming the choice closest to ``name``, or "" when none is close."""
-    match = difflib.get_close_matches(str(name), list(choices), n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
 _closest = did_you_mean  # the older private name, still imported by lorakit.train
-
-
-def show(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters, for one-line error messages."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int beyond Python's digit limit for str()
-        text = f"<{type(value).__name__} too large to print>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_choice(field_name: str, value: Any, allowed: Sequence[str]) -> None:
@@ -265,8 +247,6 @@ class AdapterConfig:
         """Every field is checked whatever the method (a wrong value in an unused field is still a typo);
         the rules between fields, the init and ``method_options`` are checked by the method's registry
         entry (``lorakit.methods.Method.check``)."""
-        from lorakit import methods  # the registry builds on this module
-
         method = methods.get(self.method)
         _check_choice("init", self.init, methods.inits())
         _check_choice("bias", self.bias, BIAS)
@@ -322,8 +302,6 @@ class AdapterConfig:
 
     def option(self, name: str) -> Any:
         """The method's own field ``name``: ``method_options[name]``, else its declared default."""
-        from lorakit import methods  # the registry builds on this module
-
         declared = methods.get(self.method).options
         if name not in declared:
             raise ConfigError(

@@ -18,8 +18,8 @@ Two training setups carry method-like names but are not adapter methods: "qlora"
 NF4-quantized frozen base) and "full" (every weight trains, no adapter). They are defined here, once,
 in :data:`VARIANTS`; :func:`setups` lists them with the methods for the planner and the recipes.
 
-This module sits at the bottom beside ``lorakit.config`` (whose validation asks it): it imports only
-the config.
+This module sits at the bottom, below ``lorakit.config`` (whose validation asks it): it imports only
+``lorakit.errors``; configs reach it as arguments.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lorakit.config import AdapterConfig, ConfigError, did_you_mean, show
+from lorakit.errors import ConfigError, did_you_mean, show
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from lorakit.config import AdapterConfig
     from lorakit.weights import WeightAccess
 
 # Layer kinds an adapter can sit on (``WeightAccess.kind``), and what each covers, for error messages.
@@ -47,9 +48,9 @@ KINDS = {
 PEFT_PREFIX = "base_model.model."
 
 # builder(access, cfg, module_name) -> the adapter module for one base module (see adapters/base.py)
-Builder = Callable[["WeightAccess", AdapterConfig, str], "nn.Module"]
+Builder = Callable[["WeightAccess", "AdapterConfig", str], "nn.Module"]
 # factory(model, adapter_name, cfg) -> the trainer callbacks the method needs (AdaLoRA's budget)
-CallbackFactory = Callable[["nn.Module", str, AdapterConfig], list]
+CallbackFactory = Callable[["nn.Module", str, "AdapterConfig"], list]
 
 
 @dataclass(frozen=True)
