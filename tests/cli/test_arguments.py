@@ -58,7 +58,8 @@ def test_flags_defaults_types_switches_and_choices():
     assert names == ["name", "size", "rate", "kind", "fast", "verbose"]
     args = parser.parse_args(["--name", "x"])
     assert call_with(toy, args, names) == toy("x")  # every default is the signature's
-    args = parser.parse_args(["--name", "x", "--size", "7", "--rate", "2", "--kind", "b", "--no-fast", "--verbose"])
+    argv = ["--name", "x", "--size", "7", "--rate", "2", "--kind", "b", "--no-fast", "--verbose"]
+    args = parser.parse_args(argv)
     assert call_with(toy, args, names) == toy("x", size=7, rate=2.0, kind="b", fast=False, verbose=True)
     for bad in (["--size", "7"], ["--name", "x", "--kind", "c"], ["--name", "x", "--hidden", "1"]):
         with pytest.raises(SystemExit):  # required, choices, skipped
@@ -84,7 +85,8 @@ def test_overrides_prefix_exclusive_and_unknown_names():
     )
     args = parser.parse_args(["--t-name", "x", "--t-size", "2"])
     assert call_with(toy, args, names, prefix="t") == toy("x", size=20)
-    assert "how big, in --t-rate units (default: as big as it gets) (1, 2)" in " ".join(parser.format_help().split())
+    shown = " ".join(parser.format_help().split())
+    assert "how big, in --t-rate units (default: as big as it gets) (1, 2)" in shown
     with pytest.raises(SystemExit):
         parser.parse_args(["--t-name", "x", "--t-size", "2", "--t-rate", "1"])
     with pytest.raises(ValueError, match="nope"):

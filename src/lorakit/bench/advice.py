@@ -20,17 +20,14 @@ from lorakit.bench.cost import GIB, Setup, trainable_params
 if TYPE_CHECKING:
     from lorakit.bench.gpus import Gpu
     from lorakit.bench.plan import Plan
+    from lorakit.models.families import Family
 
+# task complexity -> (low rank, high rank, targets): attention projections by role (q, k, v, o: named per
+# family by lorakit.models.families), or a target_modules string
 RANKS = {
-    "simple": (4, 8, ("q_proj", "v_proj")),
-    "moderate": (8, 16, ("q_proj", "k_proj", "v_proj", "o_proj")),
+    "simple": (4, 8, ("q", "v")),
+    "moderate": (8, 16, ("q", "k", "v", "o")),
     "complex": (16, 64, "all-linear"),
-}
-_ATTN_NAMES = {
-    "llama": {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "o_proj"},
-    "gpt": {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "out_proj"},
-    "gpt2": {"q_proj": "c_attn", "k_proj": "c_attn", "v_proj": "c_attn", "o_proj": "attn.c_proj"},
-    "bert": {"q_proj": "query", "k_proj": "key", "v_proj": "value", "o_proj": "attention.output.dense"},
 }
 NF4_MEAN_ABS_ERROR = 0.0728  # measured here: bitsandbytes NF4 on a 4096x4096 N(0,1) matrix (REFERENCE.md)
 
@@ -47,10 +44,11 @@ def _mb(x: float) -> str:
     return f"{x / 1e6:,.1f} MB" if x < 1e9 else f"{x / 1e9:,.1f} GB"
 
 
-def _targets_for(family: str, spec: str | tuple[str, ...]) -> str | tuple[str, ...]:
+def _targets_for(family: Family, spec: str | tuple[str, ...]) -> str | tuple[str, ...]:
+    """Attention roles as this family's target names (the shortest unambiguous ending of each path)."""
     if isinstance(spec, str):
         return spec
-    return tuple(dict.fromkeys(_ATTN_NAMES[family][t] for t in spec))
+    return tuple(dict.fromkeys(family.short_name(getattr(family, role)) for role in spec))
 
 
 def recommendations(p: Plan, table: dict[str, Gpu], complexity: str) -> list[str]:
@@ -84,7 +82,7 @@ def recommendations(p: Plan, table: dict[str, Gpu], complexity: str) -> list[str
             f"(vs {_money(sel.training_cost)} on {sel.gpus} x {gpu.name}), at the table's prices."
         )
     lo, hi, spec = RANKS[complexity]
-    tspec = _targets_for(p.arch.family, spec)
+    tspec = _targets_for(p.arch.layout, spec)
     sizes = []
     for r in (lo, hi):
         try:

@@ -18,16 +18,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from lorakit.bench.ref_sizes import ALIASES, REFERENCE_SIZES
+from lorakit.models.families import FAMILIES, HEAD_NAMES, Family, Setting, family_named
 from lorakit.surgery.targets import ModuleInfo
 
-FAMILIES = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-    "gpt2": "gpt2",
-    "bert": "bert",
-    "gpt": "gpt",
-}
 TASKS = ("causal-lm", "classification", "base")
 
 
@@ -39,8 +32,9 @@ class PlanError(ValueError):
 class Arch:
     """The shapes that decide parameter count, FLOPs and activation memory of a transformer.
 
-    ``family`` is one of "llama" (pre-RMSNorm, gated SiLU MLP, RoPE), "gpt2" (fused qkv Conv1D,
-    LayerNorm, GELU), "bert" (post-LayerNorm encoder) or "gpt" (GPT-3 style with separate q/k/v).
+    ``family`` names a :class:`lorakit.models.families.Family`: "llama" (pre-RMSNorm, gated SiLU MLP,
+    RoPE), "gpt2" (fused qkv Conv1D, LayerNorm, GELU), "bert" (post-LayerNorm encoder) or "gpt" (GPT-3
+    style with separate q/k/v).
     """
 
     name: str
@@ -73,8 +67,13 @@ class Arch:
         return self.kv_heads * self.head_dim
 
     @property
+    def layout(self) -> Family:
+        """The family's module names and structure (``lorakit.models.families``)."""
+        return family_named(self.family)
+
+    @property
     def gated(self) -> bool:
-        return self.family == "llama"
+        return self.layout.gated
 
 
 @dataclass(frozen=True)
@@ -95,18 +94,19 @@ class Matrix:
 def arch_from_config(
     cfg: dict[str, Any], name: str = "model", task: str | None = None, num_labels: int = 2
 ) -> Arch:
-    """An :class:`Arch` from a Hugging Face config dict (``config.to_dict()`` or ``config.json``)."""
+    """An :class:`Arch` from a Hugging Face config dict (``config.to_dict()`` or ``config.json``), read
+    with the keys of its family's table (``lorakit.models.families``)."""
     mt = cfg.get("model_type")
     if mt not in FAMILIES:
         raise PlanError(
             f"{name}: model_type={mt!r} is not supported by the planner; supported: {sorted(FAMILIES)}"
         )
-    family = FAMILIES[mt]
-    task = task or ("base" if family == "bert" else "causal-lm")
+    fam = FAMILIES[mt]
+    task = task or ("base" if fam.encoder else "causal-lm")
     if task not in TASKS:
         raise PlanError(f"task={task!r} is not supported; expected one of {list(TASKS)}")
 
-    def get(*keys: str, default: Any = None) -> Any:
+    def get(keys: tuple[str, ...], default: Any = None) -> Any:
         for k in keys:
             if cfg.get(k) is not None:
                 return cfg[k]
@@ -114,74 +114,34 @@ def arch_from_config(
             raise PlanError(f"{name}: config has none of the fields {list(keys)}")
         return default
 
-    h = int(get("hidden_size", "n_embd"))
-    heads = int(get("num_attention_heads", "n_head"))
-    common = dict(
+    def setting(s: Setting) -> Any:
+        key, default = s
+        return default if key is None else get((key,), default=default)
+
+    h = int(get(fam.hidden))
+    heads = int(get(fam.heads))
+    arch = Arch(
         name=name,
-        family=family,
-        vocab=int(get("vocab_size")),
+        family=fam.name,
+        vocab=int(get(fam.vocab)),
         hidden=h,
-        layers=int(get("num_hidden_layers", "n_layer")),
+        intermediate=int(get(fam.intermediate, default=fam.mlp_ratio and fam.mlp_ratio * h)),
+        layers=int(get(fam.layers)),
         heads=heads,
+        kv_heads=int(get(fam.kv_heads, default=heads)),
+        head_dim=int(get(fam.head_dim, default=h // heads)),
+        max_positions=int(get(fam.positions)) if fam.positions else 0,
+        type_vocab=int(setting(fam.token_types)),
+        tied=bool(setting(fam.tied)),
+        qkv_bias=bool(setting(fam.qkv_bias)),
+        o_bias=bool(setting(fam.o_bias)),
+        mlp_bias=bool(setting(fam.mlp_bias)),
+        dropout=float(setting(fam.dropout)),
+        attn_dropout=float(setting(fam.attn_dropout)),
+        causal=fam.causal,
         task=task,
         num_labels=int(num_labels),
     )
-    if family == "llama":
-        arch = Arch(
-            **common,
-            intermediate=int(get("intermediate_size")),
-            kv_heads=int(get("num_key_value_heads", default=heads)),
-            head_dim=int(get("head_dim", default=h // heads)),
-            tied=bool(get("tie_word_embeddings", default=False)),
-            qkv_bias=bool(get("attention_bias", default=mt == "qwen2")),
-            o_bias=bool(get("attention_bias", default=False)),
-            mlp_bias=bool(get("mlp_bias", default=False)),
-            attn_dropout=float(get("attention_dropout", default=0.0)),
-        )
-    elif family == "gpt2":
-        arch = Arch(
-            **common,
-            intermediate=int(get("n_inner", default=4 * h)),
-            kv_heads=heads,
-            head_dim=h // heads,
-            max_positions=int(get("n_positions", "max_position_embeddings")),
-            tied=True,
-            qkv_bias=True,
-            o_bias=True,
-            mlp_bias=True,
-            dropout=float(get("resid_pdrop", default=0.1)),
-            attn_dropout=float(get("attn_pdrop", default=0.1)),
-        )
-    elif family == "gpt":
-        arch = Arch(
-            **common,
-            intermediate=int(get("intermediate_size")),
-            kv_heads=heads,
-            head_dim=h // heads,
-            max_positions=int(get("max_position_embeddings")),
-            tied=bool(get("tie_word_embeddings", default=True)),
-            qkv_bias=True,
-            o_bias=True,
-            mlp_bias=True,
-            dropout=float(get("hidden_dropout", default=0.0)),
-            attn_dropout=float(get("attention_dropout", default=0.0)),
-        )
-    else:  # bert
-        arch = Arch(
-            **common,
-            intermediate=int(get("intermediate_size")),
-            kv_heads=heads,
-            head_dim=h // heads,
-            max_positions=int(get("max_position_embeddings")),
-            type_vocab=int(get("type_vocab_size", default=2)),
-            tied=True,
-            qkv_bias=True,
-            o_bias=True,
-            mlp_bias=True,
-            causal=False,
-            dropout=float(get("hidden_dropout_prob", default=0.1)),
-            attn_dropout=float(get("attention_probs_dropout_prob", default=0.1)),
-        )
     for field_name in ("vocab", "hidden", "intermediate", "layers", "heads", "kv_heads", "head_dim"):
         if getattr(arch, field_name) <= 0:
             raise PlanError(f"{name}: {field_name}={getattr(arch, field_name)} must be a positive integer")
@@ -243,80 +203,38 @@ def resolve_arch(model: str | Arch, task: str | None = None, num_labels: int = 2
     )
 
 
-def _prefixes(a: Arch) -> tuple[str, str]:
-    """(module name prefix of block i, prefix of top-level backbone modules) for the task's HF class."""
-    if a.family in ("llama", "gpt"):
-        root = "" if a.task == "base" else "model."
-        return root + "layers.{i}.", root
-    if a.family == "gpt2":
-        root = "" if a.task == "base" else "transformer."
-        return root + "h.{i}.", root
-    root = "" if a.task == "base" else "bert."
-    return root + "encoder.layer.{i}.", root
-
-
 def matrices(a: Arch) -> list[Matrix]:
     """Every linear weight of the model with its full module name, in model order."""
-    block, root = _prefixes(a)
-    h, i, q, kv = a.hidden, a.intermediate, a.q_dim, a.kv_dim
-    if a.family == "llama":
-        per_layer = [
-            ("self_attn.q_proj", h, q, a.qkv_bias),
-            ("self_attn.k_proj", h, kv, a.qkv_bias),
-            ("self_attn.v_proj", h, kv, a.qkv_bias),
-            ("self_attn.o_proj", q, h, a.o_bias),
-            ("mlp.gate_proj", h, i, a.mlp_bias),
-            ("mlp.up_proj", h, i, a.mlp_bias),
-            ("mlp.down_proj", i, h, a.mlp_bias),
-        ]
-    elif a.family == "gpt":
-        per_layer = [
-            ("self_attn.q_proj", h, q, True),
-            ("self_attn.k_proj", h, q, True),
-            ("self_attn.v_proj", h, q, True),
-            ("self_attn.out_proj", q, h, True),
-            ("fc1", h, i, True),
-            ("fc2", i, h, True),
-        ]
-    elif a.family == "gpt2":
-        per_layer = [
-            ("attn.c_attn", h, 3 * h, True),
-            ("attn.c_proj", h, h, True),
-            ("mlp.c_fc", h, i, True),
-            ("mlp.c_proj", i, h, True),
-        ]
+    fam = a.layout
+    block, root = fam.prefixes(a.task)
+    h, i = a.hidden, a.intermediate
+    if fam.fused_qkv:  # GPT-2's c_attn: q, k and v in one (h, q + 2 kv) projection
+        qkv = [(fam.q, h, a.q_dim + 2 * a.kv_dim, a.qkv_bias)]
     else:
-        per_layer = [
-            ("attention.self.query", h, h, True),
-            ("attention.self.key", h, h, True),
-            ("attention.self.value", h, h, True),
-            ("attention.output.dense", h, h, True),
-            ("intermediate.dense", h, i, True),
-            ("output.dense", i, h, True),
-        ]
+        qkv = [(fam.q, h, a.q_dim, a.qkv_bias)] + [(p, h, a.kv_dim, a.qkv_bias) for p in (fam.k, fam.v)]
+    per_layer = [
+        *qkv,
+        (fam.o, a.q_dim, h, a.o_bias),
+        *((m, h, i, a.mlp_bias) for m in fam.mlp_in),
+        (fam.mlp_out, i, h, a.mlp_bias),
+    ]
     out = [
         Matrix(block.format(i=n) + s, d_in, d_out, b, n)
         for n in range(a.layers)
         for s, d_in, d_out, b in per_layer
     ]
-    if a.family == "bert":
-        if a.task in ("base", "classification"):
-            out.append(Matrix(root + "pooler.dense", h, h, True, None))
-        if a.task == "classification":
-            out.append(Matrix("classifier", h, a.num_labels, True, None))
-        elif a.task == "causal-lm":
-            out.append(Matrix("cls.predictions.transform.dense", h, h, True, None))
-            out.append(
-                Matrix("cls.predictions.decoder", h, a.vocab, True, None)
-            )  # weight tied, bias counted apart
+    if fam.pooler and a.task in ("base", "classification"):
+        out.append(Matrix(root + fam.pooler, h, h, True, None))
+    if a.task == "classification":
+        out.append(Matrix(fam.classifier, h, a.num_labels, fam.classifier_bias, None))
     elif a.task == "causal-lm":
-        out.append(Matrix("lm_head", h, a.vocab, False, None))
-    elif a.task == "classification":
-        out.append(Matrix("score", h, a.num_labels, False, None))
+        if fam.lm_transform:
+            out.append(Matrix(fam.lm_transform, h, h, True, None))
+        out.append(Matrix(fam.lm_head, h, a.vocab, fam.lm_head_bias, None))  # BERT's: tied weight, own bias
     return out
 
 
-HEADS = ("lm_head", "score", "classifier", "cls.predictions.decoder")
+HEADS = HEAD_NAMES  # the output heads of every family's task models
 
 
 def module_infos(a: Arch) -> list[ModuleInfo]:
@@ -344,26 +262,24 @@ def count_params(a: Arch) -> ParamCount:
     emb = a.vocab * h + a.max_positions * h + a.type_vocab * h
     mats = matrices(a)
     blocks = [m for m in mats if m.layer is not None]
-    attn = sum(m.params for m in blocks if "attn" in m.name or "attention" in m.name)
+    fam = a.layout
+    attn = sum(m.params for m in blocks if fam.group_of(m.name) in (0, 1))  # q/k/v and the output
     mlp = sum(m.params for m in blocks) - attn
-    rms = a.family == "llama"
-    per_norm = h if rms else 2 * h
+    per_norm = h if fam.rms_norm else 2 * h
     norms = a.layers * 2 * per_norm
-    if a.family == "bert":
-        norms += per_norm  # embeddings LayerNorm (post-norm encoder: no final norm)
-    else:
-        norms += per_norm  # final norm
+    # + the embeddings LayerNorm of a post-norm encoder (which has no final norm), or the final norm
+    norms += per_norm
     head = 0
     for m in mats:
         if m.layer is not None:
             continue
-        if m.name.endswith("cls.predictions.decoder"):
-            head += a.vocab  # decoder weight tied to the word embeddings; its bias is a parameter
-        elif m.name == "lm_head" and a.tied:
+        if m.name == fam.lm_head and fam.lm_head_bias:
+            head += a.vocab  # BERT's decoder weight is tied to the word embeddings; its bias is a parameter
+        elif m.name == fam.lm_head and a.tied:
             continue
         else:
             head += m.params
-    if a.family == "bert" and a.task == "causal-lm":
+    if fam.lm_transform and a.task == "causal-lm":
         norms += per_norm  # LM-head transform LayerNorm
     total = emb + attn + mlp + norms + head
     matmul = sum(m.d_in * m.d_out for m in mats)

@@ -223,37 +223,16 @@ class Memory:
         return out
 
 
-_GROUPS = {  # matrices that read the same input tensor inside a block, by name suffix
-    "llama": (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)),
-    "gpt": (("q_proj", "k_proj", "v_proj"), ("out_proj",), ("fc1",), ("fc2",)),
-    "gpt2": (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
-    "bert": (
-        ("query", "key", "value"),
-        ("attention.output.dense",),
-        ("intermediate.dense",),
-        ("output.dense",),
-    ),
-}
-
-
-def _suffix_of(name: str, family: str) -> tuple[int, str]:
-    for g, group in enumerate(_GROUPS[family]):
-        for suffix in group:
-            if name.endswith("." + suffix) and not (
-                suffix == "output.dense" and name.endswith("attention.output.dense")
-            ):
-                return g, suffix
-    raise AssertionError(name)  # pragma: no cover - matrices() only yields known names
-
-
 def layer_activation_bytes(arch: Arch, setup: Setup, adapted: Sequence[tuple[Matrix, int]]) -> float:
     """Bytes autograd saves per token in one block (the block with adapters ``adapted``)."""
     a, p, s, full = arch, setup.act_bytes, setup.seq_len, setup.method == "full"
     h, i = a.hidden, a.intermediate
-    group_adapted = [False] * 4
+    group_adapted = [False] * 4  # by the input they read (Family.groups): q/k/v, attn output, MLP in, out
     extra = 0.0
     for m, r in adapted:
-        g, _ = _suffix_of(m.name, a.family)
+        g = a.layout.group_of(m.name)
+        if g is None:
+            raise PlanError(f"{m.name!r} is not a linear of a {a.family} block")
         group_adapted[g] = True
         extra += r * p  # A's output, kept for B's weight gradient
         if setup.lora_dropout > 0:
@@ -265,7 +244,7 @@ def layer_activation_bytes(arch: Arch, setup: Setup, adapted: Sequence[tuple[Mat
     needs_input = [full or (g_ad and setup.lora_dropout == 0) for g_ad in group_adapted]
     # norms: HF's LlamaRMSNorm upcasts its input to fp32 (saved) and keeps the normalised x for the weight
     # gradient; fused LayerNorm keeps only its input
-    norm = (4 * h + (p * h if full else 0)) if a.family == "llama" else p * h
+    norm = (4 * h + (p * h if full else 0)) if a.layout.rms_norm else p * h
     total = 2 * norm + extra
     total += p * (a.q_dim + 2 * a.kv_dim)  # Q (after RoPE), K, V: needed by the attention backward
     if setup.attention == "sdpa":
@@ -305,8 +284,8 @@ def activation_bytes(
         saved = sum(per_layer)
     full = setup.method == "full"
     head_trained = full or any(m.layer is None for m, _ in adapted) or arch.task == "classification"
-    if arch.family != "bert":
-        saved += 4 * h + (p * h if full else 0) if arch.family == "llama" else p * h  # final norm
+    if not arch.layout.encoder:  # final norm (a post-norm encoder has none)
+        saved += 4 * h + (p * h if full else 0) if arch.layout.rms_norm else p * h
     saved += p * h if head_trained else 0
     transient = (2 * arch.intermediate + h) * p  # gradient buffers of the block being back-propagated
     if arch.task == "causal-lm":
