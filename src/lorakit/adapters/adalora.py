@@ -17,6 +17,8 @@ per step in your own loop: ``controller.step(step)`` after ``optimizer.step()``,
 the budget and scores of ``lorakit.adapters.adalora_budget``. A pruned singular value is zeroed and kept at
 zero after every later step until a masking step selects it again (its gradient still feeds its importance
 score, so the paper's reactivation can happen). Saving stores only the kept ranks.
+
+The registry entry (config rules, callbacks) is at the end of this file; the PEFT format in adalora_peft.py.
 """
 
 from __future__ import annotations
