@@ -165,3 +165,13 @@ def test_routing_built_in_inference_mode_also_serves_grad_mode():
     again.sum().backward()
     torch.testing.assert_close(again.detach(), first, atol=1e-5, rtol=0)
     assert embeds.grad is not None and embeds.grad.abs().sum() > 0
+
+
+def test_deleting_the_last_adapter_leaves_a_plain_model():
+    """After load/inject then delete of every adapter, no routing hook or generate wrapper is left."""
+    model = lorakit.build_model("tiny-llama")
+    plain_pre, plain_post = dict(model._forward_pre_hooks), dict(model._forward_hooks)
+    lorakit.inject(model, lorakit.AdapterConfig(r=4))
+    lorakit.delete_adapter(model, "default")
+    assert dict(model._forward_pre_hooks) == plain_pre and dict(model._forward_hooks) == plain_post
+    assert "generate" not in vars(model)

@@ -202,3 +202,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             set_adapter(model, next(iter(configs)))
         else:
             _freeze(model, None)
+    if not configs:  # the last adapter: the model is plain again, hooks and generate wrapper included
+        from lorakit.surgery.rows import remove_row_routing
+
+        remove_row_routing(model)
