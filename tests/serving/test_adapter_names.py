@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import lorakit
+from helpers import assert_rows_alone as assert_rows
+from helpers import logits_alone, randomize_adapter
 from lorakit.io import load_adapter, save_adapter
 from lorakit.serving import BASE, MixedBatchError
 from lorakit.surgery.inject import adapted_layers
@@ -19,42 +21,19 @@ from lorakit.surgery.inject import adapted_layers
 TARGETS = ["q_proj", "v_proj"]
 
 
-def randomize(model, adapter: str, seed: int) -> None:
-    """Fill every tensor of ``adapter`` (A and B) from its own seed: adapters differ from each other."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in adapted_layers(model):
-            if adapter in layer.adapters:
-                for p in layer.adapters[adapter].parameters():
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-
-
 def injected(ranks=(8, 8)):
     model = lorakit.build_model("tiny-llama")
     for i, r in enumerate(ranks):
         name = f"a{i}"
         lorakit.inject(model, lorakit.AdapterConfig(r=r, alpha=16, target_modules=TARGETS), name)
-        randomize(model, name, seed=10 + i)
+        randomize_adapter(model, name, seed=10 + i)
     return model.eval()
-
-
-def alone(model, x, name):
-    """Logits of ``x`` with ``name`` as the model's only route (the plain single-adapter path)."""
-    with torch.no_grad():
-        if name == BASE:
-            with lorakit.disabled(model):
-                return model(x).logits
-        lorakit.set_adapter(model, name)
-        return model(x).logits
 
 
 def assert_rows_alone(model, x, names):
     with torch.no_grad():
         mixed = model(x, adapter_names=names).logits
-    for i, name in enumerate(names):
-        torch.testing.assert_close(
-            mixed[i], alone(model, x[i : i + 1], name)[0], atol=1e-5, rtol=0, msg=f"row {i} ({name})"
-        )
+    assert_rows(mixed, model, x, names)
     assert all(layer.row_routing is None for _, layer in adapted_layers(model))
 
 
@@ -68,7 +47,7 @@ NAMES = ["a0", "a1", BASE, "a1", "a0"]
 def test_forward_after_inject_routes_every_row():
     model = injected()
     x = tokens(len(NAMES))
-    assert (alone(model, x[:1], "a0") - alone(model, x[:1], "a1")).abs().max() > 1e-2  # the check can fail
+    assert (logits_alone(model, x[:1], "a0") - logits_alone(model, x[:1], "a1")).abs().max() > 1e-2  # the check can fail
     lorakit.set_adapter(model, "a1")  # the active adapter must not leak into the other rows
     assert_rows_alone(model, x, NAMES)
 
@@ -81,17 +60,17 @@ def test_forward_after_load_adapter_of_different_ranks(tmp_path):
         load_adapter(model, path, n)
     x = tokens(len(NAMES))
     assert_rows_alone(model, x, NAMES)
-    torch.testing.assert_close(alone(model, x, "a0"), alone(source, x, "a0"), atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits_alone(model, x, "a0"), logits_alone(source, x, "a0"), atol=1e-6, rtol=0)
 
 
 def test_deepcopy_routes_with_its_own_layers():
     model = injected()
     twin = copy.deepcopy(model)
-    randomize(twin, "a0", seed=99)  # the copy's a0 now differs from the original's
+    randomize_adapter(twin, "a0", seed=99)  # the copy's a0 now differs from the original's
     x = tokens(len(NAMES))
     assert_rows_alone(twin, x, NAMES)
     assert_rows_alone(model, x, NAMES)
-    assert (alone(twin, x[:1], "a0") - alone(model, x[:1], "a0")).abs().max() > 1e-2
+    assert (logits_alone(twin, x[:1], "a0") - logits_alone(model, x[:1], "a0")).abs().max() > 1e-2
 
 
 def test_generate_with_adapter_names():
@@ -132,7 +111,7 @@ def test_errors_leave_no_routing_installed():
     model = injected()
     x = tokens(2)
     lorakit.set_adapter(model, "a1")
-    plain = alone(model, x, "a1")
+    plain = logits_alone(model, x, "a1")
     with pytest.raises(MixedBatchError, match="no adapter named 'nope'"):
         model(x, adapter_names=["nope", "a0"])
     with pytest.raises(MixedBatchError, match="3 rows but adapter_names has 2"):

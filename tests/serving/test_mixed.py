@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lorakit
+from helpers import logits_alone
 from lorakit.serving import BASE, MixedBatchError, adapter_rows, enable_adapter_names, generate, mixed_forward
 
 SPECS = [  # (name, r, use_rslora, targets): different ranks, rsLoRA, an embedding and different layer sets
@@ -31,15 +32,6 @@ def build(specs=SPECS, name="tiny-llama"):
     return model.eval()
 
 
-def row_alone(model, x, name):
-    with torch.no_grad():
-        if name == BASE:
-            with lorakit.disabled(model):
-                return model(x).logits
-        lorakit.set_adapter(model, name)
-        return model(x).logits
-
-
 def test_mixed_rows_equal_each_row_alone():
     model = build()
     names = ["a0", BASE, "a1", "a2", "a3", "a1", BASE, "a0"]
@@ -47,11 +39,11 @@ def test_mixed_rows_equal_each_row_alone():
     with torch.no_grad():
         mixed = mixed_forward(model, x, adapter_names=names).logits
     for i, name in enumerate(names):
-        alone = row_alone(model, x[i : i + 1], name)
+        alone = logits_alone(model, x[i : i + 1], name)
         torch.testing.assert_close(mixed[i], alone[0], atol=1e-5, rtol=0, msg=f"row {i} ({name})")
     # the adapters really differ from each other and from the base, so the check can fail
-    assert (row_alone(model, x[:1], "a0") - row_alone(model, x[:1], "a1")).abs().max() > 1e-2
-    assert (row_alone(model, x[:1], "a0") - row_alone(model, x[:1], BASE)).abs().max() > 1e-2
+    assert (logits_alone(model, x[:1], "a0") - logits_alone(model, x[:1], "a1")).abs().max() > 1e-2
+    assert (logits_alone(model, x[:1], "a0") - logits_alone(model, x[:1], BASE)).abs().max() > 1e-2
 
 
 def test_mixed_on_gpt2_conv1d():
@@ -61,7 +53,7 @@ def test_mixed_on_gpt2_conv1d():
     with torch.no_grad():
         mixed = mixed_forward(model, x, adapter_names=names).logits
     for i, name in enumerate(names):
-        torch.testing.assert_close(mixed[i], row_alone(model, x[i : i + 1], name)[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(mixed[i], logits_alone(model, x[i : i + 1], name)[0], atol=1e-5, rtol=0)
 
 
 def test_uniform_batch_and_model_kwarg():
@@ -70,8 +62,8 @@ def test_uniform_batch_and_model_kwarg():
     with torch.no_grad():
         same = model(x, adapter_names=["a2"] * 3).logits
         plain = model(x).logits  # without adapter_names: the active adapter (the last injected, a3)
-    torch.testing.assert_close(same, row_alone(model, x, "a2"), atol=1e-5, rtol=0)
-    torch.testing.assert_close(plain, row_alone(model, x, "a3"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(same, logits_alone(model, x, "a2"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(plain, logits_alone(model, x, "a3"), atol=1e-5, rtol=0)
     assert all(layer.row_routing is None for _, layer in lorakit.surgery.inject.adapted_layers(model))
 
 
@@ -110,12 +102,12 @@ def test_cache_follows_weight_changes_and_new_adapters():
         layer.adapters["a0"].lora_B.weight.mul_(2.0)  # in-place change: the stacks must be rebuilt
         after = mixed_forward(model, x, adapter_names=names).logits
     assert (before[0] - after[0]).abs().max() > 1e-4
-    torch.testing.assert_close(after[0], row_alone(model, x[:1], "a0")[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(after[0], logits_alone(model, x[:1], "a0")[0], atol=1e-5, rtol=0)
     lorakit.inject(model, lorakit.AdapterConfig(r=16, alpha=4, target_modules=["q_proj"]), "late")
     with torch.no_grad():
         model.get_submodule("model.layers.1.self_attn.q_proj").adapters["late"].lora_B.weight.normal_()
         out = mixed_forward(model, x, adapter_names=["late", "a1"]).logits
-    torch.testing.assert_close(out[0], row_alone(model, x[:1], "late")[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[0], logits_alone(model, x[:1], "late")[0], atol=1e-5, rtol=0)
     lorakit.delete_adapter(model, "a0")
     with pytest.raises(MixedBatchError, match="no adapter named 'a0'"):
         mixed_forward(model, x, adapter_names=["a0", "a1"])
@@ -153,7 +145,7 @@ def test_modules_to_save_refused_and_bypassed():
         mixed_forward(model, x, adapter_names=["c", "v"])
     with torch.no_grad(), adapter_rows(model, ["v", BASE]):
         mixed = model(x).logits
-    torch.testing.assert_close(mixed[0], row_alone(model, x[:1], "v")[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[0], logits_alone(model, x[:1], "v")[0], atol=1e-5, rtol=0)
 
 
 def test_matches_peft_mixed_batch():

@@ -10,19 +10,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lorakit
+from helpers import assert_rows_alone as assert_rows
+from helpers import logits_alone, randomize_adapter
 from lorakit.io import load_adapter, save_adapter
 from lorakit.serving import BASE, mixed_forward
 from lorakit.surgery.inject import adapted_layers
 from lorakit.surgery.stacks import Stacks, add_low_rank, plan_bins
-
-
-def randomize(model, adapter: str, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in adapted_layers(model):
-            if adapter in layer.adapters:
-                for p in layer.adapters[adapter].parameters():
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
 
 
 def with_adapters(specs, model_name="tiny-llama"):
@@ -30,26 +23,14 @@ def with_adapters(specs, model_name="tiny-llama"):
     model = lorakit.build_model(model_name)
     for i, (name, r, targets) in enumerate(specs):
         lorakit.inject(model, lorakit.AdapterConfig(r=r, alpha=16, target_modules=targets), name)
-        randomize(model, name, seed=100 + i)
+        randomize_adapter(model, name, seed=100 + i)
     return model.eval()
-
-
-def alone(model, x, name):
-    with torch.no_grad():
-        if name == BASE:
-            with lorakit.disabled(model):
-                return model(x).logits
-        lorakit.set_adapter(model, name)
-        return model(x).logits
 
 
 def assert_rows_alone(model, x, names):
     with torch.no_grad():
         mixed = mixed_forward(model, x, adapter_names=names).logits
-    for i, name in enumerate(names):
-        torch.testing.assert_close(
-            mixed[i], alone(model, x[i : i + 1], name)[0], atol=1e-5, rtol=0, msg=f"row {i} ({name})"
-        )
+    assert_rows(mixed, model, x, names)
 
 
 QV = ["q_proj", "v_proj"]
@@ -80,8 +61,8 @@ def test_reloaded_adapter_under_the_same_name_in_reused_memory(tmp_path):
                 param.data = dead.data  # the deleted tensor's memory ...
                 param.data.copy_(values)  # ... now holding the new weights (as a reused block would)
                 assert param.data_ptr() == dead.data_ptr()
-    assert (alone(model, x[:1], "x") - alone(source, x[:1], "x")).abs().max() > 1e-2
-    torch.testing.assert_close(alone(model, x[:1], "x"), alone(source, x[:1], "z"), atol=1e-5, rtol=0)
+    assert (logits_alone(model, x[:1], "x") - logits_alone(source, x[:1], "x")).abs().max() > 1e-2
+    torch.testing.assert_close(logits_alone(model, x[:1], "x"), logits_alone(source, x[:1], "z"), atol=1e-5, rtol=0)
     assert_rows_alone(model, x, names)
 
 
@@ -191,7 +172,7 @@ def test_repeated_rows_on_the_hook_path_see_every_change():
         with torch.no_grad():
             mixed = model(x, adapter_names=names).logits
         for i, name in enumerate(names):
-            torch.testing.assert_close(mixed[i], alone(model, x[i : i + 1], name)[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(mixed[i], logits_alone(model, x[i : i + 1], name)[0], atol=1e-5, rtol=0)
 
     check()
     layer = model.get_submodule("model.layers.1.self_attn.v_proj")
