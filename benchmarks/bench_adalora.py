@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(2)
 
-    from lorakit.adapters.adalora_report import rank_report
+    from lorakit.bench.adalora_report import rank_report
     from lorakit.surgery.inject import adapted_layers
     from lorakit.train.callbacks import Callback
     from lorakit.train.config import RunConfig

@@ -38,7 +38,7 @@ _LAZY = {
     "plan": "lorakit.bench.plan:plan",
     "adalora_step": "lorakit.adapters.adalora:adalora_step",
     "adalora_orth_loss": "lorakit.adapters.adalora:adalora_orth_loss",
-    "rank_report": "lorakit.adapters.adalora_report:rank_report",
+    "rank_report": "lorakit.bench.adalora_report:rank_report",
     "adapter_rows": "lorakit.serving.mixed:adapter_rows",
     "mixed_forward": "lorakit.serving.mixed:mixed_forward",
     "enable_adapter_names": "lorakit.serving.mixed:enable_adapter_names",

@@ -1,6 +1,6 @@
 """The errors every layer raises for bad input, and the helpers that keep their messages on one line.
 
-At the bottom of the package: the config (``lorakit.config``), the method registry (``lorakit.methods``)
+At the bottom of the package (see the layers contract in pyproject.toml): the adapters, the config (``lorakit.config``), the method registry (``lorakit.methods``)
 and everything above them raise these. ``lorakit.config`` re-exports them under their usual names.
 """
 
@@ -13,6 +13,12 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A configuration value is invalid. The message names the field and what was expected."""
+
+
+class AdapterStateError(RuntimeError):
+    """An operation does not fit the adapter state (e.g. merging twice, unknown adapter name).
+
+    Raised by the adapters (DoRA's unmerge) and by surgery and io above them, so it lives down here."""
 
 
 def did_you_mean(name: str, choices: Sequence[str]) -> str:

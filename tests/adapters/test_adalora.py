@@ -10,7 +10,7 @@ from safetensors import safe_open
 import lorakit as lk
 from helpers import logits_of
 from lorakit.adapters.adalora import AdaLoraController, AdaLoraLinear, rank_pattern
-from lorakit.adapters.adalora_report import rank_report
+from lorakit.bench.adalora_report import rank_report
 from lorakit.io import load_adapter, save_adapter
 from lorakit.weights import weight_access
 

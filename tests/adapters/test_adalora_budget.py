@@ -6,8 +6,8 @@ import torch
 import lorakit as lk
 from lorakit.adapters.adalora import AdaLoraCallback, AdaLoraController, adalora_orth_loss, adalora_step
 from lorakit.adapters.adalora_budget import BudgetSchedule, RankAllocator
-from lorakit.adapters.adalora_report import rank_report
 from lorakit.adapters.base import method_callbacks
+from lorakit.bench.adalora_report import rank_report
 from lorakit.config import ConfigError
 from lorakit.train.callbacks import TrainState
 

@@ -32,9 +32,9 @@ from torch import nn
 
 from lorakit.adapters.adalora_budget import BudgetSchedule, RankAllocator
 from lorakit.adapters.adalora_peft import ADALORA_PEFT
+from lorakit.callbacks import Callback, TrainState
 from lorakit.config import AdapterConfig, ConfigError
 from lorakit.methods import Method, register
-from lorakit.train.callbacks import Callback, TrainState
 from lorakit.weights import WeightAccess
 
 _KEYS = ("lora_A", "lora_E", "lora_B")
@@ -190,17 +190,21 @@ def _build_adalora(access: WeightAccess, cfg: AdapterConfig, module_name: str) -
     )
 
 
-def _adalora_layers(model: nn.Module, adapter_name: str) -> dict[str, AdaLoraLinear]:
-    from lorakit.surgery.inject import adapted_layers  # surgery imports the adapter registry
+def adalora_layers(model: nn.Module, adapter_name: str) -> dict[str, AdaLoraLinear]:
+    """Adapted layer path -> the AdaLoRA adapter named ``adapter_name`` on it.
 
+    An adapted layer holds its adapters as ``<layer path>.adapters.<adapter name>`` (lorakit.surgery.layer);
+    walking the modules by that path keeps this layer from importing surgery, which sits above it."""
+    suffix = f".adapters.{adapter_name}"
     return {
-        name: layer.adapters[adapter_name]
-        for name, layer in adapted_layers(model)
-        if adapter_name in layer.adapters and isinstance(layer.adapters[adapter_name], AdaLoraLinear)
+        f".{path}"[: -len(suffix)].lstrip("."): module
+        for path, module in model.named_modules()
+        if isinstance(module, AdaLoraLinear) and f".{path}".endswith(suffix)
     }
 
 
-def _resolve_adapter(model: nn.Module, adapter_name: str | None) -> tuple[str, AdapterConfig]:
+def resolve_adapter(model: nn.Module, adapter_name: str | None) -> tuple[str, AdapterConfig]:
+    """(name, config) of the model's named (or active) adapter; raises unless it is an AdaLoRA adapter."""
     configs = getattr(model, "lorakit_configs", {})
     name = adapter_name or getattr(model, "lorakit_active", None)
     if name is None or name not in configs:
@@ -212,8 +216,8 @@ def _resolve_adapter(model: nn.Module, adapter_name: str | None) -> tuple[str, A
 
 def rank_pattern(model: nn.Module, adapter_name: str | None = None) -> dict[str, list[bool]]:
     """PEFT's rank_pattern: ``"<module path>.lora_E"`` -> init_r booleans (True = singular value kept)."""
-    name, _ = _resolve_adapter(model, adapter_name)
-    return {f"{path}.lora_E": a.rank_mask.tolist() for path, a in _adalora_layers(model, name).items()}
+    name, _ = resolve_adapter(model, adapter_name)
+    return {f"{path}.lora_E": a.rank_mask.tolist() for path, a in adalora_layers(model, name).items()}
 
 
 class AdaLoraController:
@@ -237,8 +241,8 @@ class AdaLoraController:
         self, model: nn.Module, adapter_name: str | None = None, total_step: int | None = None
     ) -> None:
         self.model = model
-        self.adapter_name, self.cfg = _resolve_adapter(model, adapter_name)
-        self.layers = _adalora_layers(model, self.adapter_name)
+        self.adapter_name, self.cfg = resolve_adapter(model, adapter_name)
+        self.layers = adalora_layers(model, self.adapter_name)
         if not self.layers:
             raise ConfigError(f"adapter {self.adapter_name!r}: no AdaLoRA layers found in the model")
         self.fixed = any(a.compact for a in self.layers.values())
@@ -405,7 +409,7 @@ def adalora_orth_loss(model: nn.Module, adapter_name: str | None = None) -> torc
 
 
 def _controller(model: nn.Module, adapter_name: str | None, total_step: int | None) -> AdaLoraController:
-    name, _ = _resolve_adapter(model, adapter_name)
+    name, _ = resolve_adapter(model, adapter_name)
     cache = model.__dict__.setdefault("_lorakit_adalora", {})
     if name not in cache:
         cache[name] = AdaLoraController(model, name, total_step)

@@ -39,8 +39,8 @@ from torch import nn
 from lorakit.adapters.base import copy_peft_state
 from lorakit.adapters.lora import LORA_INITS, LoraLinear, lora_from_peft, lora_to_peft
 from lorakit.config import AdapterConfig
+from lorakit.errors import AdapterStateError
 from lorakit.methods import Method, PeftCodec, json_field, register
-from lorakit.surgery.layer import AdapterStateError
 from lorakit.weights import WeightAccess
 
 # Below this ratio ||W0 + sBA||^2 / ||W0||^2 the expanded formula loses too many digits to cancellation

@@ -6,6 +6,9 @@
 
 The kept rank of a matrix is the number of its singular values still unmasked (Zhang et al. 2023,
 https://arxiv.org/abs/2303.10512, Fig. 1 shows the same view for DeBERTaV3).
+
+It sits with the other reports of a model (``lorakit.bench.params.efficiency_report``), above the
+adapters and the file writer it uses. ``lorakit.rank_report`` is the public name.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import Any
 
 from torch import nn
 
-from lorakit.adapters.adalora import _adalora_layers, _resolve_adapter
+from lorakit.adapters.adalora import adalora_layers, resolve_adapter
+from lorakit.io.atomic import atomic_write
 
 _LAYER_RE = re.compile(r"\.(\d+)\.")
 
@@ -67,8 +71,6 @@ class RankReport:
         import matplotlib.pyplot as plt
         import numpy as np
 
-        from lorakit.io.atomic import atomic_write
-
         layers, kinds, cells = self.grid()
         data = np.array([[np.nan if c is None else c for c in row] for row in cells], dtype=float)
         vmax = max(r.init_r for r in self.rows)
@@ -98,9 +100,9 @@ class RankReport:
 
 def rank_report(model: nn.Module, adapter_name: str | None = None) -> RankReport:
     """The kept rank of every AdaLoRA matrix of the model's active (or named) adapter."""
-    name, _ = _resolve_adapter(model, adapter_name)
+    name, _ = resolve_adapter(model, adapter_name)
     rows = []
-    for path, a in _adalora_layers(model, name).items():
+    for path, a in adalora_layers(model, name).items():
         m = _LAYER_RE.search(f".{path}.")  # kind: the path inside the numbered block (attention.self.query)
         kind = f"{path}."[m.end() - 1 :].rstrip(".") if m else path
         rows.append(RankRow(path, int(m.group(1)) if m else None, kind, a.init_r, a.r))

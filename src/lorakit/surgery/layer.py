@@ -15,12 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.errors import AdapterStateError  # re-exported: raised here and by the adapters below
 from lorakit.weights import WeightAccess, weight_access
-
-
-class AdapterStateError(RuntimeError):
-    """An operation does not fit the adapter state (e.g. merging twice, unknown adapter name)."""
-
 
 _clock = itertools.count(1)
 _last_change = 0
