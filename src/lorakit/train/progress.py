@@ -1,8 +1,9 @@
 """Where a run stands, and how it goes into and comes out of a checkpoint.
 
 ``Progress`` holds the counters of the loop (data position, skipped steps, tokens, last metrics);
-``run_state`` collects everything a resumed run needs to continue bit-for-bit -- progress, optimizer,
-scheduler, grad scaler, RNG states, callback states -- and ``restore_run`` puts it back.
+``Resumable`` holds everything a resumed run needs to continue bit-for-bit -- step, progress, optimizer,
+scheduler, grad scaler, callback states (and the RNG states, taken from the process) -- and turns it
+into a checkpoint's state (``state_dict``) and back (``restore``).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from lorakit.train import checkpoint as ckpt
-from lorakit.train.callbacks import Callback
+from lorakit.train.callbacks import Callback, TrainState
 
 
 @dataclass
@@ -41,41 +44,58 @@ def callback_keys(callbacks: Sequence[Callback]) -> list[str]:
     return keys
 
 
-def run_state(run: Any) -> dict[str, Any]:
-    """The resumable state of a trainer run (``lorakit.train.trainer``)."""
-    return {
-        "step": run.state.step,
-        "global_batch": run.global_batch,
-        "seed": run.cfg.training.seed,
-        "progress": dataclasses.asdict(run.progress),
-        "optimizer": run.opt.state_dict(),
-        "scheduler": run.sched.state_dict(),
-        "scaler": run.scaler.state_dict() if run.scaler else None,
-        "rng": ckpt.rng_state(),
-        "callbacks": dict(zip(callback_keys(run.callbacks), (cb.state_dict() for cb in run.callbacks))),
-    }
+@dataclass
+class Resumable:
+    """The parts of a run a checkpoint saves besides the adapter tensors; the trainer owns them here.
 
+    ``global_batch`` and ``seed`` decide the data order, so a checkpoint resumes only under the same."""
 
-def restore_run(run: Any, path: str) -> None:
-    """Load checkpoint ``path`` into a freshly built run (adapter tensors included); RNG states last."""
-    s = ckpt.load_checkpoint(path, run.model)
-    for key, want in (("global_batch", run.global_batch), ("seed", run.cfg.training.seed)):
-        if s[key] != want:
+    state: TrainState  # its step counts completed optimizer steps
+    progress: Progress
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    callbacks: list[Callback]
+    global_batch: int
+    seed: int
+
+    def state_dict(self) -> dict[str, Any]:
+        """What ``lorakit.train.checkpoint.save_checkpoint`` writes beside the adapter (RNG states too)."""
+        return {
+            "step": self.state.step,
+            "global_batch": self.global_batch,
+            "seed": self.seed,
+            "progress": dataclasses.asdict(self.progress),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": ckpt.rng_state(),
+            "callbacks": dict(zip(callback_keys(self.callbacks), (cb.state_dict() for cb in self.callbacks))),
+        }
+
+    def restore(self, path: str, model: torch.nn.Module) -> None:
+        """Load checkpoint ``path`` into this freshly built run and ``model`` (adapter tensors included);
+        RNG states last."""
+        s = ckpt.load_checkpoint(path, model)
+        for key, want in (("global_batch", self.global_batch), ("seed", self.seed)):
+            if s[key] != want:
+                raise ckpt.CheckpointError(
+                    f"cannot resume {path}: it was written with {key}={s[key]}, now {want}"
+                )
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scheduler.load_state_dict(s["scheduler"])
+        if self.scaler and s["scaler"]:
+            self.scaler.load_state_dict(s["scaler"])
+        keys = callback_keys(self.callbacks)
+        for key, cb in zip(keys, self.callbacks):
+            if key in s["callbacks"]:
+                cb.load_state_dict(s["callbacks"][key])
+        unclaimed = [k for k, v in s["callbacks"].items() if v and k not in keys]
+        if unclaimed:
             raise ckpt.CheckpointError(
-                f"cannot resume {path}: it was written with {key}={s[key]}, now {want}"
+                f"cannot resume {path}: no callback to restore the state of {unclaimed}"
             )
-    run.opt.load_state_dict(s["optimizer"])
-    run.sched.load_state_dict(s["scheduler"])
-    if run.scaler and s["scaler"]:
-        run.scaler.load_state_dict(s["scaler"])
-    keys = callback_keys(run.callbacks)
-    for key, cb in zip(keys, run.callbacks):
-        if key in s["callbacks"]:
-            cb.load_state_dict(s["callbacks"][key])
-    unclaimed = [k for k, v in s["callbacks"].items() if v and k not in keys]
-    if unclaimed:
-        raise ckpt.CheckpointError(f"cannot resume {path}: no callback to restore the state of {unclaimed}")
-    run.state.step = s["step"]
-    run.progress = Progress(**s["progress"])
-    run.progress.saved_step = s["step"]
-    ckpt.set_rng_state(s["rng"])
+        self.state.step = s["step"]
+        self.progress = Progress(**s["progress"])
+        self.progress.saved_step = s["step"]
+        ckpt.set_rng_state(s["rng"])

@@ -24,16 +24,14 @@ exactly where the checkpoint was written.
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 import math
 import os
 import random
 import sys
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -46,26 +44,22 @@ from lorakit.train.callbacks import Callback, TrainState
 from lorakit.train.collate import BatchPlan, Collator
 from lorakit.train.config import RunConfig, load_run_config
 from lorakit.train.evaluate import evaluate, forward_loss, n_targets
-from lorakit.train.metrics import MetricsLog, format_summary, peak_memory, plot_curves
+from lorakit.train.metrics import peak_memory
 from lorakit.train.nonfinite import Skip, grad_skip, grads_not_finite
-from lorakit.train.progress import Progress, restore_run, run_state
+from lorakit.train.progress import Progress, Resumable
 from lorakit.train.schedule import make_scheduler, warmup_steps
+from lorakit.train.steplog import StepLog
+from lorakit.train.summary import TrainResult, already_complete, result_of, run_summary, write_summary
+
+__all__ = ["NonFiniteLossError", "TrainResult", "train"]
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient norm."""
 
 
-@dataclass
-class TrainResult:
-    output_dir: str
-    adapter_dir: str | None
-    steps: int
-    skipped_steps: int
-    train_loss: float | None
-    eval_before: dict[str, float] | None
-    eval_after: dict[str, float] | None
-    summary: dict[str, Any] = field(default_factory=dict)
+def _take(it: Iterator[dict[str, torch.Tensor]], n: int) -> list[dict[str, torch.Tensor]]:
+    return [next(it) for _ in range(n)]
 
 
 def _seed_all(seed: int) -> None:
@@ -106,9 +100,12 @@ def train(
 
 
 class _Run:
+    """One call of :func:`train`: the parts built from the config, then :meth:`run`."""
+
     def __init__(
         self, cfg: RunConfig, d: dd.Dist, where: rundir.RunDir, resume_from: str | None, user_cbs: list[Callback]
     ):
+        from lorakit.adapters.base import method_callbacks
         from lorakit.bench.params import efficiency_report
         from lorakit.train.tokenizer import load_tokenizer, pad_id
 
@@ -132,39 +129,17 @@ class _Run:
             optimizer_groups(self.model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps
         )
         self.global_batch = t.batch_size * t.grad_accumulation * d.world_size
-        mode = cfg.data.batching
-        self.plan = BatchPlan(
-            self.train_ds.lengths,
-            self.global_batch,
-            mode,
-            cfg.data.max_length,
-            t.seed,
-            shuffle=True,
-            drop_last=True,
-        )
-        self.collate = Collator(pad_id(tok), mode, cfg.data.max_length, self.task)
-        if mode == "pack":  # packed rows must not attend across examples: verify on this model, once
-            from lorakit.train.collate import check_packing
-
-            check_packing(self.model)
-        self.eval_collate = Collator(pad_id(tok), "group", None, self.task)
-        per_epoch = len(self.plan)
-        if per_epoch == 0:
-            raise ValueError(
-                f"{cfg.data.train}: {len(self.train_ds)} rows make no full global batch of {self.global_batch} "
-                f"(batch_size {t.batch_size} x grad_accumulation {t.grad_accumulation} x {d.world_size} processes)"
-            )
-        self.total = t.max_steps if t.max_steps is not None else t.epochs * per_epoch
+        self._build_batches(pad_id(tok))
+        self.total = t.max_steps if t.max_steps is not None else t.epochs * len(self.plan)
         self.sched = make_scheduler(
             self.opt, self.total, warmup_steps(self.total, t.warmup_ratio, t.warmup_steps), t.schedule
         )
         self.scaler = torch.amp.GradScaler(d.device.type) if self.precision.scaler else None
-        from lorakit.adapters.base import method_callbacks
-
         self.callbacks = method_callbacks(self.model) + user_cbs
         self.state = TrainState(model=self.model, total_steps=self.total, optimizer=self.opt)
-        self.targets = [n_targets(ex, self.task) for ex in self.train_ds.examples]
-        self.progress = Progress()
+        self.res = Resumable(
+            self.state, Progress(), self.opt, self.sched, self.scaler, self.callbacks, self.global_batch, t.seed
+        )
         if d.is_main:
             for r in reports:
                 print(r.table())
@@ -174,23 +149,179 @@ class _Run:
                 f"{self.precision.name}; {self.total} steps of {self.global_batch} rows; device {d.device}"
             )
 
+    def _build_batches(self, pad: int) -> None:
+        """The batch plan (global batches per epoch), the collators and each example's target count."""
+        cfg, t, mode = self.cfg, self.cfg.training, self.cfg.data.batching
+        self.plan = BatchPlan(
+            self.train_ds.lengths, self.global_batch, mode, cfg.data.max_length, t.seed,
+            shuffle=True, drop_last=True,
+        )
+        self.collate = Collator(pad, mode, cfg.data.max_length, self.task)
+        if mode == "pack":  # packed rows must not attend across examples: verify on this model, once
+            from lorakit.train.collate import check_packing
+
+            check_packing(self.model)
+        self.eval_collate = Collator(pad, "group", None, self.task)
+        if len(self.plan) == 0:
+            raise ValueError(
+                f"{cfg.data.train}: {len(self.train_ds)} rows make no full global batch of {self.global_batch} "
+                f"(batch_size {t.batch_size} x grad_accumulation {t.grad_accumulation} x "
+                f"{self.d.world_size} processes)"
+            )
+        self.targets = [n_targets(ex, self.task) for ex in self.train_ds.examples]
+
+    @property
+    def progress(self) -> Progress:
+        return self.res.progress
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        if self.resume_from:
+            self.res.restore(self.resume_from, self.model)
+            done = already_complete(self.dir.path, self.state.step, self.total, self.d.is_main)
+            if done is not None:
+                return done
+            if self.d.is_main:
+                print(f"resuming from step {self.state.step} of {self.total} ({self.resume_from})")
+        self._begin()
+        self.log.start_clock()
+        start_tokens = self.progress.tokens
+        for gb, fetch, per_epoch in self._global_batches():
+            self._train_step(gb, fetch)
+            self._evaluate_or_save(end_of_epoch=self.progress.batch_index == per_epoch)
+        self.log.close_bar()
+        return self._finish(self.log.elapsed(), start_tokens)
+
+    def _begin(self) -> None:
+        """The output directory, the metrics log, the callbacks' start and the evaluation before training."""
+        cfg, out, main = self.cfg, self.dir.path, self.d.is_main
+        if main:
+            os.makedirs(out, exist_ok=True)
+            ckpt.remove_partial(os.path.join(out, "checkpoints"))
+            ckpt.write_json(cfg.to_dict(), os.path.join(out, "run_config.json"))
+        resumed = self.resume_from is not None
+        self.log = StepLog(
+            os.path.join(out, "metrics.jsonl") if main else None,
+            self.state.step if resumed else None,
+            cfg.training.log_every,
+            self.total,
+        )
+        for cb in self.callbacks:
+            cb.on_train_begin(self.state)
+        if not resumed and cfg.training.eval_at_start:
+            self.progress.eval_before = self._evaluate()
+        if main and cfg.output.progress:
+            self.log.open_bar(initial=self.state.step)
+
+    def _global_batches(self) -> Iterator[tuple[list[list[int]], Callable[[], list], int]]:
+        """From the data position on, until the last step: each global batch, a function that loads this
+        rank's micro-batches of it, and the number of global batches in its epoch."""
+        pg, t, d = self.progress, self.cfg.training, self.d
+        B, A = t.batch_size, t.grad_accumulation
+        while self.state.step < self.total:
+            batches = self.plan.batches(pg.epoch)
+            mine = [self.plan.shard(b, d.rank, d.world_size) for b in batches[pg.batch_index :]]
+            micro = [m[i * B : (i + 1) * B] for m in mine for i in range(A)]
+            loader = torch.utils.data.DataLoader(
+                self.train_ds,
+                batch_sampler=[[tuple(r) for r in mb] for mb in micro],
+                collate_fn=self.collate,
+                num_workers=self.cfg.workers,
+                generator=torch.Generator().manual_seed(t.seed + pg.epoch),
+            )
+            it = iter(loader)
+            for gb in batches[pg.batch_index :]:
+                if self.state.step >= self.total:
+                    return
+                yield gb, functools.partial(_take, it, A), len(batches)
+            pg.epoch, pg.batch_index = pg.epoch + 1, 0
+
+    def _train_step(self, gb: list[list[int]], fetch: Callable[[], list]) -> None:
+        """One optimizer step on global batch ``gb`` (or its skip), its counters and its log line."""
+        pg = self.progress
+        t0, lr = time.perf_counter(), self.sched.get_last_lr()[0]  # the lr this step uses
+        n_tgt = sum(self.targets[i] for row in gb for i in row)
+        loss, norm, skip = self._step(fetch(), max(n_tgt, 1))
+        pg.batch_index += 1
+        real = self.plan.real_tokens(gb)
+        pg.tokens += real
+        if skip is not None:
+            self._skipped(skip)
+        else:
+            pg.nonfinite_run = 0
+            pg.last_loss = loss
+        dt = time.perf_counter() - t0
+        self.log.step(self.state.step, pg.epoch, loss, lr, norm, pg.tokens, real, dt, self.state.metrics)
+
+    def _evaluate_or_save(self, end_of_epoch: bool) -> None:
+        """Evaluate and checkpoint when ``eval_every`` / ``save_every`` say (None: at each epoch's end)."""
+        t, step, save_every = self.cfg.training, self.state.step, self.cfg.output.save_every
+        if (t.eval_every and step % t.eval_every == 0) or (t.eval_every is None and end_of_epoch):
+            self._evaluate()
+        if save_every and step % save_every == 0 or save_every is None and end_of_epoch:
+            self._save()
+
+    def _finish(self, elapsed: float, start_tokens: int) -> TrainResult:
+        """After the last step: the last evaluation and checkpoint, an --overwrite run swapped in, the
+        callbacks' end, the adapter, and the summary."""
+        cfg, d, pg = self.cfg, self.d, self.progress
+        if pg.last_eval_step != self.state.step:
+            self._evaluate()
+        if cfg.output.save_every != 0:
+            self._save()
+        self._promote()
+        out = self.dir.path
+        rank_diff = dd.max_rank_difference(self.params, d)
+        for cb in self.callbacks:
+            cb.on_train_end(self.state)
+        adapter_dir = None
+        if d.is_main:
+            adapter_dir = ckpt.save_final_adapter(self.model, os.path.join(out, "adapter"), cfg.model.name)
+        setup = {
+            "world_size": d.world_size,
+            "global_batch": self.global_batch,
+            "precision": self.precision.name,
+            "device": str(d.device),
+        }
+        summary = run_summary(
+            pg, self.state.step, elapsed, start_tokens, setup, peak_memory(d.device), adapter_dir, rank_diff,
+            self.report.as_dict(),
+        )
+        if d.is_main:
+            write_summary(summary, out, self.log.records, cfg.output.plot, f"{cfg.model.name} ({self.task})")
+        return result_of(out, summary, pg, self.state.step)
+
+    # --- evaluation and checkpoints ------------------------------------------------------------------
+    def _evaluate(self) -> dict[str, float] | None:
+        """Evaluate on the validation set (None without one) and log the metrics at this step."""
+        if self.val_ds is None:
+            return None
+        bs = self.cfg.training.eval_batch_size or self.cfg.training.batch_size
+        autocast = self.precision.autocast(self.d.device)
+        m = evaluate(
+            self.model, self.val_ds, self.eval_collate, self.task, bs, self.d, autocast, self.num_labels
+        )
+        for cb in self.callbacks:
+            cb.on_evaluate(self.state, m)
+        self.progress.last_eval, self.progress.last_eval_step = m, self.state.step
+        self.log.evaluation(self.state.step, m)
+        return m
+
     def _save(self) -> None:
         if self.progress.saved_step == self.state.step:  # e.g. the end of the run right after a periodic save
             return
         self.progress.saved_step = self.state.step
         if self.d.is_main:
             root = os.path.join(self.dir.path, "checkpoints")
-            ckpt.save_checkpoint(
-                root, self.state.step, self.model, run_state(self), self.cfg.output.keep_last
-            )
+            state = self.res.state_dict()
+            ckpt.save_checkpoint(root, self.state.step, self.model, state, self.cfg.output.keep_last)
         self._promote()
         dd.barrier(self.d)
 
     def _promote(self) -> None:
         """An --overwrite run replaces the previous one now that it has a checkpoint (or has ended)."""
         self.dir.promote(self.d.is_main)
-        if self.log.path:
-            self.log.path = os.path.join(self.dir.path, "metrics.jsonl")
+        self.log.move(os.path.join(self.dir.path, "metrics.jsonl"))
 
     # --- one optimizer step ------------------------------------------------------------------------
     def _step(
@@ -264,182 +395,3 @@ class _Run:
                 f"step {self.state.step}); training stopped. Last good checkpoint: {last or 'none'}. "
                 "Lower training.lr or check the data."
             )
-
-    def _evaluate(self) -> dict[str, float] | None:
-        if self.val_ds is None:
-            return None
-        bs = self.cfg.training.eval_batch_size or self.cfg.training.batch_size
-        m = evaluate(
-            self.model,
-            self.val_ds,
-            self.eval_collate,
-            self.task,
-            bs,
-            self.d,
-            self.precision.autocast(self.d.device),
-            self.num_labels,
-        )
-        for cb in self.callbacks:
-            cb.on_evaluate(self.state, m)
-        self.progress.last_eval, self.progress.last_eval_step = m, self.state.step
-        return m
-
-    def _already_complete(self, summary_path: str) -> TrainResult:
-        """``--resume`` of a finished run: say so and return what it recorded; nothing is retrained."""
-        with open(summary_path, encoding="utf-8") as f:
-            s = json.load(f)
-        if self.d.is_main:
-            print(
-                f"the run in {self.dir.path} is already complete ({self.state.step} of {self.total} steps); "
-                f"nothing to do. Its adapter: {s.get('adapter_dir')}"
-            )
-        return TrainResult(
-            self.dir.path, s.get("adapter_dir"), s.get("steps", self.state.step), s.get("skipped_steps", 0),
-            s.get("train_loss"), s.get("eval_before"), s.get("eval_after"), s,
-        )
-
-    # --- the loop ----------------------------------------------------------------------------------
-    def run(self) -> TrainResult:
-        cfg, t, d, out = self.cfg, self.cfg.training, self.d, self.dir.path
-        main = d.is_main
-        if self.resume_from:
-            restore_run(self, self.resume_from)
-            done = os.path.join(out, "summary.json")
-            if self.state.step >= self.total and os.path.isfile(done):
-                return self._already_complete(done)
-            if main:
-                print(f"resuming from step {self.state.step} of {self.total} ({self.resume_from})")
-        if main:
-            os.makedirs(out, exist_ok=True)
-            ckpt.remove_partial(os.path.join(out, "checkpoints"))
-            ckpt.write_json(cfg.to_dict(), os.path.join(out, "run_config.json"))
-        log = self.log = MetricsLog(
-            os.path.join(out, "metrics.jsonl") if main else None,
-            self.state.step if self.resume_from else None,
-        )
-        for cb in self.callbacks:
-            cb.on_train_begin(self.state)
-        pg = self.progress
-        if self.resume_from is None and t.eval_at_start:
-            pg.eval_before = self._evaluate()
-            if pg.eval_before and main:
-                log.write({"step": 0, **pg.eval_before})
-        bar = None
-        if main and cfg.output.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=self.total, initial=self.state.step, desc="train", dynamic_ncols=True, file=sys.stderr
-            )
-        save_every = cfg.output.save_every
-        start, start_tokens = time.perf_counter(), pg.tokens
-        B, A = t.batch_size, t.grad_accumulation
-        while self.state.step < self.total:
-            batches = self.plan.batches(pg.epoch)
-            mine = [self.plan.shard(b, d.rank, d.world_size) for b in batches[pg.batch_index :]]
-            micro = [m[i * B : (i + 1) * B] for m in mine for i in range(A)]
-            loader = torch.utils.data.DataLoader(
-                self.train_ds,
-                batch_sampler=[[tuple(r) for r in mb] for mb in micro],
-                collate_fn=self.collate,
-                num_workers=cfg.workers,
-                generator=torch.Generator().manual_seed(t.seed + pg.epoch),
-            )
-            it = iter(loader)
-            for gb in batches[pg.batch_index :]:
-                if self.state.step >= self.total:
-                    break
-                t0, lr = time.perf_counter(), self.sched.get_last_lr()[0]  # the lr this step uses
-                n_tgt = sum(self.targets[i] for row in gb for i in row)
-                loss, norm, skip = self._step([next(it) for _ in range(A)], max(n_tgt, 1))
-                pg.batch_index += 1
-                real = self.plan.real_tokens(gb)
-                pg.tokens += real
-                if skip is not None:
-                    self._skipped(skip)
-                else:
-                    pg.nonfinite_run = 0
-                    pg.last_loss = loss
-                dt = time.perf_counter() - t0
-                step = self.state.step
-                if main and (step % t.log_every == 0 or step == self.total):
-                    rec = {
-                        "step": step,
-                        "epoch": pg.epoch,
-                        "loss": loss,
-                        "lr": lr,
-                        "grad_norm": norm,
-                        "tokens": pg.tokens,
-                        "tokens_per_s": real / max(dt, 1e-9),
-                        "elapsed_s": time.perf_counter() - start,
-                        **self.state.metrics,
-                    }
-                    log.write(rec)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{real / max(dt, 1e-9):,.0f}")
-                    bar.update(1)
-                end_of_epoch = pg.batch_index == len(batches)
-                if (t.eval_every and step % t.eval_every == 0) or (t.eval_every is None and end_of_epoch):
-                    m = self._evaluate()
-                    if m and main:
-                        log.write({"step": step, **m})
-                if save_every and step % save_every == 0 or save_every is None and end_of_epoch:
-                    self._save()
-            else:
-                pg.epoch, pg.batch_index = pg.epoch + 1, 0
-                continue
-            break
-        if bar is not None:
-            bar.close()
-        elapsed = time.perf_counter() - start
-        if pg.last_eval_step != self.state.step:
-            m = self._evaluate()
-            if m and main:
-                log.write({"step": self.state.step, **m})
-        if save_every != 0:
-            self._save()
-        self._promote()
-        out = self.dir.path
-        rank_diff = dd.max_rank_difference(self.params, d)
-        for cb in self.callbacks:
-            cb.on_train_end(self.state)
-        adapter_dir = (
-            ckpt.save_final_adapter(self.model, os.path.join(out, "adapter"), cfg.model.name)
-            if main
-            else None
-        )
-        summary = {
-            "steps": self.state.step,
-            "skipped_steps": pg.skipped,
-            "train_loss": pg.last_loss,
-            "wall_time_s": round(elapsed, 2),
-            "tokens": pg.tokens,
-            "tokens_per_s": round((pg.tokens - start_tokens) / max(elapsed, 1e-9), 1),
-            "world_size": d.world_size,
-            "global_batch": self.global_batch,
-            "precision": self.precision.name,
-            "device": str(d.device),
-            **peak_memory(d.device),
-            "adapter_dir": adapter_dir,
-            "eval_before": pg.eval_before,
-            "eval_after": pg.last_eval,
-            "rank_max_abs_diff": rank_diff,
-            "efficiency": {k: v for k, v in self.report.as_dict().items() if k != "layers"},
-        }
-        if main:
-            ckpt.write_json(summary, os.path.join(out, "summary.json"))
-            if cfg.output.plot:
-                plot_curves(
-                    log.records, os.path.join(out, "loss_curve.png"), title=f"{cfg.model.name} ({self.task})"
-                )
-            print(format_summary(summary))
-        return TrainResult(
-            out,
-            adapter_dir,
-            self.state.step,
-            pg.skipped,
-            pg.last_loss,
-            pg.eval_before,
-            pg.last_eval,
-            summary,
-        )
