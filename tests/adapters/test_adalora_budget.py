@@ -175,7 +175,7 @@ def test_total_step_from_trainer_state_and_recorded_in_config():
     with pytest.raises(ConfigError, match="total_step is not set"):
         cb.on_train_begin(TrainState(model=m, total_steps=0))
     cb.on_train_begin(TrainState(model=m, total_steps=40))
-    assert cb.controller.schedule.total_step == 40 and m.lorakit_configs["default"].total_step == 40
+    assert cb.controller.schedule.total_step == 40 and lk.adapter_configs(m)["default"].total_step == 40
     m2 = _model(tinit=5, tfinal=5)
     (cb2,) = method_callbacks(m2)
     with pytest.raises(ConfigError, match=r"total_step=10 is too small.*tinit \+ tfinal"):

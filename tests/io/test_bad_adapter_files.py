@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import lorakit as lk
 from lorakit.io import AdapterFileError, AdapterNotFoundError, load_adapter, save_adapter
+from lorakit.state import peek_state
 from lorakit.surgery.layer import AdaptedLayer, TrainedCopy
 
 
@@ -43,10 +44,7 @@ def fingerprint(model):
         {n: type(m).__name__ for n, m in model.named_modules()},
         {k: v.clone() for k, v in model.state_dict().items()},
         {n: p.requires_grad for n, p in model.named_parameters()},
-        {
-            a: repr(getattr(model, a, None))
-            for a in ("lorakit_configs", "lorakit_active", "lorakit_peft_meta")
-        },
+        repr(peek_state(model)),
     )
 
 

@@ -21,6 +21,7 @@ from lorakit.io import (
     save_adapter,
 )
 from lorakit.io.peft_format import _CODECS, register_peft_type
+from lorakit.state import state_of
 from lorakit.surgery.inject import adapted_layers
 
 peft = pytest.importorskip("peft")
@@ -321,7 +322,7 @@ def test_loaded_adapter_keeps_rng_and_metadata(tmp_path):
     torch.manual_seed(123)
     load_adapter(model, tmp_path)
     assert torch.equal(torch.rand(3), expected)  # injecting (random init) did not consume the user's RNG
-    assert model.lorakit_peft_meta["default"]["task_type"] == "SEQ_CLS"
+    assert state_of(model).peft_meta["default"]["task_type"] == "SEQ_CLS"
     # PEFT lists "classifier" twice and adds "score" for SEQ_CLS; only the real head is kept.
     assert lk.adapter_configs(model)["default"].modules_to_save == ("classifier",)
     assert len(list(adapted_layers(model))) == 2

@@ -35,6 +35,7 @@ from lorakit.adapters.adalora_peft import ADALORA_PEFT
 from lorakit.callbacks import Callback, TrainState
 from lorakit.config import AdapterConfig, ConfigError
 from lorakit.methods import Method, register
+from lorakit.state import active_adapter, adapter_configs, state_of
 from lorakit.weights import WeightAccess
 
 _KEYS = ("lora_A", "lora_E", "lora_B")
@@ -205,8 +206,8 @@ def adalora_layers(model: nn.Module, adapter_name: str) -> dict[str, AdaLoraLine
 
 def resolve_adapter(model: nn.Module, adapter_name: str | None) -> tuple[str, AdapterConfig]:
     """(name, config) of the model's named (or active) adapter; raises unless it is an AdaLoRA adapter."""
-    configs = getattr(model, "lorakit_configs", {})
-    name = adapter_name or getattr(model, "lorakit_active", None)
+    configs = adapter_configs(model)
+    name = adapter_name or active_adapter(model)
     if name is None or name not in configs:
         raise ConfigError(f"adapter {name!r} is not in the model (adapters: {sorted(configs)})")
     if configs[name].method != "adalora":
@@ -272,9 +273,8 @@ class AdaLoraController:
         )
         if self.cfg.total_step != total_step:
             self.cfg = self.cfg.replace(total_step=total_step)
-            configs = dict(self.model.lorakit_configs)
-            configs[self.adapter_name] = self.cfg
-            self.model.lorakit_configs = configs
+            state = state_of(self.model)
+            state.configs = {**state.configs, self.adapter_name: self.cfg}
 
     def orth_loss(self) -> torch.Tensor:
         """orth_reg_weight x mean over matrices of (||PᵀP - I||²_F + ||QQᵀ - I||²_F).
@@ -410,7 +410,7 @@ def adalora_orth_loss(model: nn.Module, adapter_name: str | None = None) -> torc
 
 def _controller(model: nn.Module, adapter_name: str | None, total_step: int | None) -> AdaLoraController:
     name, _ = resolve_adapter(model, adapter_name)
-    cache = model.__dict__.setdefault("_lorakit_adalora", {})
+    cache = state_of(model).controllers
     if name not in cache:
         cache[name] = AdaLoraController(model, name, total_step)
     elif total_step is not None and cache[name].schedule is None:

@@ -17,6 +17,7 @@ import torch
 
 from lorakit import methods
 from lorakit.methods import Builder, CallbackFactory
+from lorakit.state import active_adapter, adapter_configs
 from lorakit.weights import WeightAccess
 
 
@@ -77,8 +78,8 @@ def register_callbacks(name: str) -> Callable[[CallbackFactory], CallbackFactory
 
 def method_callbacks(model: torch.nn.Module, adapter_name: str | None = None) -> list:
     """The trainer callbacks the model's active (or named) adapter method needs (e.g. AdaLoRA's budget)."""
-    configs = getattr(model, "lorakit_configs", {})
-    name = adapter_name or getattr(model, "lorakit_active", None)
+    configs = adapter_configs(model)
+    name = adapter_name or active_adapter(model)
     if name is None or name not in configs:
         return []
     cfg = configs[name]

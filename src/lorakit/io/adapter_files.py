@@ -37,6 +37,7 @@ from lorakit.io.peft_format import (
     config_to_peft,
     task_type_of,
 )
+from lorakit.state import peek_state, set_state, state_of
 from lorakit.surgery.inject import (
     active_adapter,
     adapted_layers,
@@ -100,7 +101,7 @@ def save_adapter(
     }
     if not state:
         raise AdapterStateError(f"adapter {adapter_name!r} has no tensors in the model (nothing to save)")
-    meta = getattr(model, "lorakit_peft_meta", {}).get(adapter_name, {})
+    meta = state_of(model).peft_meta.get(adapter_name, {})
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     config = config_to_peft(
         configs[adapter_name],
@@ -329,21 +330,21 @@ def load_adapter(
     except BaseException:
         snapshot.restore(adapter_name)
         raise
-    infos = dict(getattr(model, "lorakit_peft_meta", {}))
-    infos[adapter_name] = meta
-    model.lorakit_peft_meta = infos
+    state = state_of(model)
+    state.peft_meta = {**state.peft_meta, adapter_name: meta}
     return model
 
 
 class _Snapshot:
-    """What injecting may change, so a failed load can put it back: the model's ``lorakit*`` attributes
-    (adapter registry, active adapter, caches), the active adapter, every parameter's requires_grad, the
+    """What injecting may change, so a failed load can put it back: a copy of the model's adapter state
+    (``lorakit.state``: configs, active adapter, file metadata, controllers), the active adapter, every parameter's requires_grad, the
     row routing ``inject`` installs on a plain model (hooks and ``generate``), and (for PiSSA, which
     rewrites the base weights at init) the target weights."""
 
     def __init__(self, model: nn.Module, cfg: AdapterConfig) -> None:
         self.model = model
-        self.attrs = {a: v for a, v in vars(model).items() if "lorakit" in a}
+        state = peek_state(model)
+        self.state = state.copy() if state is not None else None
         self.hooks = self._hook_keys()
         self.active = active_adapter(model)
         self.grads = [(p, p.requires_grad) for p in model.parameters()]
@@ -362,10 +363,7 @@ class _Snapshot:
             weight.copy_(saved)
         if self.active is not None:
             set_adapter(self.model, self.active)
-        for attr in [a for a in vars(self.model) if "lorakit" in a and a not in self.attrs]:
-            delattr(self.model, attr)
-        for attr, value in self.attrs.items():
-            setattr(self.model, attr, value)
+        set_state(self.model, self.state)
         for p, flag in self.grads:
             p.requires_grad_(flag)
         if self._hook_keys() != self.hooks:  # inject installed the row routing on a model without it

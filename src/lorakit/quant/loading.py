@@ -27,6 +27,7 @@ from lorakit.config import QuantConfig
 from lorakit.quant.linear import NF4Linear
 from lorakit.quant.model import _set_module, eligible_layers, head_names, layer_kwargs
 from lorakit.quant.nf4 import QuantError
+from lorakit.state import state_of
 from lorakit.weights import is_gpt2_conv1d
 
 TASKS = ("causal-lm", "classification", "base")
@@ -222,7 +223,7 @@ def load_quantized(
         )
     missing = {n for n in expected if n not in loaded}
     _finish(model, path, missing)
-    model._lorakit_quant_config = config
+    state_of(model).quant = config
     return model.eval()
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from lorakit.config import QUANT_DTYPES, QuantConfig
 from lorakit.quant.linear import NF4Linear
 from lorakit.quant.nf4 import QuantError, QuantSpec, check_spec
+from lorakit.state import peek_state, set_state, state_of
 from lorakit.weights import is_gpt2_conv1d
 
 # Top-level module names of task heads: never quantized (a fresh classifier head must stay trainable
@@ -139,7 +140,7 @@ def quantize(
     kwargs = layer_kwargs(config)
     for name, layer in targets.items():
         _set_module(model, name, NF4Linear.from_linear(layer, name=f"layer {name!r}", **kwargs))
-    model._lorakit_quant_config = config
+    state_of(model).quant = config
     return model
 
 
@@ -161,8 +162,10 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         if q.bias is not None:
             lin.bias = nn.Parameter(q.bias.detach().to(w.dtype), requires_grad=False)
         _set_module(model, name, lin)
-    if hasattr(model, "_lorakit_quant_config"):
-        del model._lorakit_quant_config
+    state = peek_state(model)
+    if state is not None:
+        state.quant = None
+        set_state(model, state)
     return model
 
 

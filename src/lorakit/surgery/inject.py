@@ -1,8 +1,8 @@
 """Injection and adapter management: add adapters to a model in place, switch, disable, delete.
 
 Each function is a walk over the model's adapted layers (``AdaptedLayer``) and trained copies
-(``TrainedCopy``). The configs of the adapters a model holds live in ``model.lorakit_configs``
-(adapter name -> AdapterConfig), which save/load and reports read.
+(``TrainedCopy``). The configs of the adapters a model holds and the active one's name live in the
+model's adapter state (``lorakit.state``), which save/load and reports read.
 """
 
 from __future__ import annotations
@@ -15,17 +15,13 @@ from torch import nn
 
 from lorakit.adapters.base import builder_for
 from lorakit.config import AdapterConfig, ConfigError
+from lorakit.state import active_adapter, adapter_configs, state_of
 from lorakit.surgery.layer import AdaptedLayer, AdapterStateError, TrainedCopy, bump_generation
 from lorakit.surgery.targets import find_targets
 from lorakit.weights import weight_access
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 RESERVED_NAMES = ("base", "__base__")
-
-
-def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
-    """Adapter name -> config for the adapters injected into ``model`` (empty if none)."""
-    return getattr(model, "lorakit_configs", {})
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
@@ -96,7 +92,7 @@ def inject(
             _replace(model, save_name, module)
         module.add(adapter_name)
     configs[adapter_name] = cfg
-    model.lorakit_configs = configs
+    state_of(model).configs = configs
     bump_generation()  # the model's adapter names changed: routing checks are redone
     from lorakit.surgery.rows import install_row_routing  # rows builds on this module's walks
 
@@ -104,7 +100,7 @@ def inject(
     if activate or len(configs) == 1:
         set_adapter(model, adapter_name)
     else:
-        _freeze(model, active=_active_name(model))
+        _freeze(model, active=active_adapter(model))
     return model
 
 
@@ -121,10 +117,6 @@ def _resolve_modules_to_save(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     return names
 
 
-def _active_name(model: nn.Module) -> str | None:
-    return getattr(model, "lorakit_active", None)
-
-
 def _freeze(model: nn.Module, active: str | None) -> None:
     """Only the active adapter's parameters (and its trained copies) require grad."""
     for p in model.parameters():
@@ -139,11 +131,6 @@ def _freeze(model: nn.Module, active: str | None) -> None:
             tc.copies[active].requires_grad_(True)
 
 
-def active_adapter(model: nn.Module) -> str | None:
-    """The name of the active adapter, or None."""
-    return _active_name(model)
-
-
 def set_adapter(model: nn.Module, name: str) -> None:
     """Make adapter ``name`` the active one (and the only trainable one) in every layer."""
     if name not in adapter_configs(model):
@@ -154,7 +141,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
         layer.active = name if name in layer.adapters else None
     for _, tc in trained_copies(model):
         tc.active = name if name in tc.copies else None
-    model.lorakit_active = name
+    state_of(model).active = name
     _freeze(model, name)
 
 
@@ -194,10 +181,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if len(tc.copies) == 0:
             _replace(model, tname, tc.original)
     del configs[name]
-    model.lorakit_configs = configs
+    state_of(model).configs = configs
     bump_generation()
-    if _active_name(model) == name:
-        model.lorakit_active = None
+    if active_adapter(model) == name:
+        state_of(model).active = None
         if configs:
             set_adapter(model, next(iter(configs)))
         else:

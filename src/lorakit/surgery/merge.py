@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lorakit.config import AdapterConfig, ConfigError
+from lorakit.state import peek_state, set_state
 from lorakit.surgery.inject import (
     _replace,
     active_adapter,
@@ -41,7 +42,6 @@ from lorakit.surgery.rows import remove_row_routing
 
 # PEFT names of the two LoRA factors: (A, B); A is stacked along dim 0, B along dim 1.
 _FACTORS = (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B"))
-_LORA_ATTRS = ("lorakit_configs", "lorakit_active", "lorakit_peft_meta")
 
 
 def is_merged(model: nn.Module) -> bool:
@@ -141,9 +141,10 @@ def unload(
     for name, tc in list(trained_copies(model)):
         keep = tc.copies[active] if merge and active in tc.copies else tc.original
         _replace(model, name, keep)
-    for attr in _LORA_ATTRS:
-        if hasattr(model, attr):
-            delattr(model, attr)
+    state = peek_state(model)
+    if state is not None:
+        state.clear_adapters()
+        set_state(model, state)  # removed when nothing is left (a quantized base keeps its record)
     remove_row_routing(model)  # the hooks that read adapter_names go too: a plain model again
     return model
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.state import peek_state, state_of
 from lorakit.surgery.inject import RESERVED_NAMES, adapted_layers, adapter_configs, trained_copies
 from lorakit.surgery.layer import AdaptedLayer, TrainedCopy, last_change
 from lorakit.surgery.stacks import (
@@ -44,7 +45,6 @@ from lorakit.surgery.stacks import (
 )
 
 BASE = RESERVED_NAMES[0]  # the row name that selects the plain base model ("base")
-_HOOK_ROWS = "_lorakit_hook_rows"  # set on the model while a hook-routed forward runs
 _MAX_PLANS = 8  # row plans whose routers the hook path keeps per model
 
 
@@ -226,9 +226,10 @@ def adapter_rows(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[Row
 
 # ------------------------------------------------------------------------- the model-level hooks
 def _end_hook_rows(model: nn.Module) -> None:
-    state = model.__dict__.pop(_HOOK_ROWS, None)
-    if state is not None:
-        _restore(*state)
+    state = peek_state(model)  # hook_rows: set while a hook-routed forward runs
+    if state is not None and state.hook_rows is not None:
+        table_and_previous, state.hook_rows = state.hook_rows, None
+        _restore(*table_and_previous)
 
 
 def _pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -248,7 +249,7 @@ def _pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]
                 table.routers.pop(next(iter(table.routers)))
             plan = RowPlan(names)  # never exposed, so never select()-ed: safe to reuse
             routers = table.routers[key] = [_Router(plan) for _ in table.layers]
-        model.__dict__[_HOOK_ROWS] = (table, _install(table, routers))
+        state_of(model).hook_rows = (table, _install(table, routers))
     return args, kwargs
 
 

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from lorakit.state import adapter_configs
+
 STEP_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -232,7 +234,7 @@ def save_final_adapter(model: torch.nn.Module, path: str, base_model: str | None
     from lorakit.io import save_adapter
     from lorakit.io.atomic import atomic_directory
 
-    if not getattr(model, "lorakit_configs", None):
+    if not adapter_configs(model):
         with atomic_directory(path) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
         return path
