@@ -9,7 +9,6 @@ between fields are in the method registry (``lorakit.methods``, one layer below)
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,16 @@ import torch
 
 from lorakit import methods
 from lorakit.errors import ConfigError, did_you_mean, show  # re-exported: their usual home for callers
+from lorakit.validation import (  # the field checks; INT_LIMIT, check_int, parse_dtype re-exported
+    INT_LIMIT,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_regex,
+    finite_number,
+    parse_dtype,
+)
 
 BIAS = ("none",)
 QUANT_DTYPES = ("nf4", "fp4", "int8")
@@ -32,67 +41,6 @@ def __getattr__(name: str) -> Any:
     if name in ("METHODS", "INITS"):
         return methods.names() if name == "METHODS" else methods.inits()
     raise AttributeError(f"module 'lorakit.config' has no attribute {name!r}")
-
-
-# Every integer a config holds must fit in 64 bits: torch and numpy hold it, and a larger one is a typo.
-INT_LIMIT = 2**63
-
-
-_closest = did_you_mean  # the older private name, still imported by lorakit.train
-
-
-def _check_choice(field_name: str, value: Any, allowed: Sequence[str]) -> None:
-    if not isinstance(value, str) or value not in allowed:
-        raise ConfigError(
-            f"{field_name}={show(value)} is not supported; expected one of {list(allowed)}"
-            + (did_you_mean(value, allowed) if isinstance(value, str) else "")
-        )
-
-
-def _check_regex(field_name: str, pattern: Any) -> None:
-    if not isinstance(pattern, str) or not pattern:
-        raise ConfigError(f"{field_name}: {show(pattern)} is not a regex; expected a non-empty string")
-    try:
-        re.compile(pattern)
-    except (re.error, OverflowError, RecursionError) as e:
-        raise ConfigError(f"{field_name}: regex {show(pattern)} does not compile: {e}") from None
-
-
-def check_int(
-    field_name: str, value: Any, minimum: int = 1, optional: bool = False, example: str = ""
-) -> None:
-    """``value`` is an int (not a bool) in [minimum, 2**63), or None when ``optional``."""
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value < INT_LIMIT:
-        what = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
-        raise ConfigError(
-            f"{field_name}={show(value)} is invalid; expected {what}"
-            + (" or null" if optional else "")
-            + (f" (e.g. {example})" if example else "")
-        )
-
-
-def finite_number(value: Any) -> float | None:
-    """``value`` as a finite float if it is an int or float (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        f = float(value)
-    except OverflowError:
-        return None
-    return f if math.isfinite(f) else None
-
-
-def _check_number(field_name: str, value: Any, ok: Any, expected: str) -> None:
-    f = finite_number(value)
-    if f is None or not ok(f):
-        raise ConfigError(f"{field_name}={show(value)} is invalid; expected {expected}")
-
-
-def _check_bool(field_name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{field_name}={show(value)} has the wrong type; expected true or false")
 
 
 def _check_names(field_name: str, value: Any) -> None:
@@ -109,7 +57,7 @@ def _check_targets(field_name: str, spec: Any) -> None:
     if isinstance(spec, str):
         if not spec:
             raise ConfigError(f"{field_name} is an empty string; give module names, a regex or 'all-linear'")
-        _check_regex(field_name, spec)
+        check_regex(field_name, spec)
     elif isinstance(spec, (list, tuple)):
         if not spec:
             raise ConfigError(f"{field_name} is an empty list; give module names, a regex or 'all-linear'")
@@ -132,7 +80,7 @@ def _check_pattern(field_name: str, pattern: Any, integral: bool) -> None:
             f"{field_name}={show(pattern)} has the wrong type; expected a mapping regex -> value"
         )
     for key, value in pattern.items():
-        _check_regex(f"{field_name}[{show(key)}]", key)
+        check_regex(f"{field_name}[{show(key)}]", key)
         f = finite_number(value)
         if f is None or f <= 0 or (integral and (f != int(f) or f >= INT_LIMIT)):
             what = "a positive integer" if integral else "a positive number"
@@ -248,11 +196,11 @@ class AdapterConfig:
         the rules between fields, the init and ``method_options`` are checked by the method's registry
         entry (``lorakit.methods.Method.check``)."""
         method = methods.get(self.method)
-        _check_choice("init", self.init, methods.inits())
-        _check_choice("bias", self.bias, BIAS)
+        check_choice("init", self.init, methods.inits())
+        check_choice("bias", self.bias, BIAS)
         check_int("r", self.r, example="8")
-        _check_number("alpha", self.alpha, lambda a: a > 0, "a positive number (e.g. 16)")
-        _check_number("dropout", self.dropout, lambda p: 0.0 <= p < 1.0, "a number in [0, 1)")
+        check_number("alpha", self.alpha, lambda a: a > 0, "a positive number (e.g. 16)")
+        check_number("dropout", self.dropout, lambda p: 0.0 <= p < 1.0, "a number in [0, 1)")
         for name in ("target_modules", "exclude_modules"):
             _check_targets(name, getattr(self, name))
         _check_pattern("rank_pattern", self.rank_pattern, integral=True)
@@ -266,17 +214,17 @@ class AdapterConfig:
                 "(e.g. 'layers') or null"
             )
         _check_names("modules_to_save", self.modules_to_save)
-        _check_bool("use_rslora", self.use_rslora)
+        check_bool("use_rslora", self.use_rslora)
         for name in ("init_r", "target_r", "delta_t"):
             check_int(name, getattr(self, name))
         for name in ("tinit", "tfinal"):
             check_int(name, getattr(self, name), minimum=0)
         check_int("total_step", self.total_step, optional=True)
         for name in ("beta1", "beta2"):
-            _check_number(
+            check_number(
                 name, getattr(self, name), lambda b: 0.0 < b < 1.0, "a number strictly between 0 and 1"
             )
-        _check_number("orth_reg_weight", self.orth_reg_weight, lambda w: w >= 0, "a number >= 0")
+        check_number("orth_reg_weight", self.orth_reg_weight, lambda w: w >= 0, "a number >= 0")
         _check_options(self.method_options)
         method.check(self)
 
@@ -325,26 +273,6 @@ def _pattern_value(pattern: Mapping[str, Any], module_name: str, default: Any) -
     return default
 
 
-_DTYPES = {
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-}
-
-
-def parse_dtype(field_name: str, value: str | torch.dtype) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        if value not in _DTYPES.values():
-            raise ConfigError(f"{field_name}={value} is not supported; expected bfloat16, float16 or float32")
-        return value
-    if not isinstance(value, str) or value not in _DTYPES:
-        raise ConfigError(f"{field_name}={show(value)} is not supported; expected one of {sorted(_DTYPES)}")
-    return _DTYPES[value]
-
-
 @dataclass(frozen=True)
 class QuantConfig:
     """How to store frozen base Linear weights in low precision (QLoRA, Dettmers et al. 2023).
@@ -369,8 +297,8 @@ class QuantConfig:
         object.__setattr__(self, "compute_dtype", parse_dtype("compute_dtype", self.compute_dtype))
         _check_names("skip", self.skip)
         object.__setattr__(self, "skip", tuple(self.skip or ()))
-        _check_choice("dtype", self.dtype, QUANT_DTYPES)
-        _check_bool("double_quant", self.double_quant)
+        check_choice("dtype", self.dtype, QUANT_DTYPES)
+        check_bool("double_quant", self.double_quant)
         for name in ("blocksize", "double_quant_blocksize"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v < INT_LIMIT or v & (v - 1):

@@ -25,7 +25,7 @@ from torch import nn
 
 from lorakit.config import QuantConfig
 from lorakit.quant.linear import NF4Linear
-from lorakit.quant.model import _set_module, eligible_layers, head_names, layer_kwargs
+from lorakit.quant.model import eligible_layers, head_names, layer_kwargs, set_module
 from lorakit.quant.nf4 import QuantError
 from lorakit.state import state_of
 from lorakit.weights import is_gpt2_conv1d
@@ -188,7 +188,7 @@ def load_quantized(
         n_in, n_out = layer.weight.shape if is_gpt2_conv1d(layer) else layer.weight.shape[::-1]
         has_bias = getattr(layer, "bias", None) is not None
         shell = NF4Linear(int(n_in), int(n_out), bias=has_bias, device="meta", **kwargs)  # filled by _store
-        _set_module(model, name, shell)
+        set_module(model, name, shell)
     expected = {n for n, p in model.named_parameters(remove_duplicate=False)} | {
         n for n, _ in model.named_buffers()
     }

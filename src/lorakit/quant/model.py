@@ -106,7 +106,8 @@ def eligible_layers(
     return candidates
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted submodule path ``name`` of ``model`` (e.g. ``"model.layers.0.mlp"``)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -139,7 +140,7 @@ def quantize(
     targets = eligible_layers(model, config, modules)
     kwargs = layer_kwargs(config)
     for name, layer in targets.items():
-        _set_module(model, name, NF4Linear.from_linear(layer, name=f"layer {name!r}", **kwargs))
+        set_module(model, name, NF4Linear.from_linear(layer, name=f"layer {name!r}", **kwargs))
     state_of(model).quant = config
     return model
 
@@ -161,7 +162,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         lin.weight = nn.Parameter(w, requires_grad=False)
         if q.bias is not None:
             lin.bias = nn.Parameter(q.bias.detach().to(w.dtype), requires_grad=False)
-        _set_module(model, name, lin)
+        set_module(model, name, lin)
     state = peek_state(model)
     if state is not None:
         state.quant = None

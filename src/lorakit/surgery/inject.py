@@ -15,6 +15,7 @@ from torch import nn
 
 from lorakit.adapters.base import builder_for
 from lorakit.config import AdapterConfig, ConfigError
+from lorakit.quant.model import set_module
 from lorakit.state import active_adapter, adapter_configs, state_of
 from lorakit.surgery.layer import AdaptedLayer, AdapterStateError, TrainedCopy, bump_generation
 from lorakit.surgery.targets import find_targets
@@ -44,10 +45,9 @@ def check_adapter_name(name: str) -> None:
         )
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at dotted path ``name`` of ``model``, and mark model-wide caches stale."""
+    set_module(model, name, new)
     bump_generation()  # the set of adapted layers changed: model-wide caches are stale
 
 
@@ -83,13 +83,13 @@ def inject(
         module = model.get_submodule(name)
         if not isinstance(module, AdaptedLayer):
             module = AdaptedLayer(module)
-            _replace(model, name, module)
+            replace_module(model, name, module)
         module.add(adapter_name, adapter)
     for save_name in _resolve_modules_to_save(model, cfg):
         module = model.get_submodule(save_name)
         if not isinstance(module, TrainedCopy):
             module = TrainedCopy(module)
-            _replace(model, save_name, module)
+            replace_module(model, save_name, module)
         module.add(adapter_name)
     configs[adapter_name] = cfg
     state_of(model).configs = configs
@@ -172,14 +172,14 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if name in layer.adapters:
             layer.remove(name)
         if len(layer.adapters) == 0:
-            _replace(model, lname, layer.base)
+            replace_module(model, lname, layer.base)
     for tname, tc in list(trained_copies(model)):
         if name in tc.copies:
             del tc.copies[name]
             if tc.active == name:
                 tc.active = None
         if len(tc.copies) == 0:
-            _replace(model, tname, tc.original)
+            replace_module(model, tname, tc.original)
     del configs[name]
     state_of(model).configs = configs
     bump_generation()

@@ -27,13 +27,13 @@ from torch import nn
 from lorakit.config import AdapterConfig, ConfigError
 from lorakit.state import peek_state, set_state
 from lorakit.surgery.inject import (
-    _replace,
     active_adapter,
     adapted_layers,
     adapter_configs,
     check_adapter_name,
     delete_adapter,
     inject,
+    replace_module,
     set_adapter,
     trained_copies,
 )
@@ -137,10 +137,10 @@ def unload(
         unmerge(model)
     active = active_adapter(model)
     for name, layer in list(adapted_layers(model)):
-        _replace(model, name, layer.base)
+        replace_module(model, name, layer.base)
     for name, tc in list(trained_copies(model)):
         keep = tc.copies[active] if merge and active in tc.copies else tc.original
-        _replace(model, name, keep)
+        replace_module(model, name, keep)
     state = peek_state(model)
     if state is not None:
         state.clear_adapters()

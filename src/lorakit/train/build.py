@@ -23,6 +23,7 @@ from lorakit.surgery.inject import inject
 from lorakit.train.config import RunConfig
 from lorakit.train.data import DataError, RawData, read_records, split_validation
 from lorakit.train.tasks import EncodedDataset, encode_records
+from lorakit.validation import parse_dtype
 
 CLASSIFIER_HEADS = ("classifier", "score")
 
@@ -94,14 +95,7 @@ def _model_dtype(cfg: RunConfig, precision: Precision, device: torch.device) -> 
     name = cfg.model.dtype
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" and precision.name == "bf16" else None
-    return {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }[name]
+    return parse_dtype("model.dtype", name)
 
 
 def build_run_model(

@@ -25,10 +25,11 @@ from typing import Any
 
 import torch
 
-from lorakit.config import AdapterConfig, ConfigError, QuantConfig, _closest, show
+from lorakit.config import AdapterConfig, ConfigError, QuantConfig
+from lorakit.errors import did_you_mean, show
 from lorakit.train.data import DataError, parse_fields
-from lorakit.train.sections import check_choice, mapping, named, read_section, yaml_floats
 from lorakit.train.tasks import SFT_FORMATS
+from lorakit.validation import DTYPES, check_choice, mapping, named, read_section, yaml_floats
 
 MIXED_PRECISION = ("auto", "no", "fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -149,7 +150,7 @@ class RunConfig:
         for key in data:
             if key not in sections:
                 raise ConfigError(
-                    f"unknown section {show(key)}{_closest(str(key), sections)}; sections: {sections}"
+                    f"unknown section {show(key)}{did_you_mean(str(key), sections)}; sections: {sections}"
                 )
         for key in ("model", "data", "output"):
             if key not in data:
@@ -225,11 +226,7 @@ class RunConfig:
         check_choice("training.optimizer", t.optimizer, ("adamw",))
         check_choice("data.task", d.task, TASKS)
         check_choice("data.batching", d.batching, BATCHING)
-        check_choice(
-            "model.dtype",
-            self.model.dtype,
-            ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
-        )
+        check_choice("model.dtype", self.model.dtype, ("auto", *DTYPES))
         positive = {
             "training.epochs": t.epochs,
             "training.batch_size": t.batch_size,

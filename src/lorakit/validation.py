@@ -1,31 +1,111 @@
-"""Typed sections of a run config: a YAML mapping checked against a frozen dataclass's annotations.
+"""The field checks every config uses, in one place: the adapter and quant configs (``lorakit.config``)
+and the run config's typed sections (``lorakit.train.config``).
 
-One place for the rules every section follows: unknown keys name the closest allowed key, wrong types
-name the field and the expected type, numbers are finite and integers fit in 64 bits, strings hold no NUL
-and encode as UTF-8, and a section is a mapping (or, when optional, left empty). Errors are one-line
-``ConfigError``s naming ``section.key``.
+The rules: a choice names the closest allowed value, integers fit in 64 bits, numbers are finite,
+booleans are booleans, strings hold no NUL and encode as UTF-8, regexes compile, a section is a mapping
+whose unknown keys name the closest allowed key and whose values are checked against the section
+dataclass's annotations, and a dtype is one of :data:`DTYPES`. Every error is a one-line ``ConfigError``
+naming the field. At the bottom of the package: it imports only ``lorakit.errors``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lorakit.config import INT_LIMIT, ConfigError, _closest, show
+import torch
+
+from lorakit.errors import ConfigError, did_you_mean, show
+
+# Every integer a config holds must fit in 64 bits: torch and numpy hold it, and a larger one is a typo.
+INT_LIMIT = 2**63
+
+# The floating dtypes a config may name (base weights, quantized compute), by their torch and short names.
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
 
 
-def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
+def parse_dtype(field_name: str, value: str | torch.dtype) -> torch.dtype:
+    """A floating dtype from its name in :data:`DTYPES` (or the torch.dtype itself)."""
+    if isinstance(value, torch.dtype):
+        if value not in DTYPES.values():
+            raise ConfigError(f"{field_name}={value} is not supported; expected bfloat16, float16 or float32")
+        return value
+    if not isinstance(value, str) or value not in DTYPES:
+        raise ConfigError(f"{field_name}={show(value)} is not supported; expected one of {sorted(DTYPES)}")
+    return DTYPES[value]
+
+
+def check_choice(field_name: str, value: Any, allowed: Sequence[str]) -> None:
+    """``value`` is one of the strings ``allowed``; the error names the closest one."""
+    if not isinstance(value, str) or value not in allowed:
         raise ConfigError(
-            f"{name}={show(value)} is not supported; expected one of {list(allowed)}"
-            + (_closest(value, allowed) if isinstance(value, str) else "")
+            f"{field_name}={show(value)} is not supported; expected one of {list(allowed)}"
+            + (did_you_mean(value, allowed) if isinstance(value, str) else "")
         )
 
 
+def check_regex(field_name: str, pattern: Any) -> None:
+    """``pattern`` is a non-empty string that compiles as a regex."""
+    if not isinstance(pattern, str) or not pattern:
+        raise ConfigError(f"{field_name}: {show(pattern)} is not a regex; expected a non-empty string")
+    try:
+        re.compile(pattern)
+    except (re.error, OverflowError, RecursionError) as e:
+        raise ConfigError(f"{field_name}: regex {show(pattern)} does not compile: {e}") from None
+
+
+def check_int(
+    field_name: str, value: Any, minimum: int = 1, optional: bool = False, example: str = ""
+) -> None:
+    """``value`` is an int (not a bool) in [minimum, 2**63), or None when ``optional``."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value < INT_LIMIT:
+        what = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+        raise ConfigError(
+            f"{field_name}={show(value)} is invalid; expected {what}"
+            + (" or null" if optional else "")
+            + (f" (e.g. {example})" if example else "")
+        )
+
+
+def finite_number(value: Any) -> float | None:
+    """``value`` as a finite float if it is an int or float (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        f = float(value)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def check_number(field_name: str, value: Any, ok: Any, expected: str) -> None:
+    """``value`` is a finite int or float (not a bool) for which ``ok(value)`` holds."""
+    f = finite_number(value)
+    if f is None or not ok(f):
+        raise ConfigError(f"{field_name}={show(value)} is invalid; expected {expected}")
+
+
+def check_bool(field_name: str, value: Any) -> None:
+    """``value`` is True or False (not 0/1, not "yes")."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{field_name}={show(value)} has the wrong type; expected true or false")
+
+
+# ---- typed sections (the run config's model, data, training, output)
 def mapping(section: str, value: Any, optional: bool = False) -> dict[str, Any]:
     """A section's mapping; an optional section may be left empty (null) for its defaults."""
     if optional and value is None:
@@ -135,7 +215,7 @@ def read_section(cls: type, section: str, value: Any) -> Any:
     for key in data:
         if key not in names:
             raise ConfigError(
-                f"{section}: unknown key {show(key)}{_closest(str(key), names)}; allowed: {names}"
+                f"{section}: unknown key {show(key)}{did_you_mean(str(key), names)}; allowed: {names}"
             )
     required = [
         f.name
