@@ -16,8 +16,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from lorakit.methods import setups, variant
 from lorakit.recipes.intents import INTENTS, write_intents
+from lorakit.train.precision import resolve_precision
 
 SIZES = {  # name -> (train rows per intent, test rows per intent, epochs)
     "tiny": (12, 6, 2),
@@ -74,12 +77,15 @@ def quickstart_config(out_dir: str, method: str = "lora", size: str = "full", mo
                  "fields": {"text": "text", "label": "label"}, "max_length": 32},
         "adapter": adapter,
         "training": {"epochs": epochs, "batch_size": 16, "grad_accumulation": 1, "lr": 2e-3,
-                     "warmup_ratio": 0.06, "gradient_checkpointing": False, "mixed_precision": "no",
+                     "warmup_ratio": 0.06, "gradient_checkpointing": False, "mixed_precision": "auto",
                      "num_workers": 0, "seed": seed, "eval_at_start": True},
         "output": {"dir": out_dir, "save_every": 0, "keep_last": 1},
     }
     if setup is not None and setup.quantized:
-        cfg["quant"] = {"dtype": "nf4", "blocksize": 64, "double_quant": True, "compute_dtype": "float32",
+        # dequantize straight to the dtype the matmuls run in: bf16 where "auto" picks it (a native-bf16 CPU)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        compute = "bfloat16" if resolve_precision("auto", device).dtype == torch.bfloat16 else "float32"
+        cfg["quant"] = {"dtype": "nf4", "blocksize": 64, "double_quant": True, "compute_dtype": compute,
                         "skip": ["classifier", "pooler.dense"]}
     return cfg
 

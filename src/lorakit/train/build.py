@@ -10,10 +10,7 @@ tensors always stay in fp32.
 
 from __future__ import annotations
 
-import contextlib
 import random
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,37 +19,11 @@ from lorakit.config import ConfigError
 from lorakit.surgery.inject import inject
 from lorakit.train.config import RunConfig
 from lorakit.train.data import DataError, RawData, read_records, split_validation
+from lorakit.train.precision import Precision, resolve_precision  # noqa: F401 (re-export)
 from lorakit.train.tasks import EncodedDataset, encode_records
 from lorakit.validation import parse_dtype
 
 CLASSIFIER_HEADS = ("classifier", "score")
-
-
-@dataclass
-class Precision:
-    name: str  # "fp32", "bf16" or "fp16"
-    dtype: torch.dtype | None  # autocast dtype (None: no autocast)
-    scaler: bool  # fp16: dynamic loss scaling
-
-    def autocast(self, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-        if self.dtype is None:
-            return contextlib.nullcontext
-        return lambda: torch.autocast(device.type, dtype=self.dtype)
-
-
-def resolve_precision(mode: str, device: torch.device) -> Precision:
-    if mode == "auto":
-        if device.type == "cuda":
-            mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            mode = "fp32"
-    if mode in ("no", "fp32"):
-        return Precision("fp32", None, False)
-    if mode == "fp16" and device.type != "cuda":
-        raise ConfigError("training.mixed_precision='fp16' needs a CUDA device; use 'bf16' or 'no' on CPU")
-    if mode == "bf16":
-        return Precision("bf16", torch.bfloat16, False)
-    return Precision("fp16", torch.float16, True)
 
 
 def _subset(raw: RawData, n: int | None, seed: int) -> RawData:

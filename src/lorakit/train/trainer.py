@@ -39,13 +39,14 @@ import torch
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed as dd
 from lorakit.train import rundir
-from lorakit.train.build import build_run_model, load_data, optimizer_groups, resolve_precision
+from lorakit.train.build import build_run_model, load_data, optimizer_groups
 from lorakit.train.callbacks import Callback, TrainState
 from lorakit.train.collate import BatchPlan, Collator
 from lorakit.train.config import RunConfig, load_run_config
 from lorakit.train.evaluate import evaluate, forward_loss, n_targets
 from lorakit.train.metrics import peak_memory
 from lorakit.train.nonfinite import Skip, grad_skip, grads_not_finite
+from lorakit.train.precision import resolve_precision
 from lorakit.train.progress import Progress, Resumable
 from lorakit.train.schedule import make_scheduler, warmup_steps
 from lorakit.train.steplog import StepLog
@@ -146,7 +147,7 @@ class _Run:
             print(
                 f"model {cfg.model.name}: {self.report.trainable_params:,} trainable of "
                 f"{self.report.total_params:,} parameters ({100 * self.report.ratio:.4f}%); precision "
-                f"{self.precision.name}; {self.total} steps of {self.global_batch} rows; device {d.device}"
+                f"{self.precision.name} ({self.precision.why}); {self.total} steps of {self.global_batch} rows; device {d.device}"
             )
 
     def _build_batches(self, pad: int) -> None:
@@ -281,6 +282,7 @@ class _Run:
             "world_size": d.world_size,
             "global_batch": self.global_batch,
             "precision": self.precision.name,
+            "precision_why": self.precision.why,
             "device": str(d.device),
         }
         summary = run_summary(
