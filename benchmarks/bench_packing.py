@@ -34,10 +34,10 @@ def worker(mode: str, max_length: int, batch_size: int, steps: int, round_: int,
     from peft import LoraConfig, get_peft_model
 
     from lorakit.models import build_model
+    from lorakit.models.tokenizer import ByteTokenizer, pad_id
     from lorakit.train.collate import BatchPlan, Collator
     from lorakit.train.data import read_records
     from lorakit.train.tasks import encode_records
-    from lorakit.train.tokenizer import ByteTokenizer, pad_id
 
     tok = ByteTokenizer()
     ds = encode_records(read_records(data), tok, "sft", max_length=max_length)

@@ -1,9 +1,10 @@
 """Frozen configuration dataclasses for adapters and quantization, with validation.
 
-Every error names the field, the bad value and what is allowed (STYLE.md rule 5). Configs are turned
-into flat layer arguments by one builder per method; which methods exist, their own fields and the rules
-between fields are in the method registry (``lorakit.methods``, one layer below), which
-``AdapterConfig.validate`` asks.
+Every error names the field, the bad value and what is allowed (STYLE.md rule 5); the field checks
+themselves (choices, integers, numbers, dtypes) are ``lorakit.validation``'s. Which methods exist, their
+own fields and the rules between fields are in the method registry (``lorakit.methods``, one layer
+below), which ``AdapterConfig.validate`` asks; each method's builder (in its file under
+``lorakit/adapters/``) turns a config into the flat arguments of one adapter layer.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import pytest
 
 import lorakit as lk
 from lorakit.models.builtin import ModelError
-from lorakit.train.tokenizer import TokenizerError, load_tokenizer
+from lorakit.models.tokenizer import TokenizerError, load_tokenizer
 
 
 @pytest.fixture

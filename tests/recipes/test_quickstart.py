@@ -33,7 +33,7 @@ def test_quickstart_small_learns_and_writes_artifacts(tmp_path):
     with open(os.path.join(out, "summary.json")) as f:
         assert json.load(f)["eval_after"]["eval_accuracy"] == pytest.approx(r.accuracy_after)
     # the saved adapter loads onto a fresh base and reproduces the reported test accuracy
-    from lorakit.train.tokenizer import load_tokenizer
+    from lorakit.models.tokenizer import load_tokenizer
 
     model = lk.build_model("minilm", task="classification", num_labels=len(INTENTS))
     lk.load_adapter(model, os.path.join(out, "adapter"))

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 import lorakit
+from lorakit.models.tokenizer import ByteTokenizer
 from lorakit.serving import BASE
 from lorakit.serving.engine import Engine, GenRequest, sample
 from lorakit.serving.metrics import percentile
 from lorakit.serving.registry import AdapterRegistry
-from lorakit.train.tokenizer import ByteTokenizer
 
 
 def test_sample_greedy_and_nucleus():

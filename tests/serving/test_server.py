@@ -12,8 +12,8 @@ import torch
 
 import lorakit
 from lorakit.io import load_adapter
+from lorakit.models.tokenizer import load_tokenizer
 from lorakit.serving.server import ServerThread, build_app
-from lorakit.train.tokenizer import load_tokenizer
 
 from .helpers import write_adapters
 

@@ -12,10 +12,10 @@ import httpx
 import pytest
 
 import lorakit
+from lorakit.models.tokenizer import ByteTokenizer
 from lorakit.serving.engine import Engine
 from lorakit.serving.registry import AdapterRegistry
 from lorakit.serving.server import ServerThread, create_app
-from lorakit.train.tokenizer import ByteTokenizer
 
 from .helpers import write_adapters
 

@@ -8,12 +8,12 @@ import json
 
 import pytest
 
+from lorakit.models.tokenizer import ByteTokenizer
 from lorakit.serving.errors import ApiError, error_body
 from lorakit.serving.limits import Limits
 from lorakit.serving.mixed import BASE
 from lorakit.serving.parse import ServedModel, decode_json, parse_request
 from lorakit.serving.responses import DONE, completion_body, error_event, stream_chunk, usage_chunk
-from lorakit.train.tokenizer import ByteTokenizer
 
 BOS = 257
 

@@ -5,10 +5,10 @@ import json
 import pytest
 
 from lorakit.cli.main import main
+from lorakit.models.tokenizer import ByteTokenizer
 from lorakit.train.check import check_dataset, percentile
 from lorakit.train.data import DataError, read_records
 from lorakit.train.tasks import encode_records
-from lorakit.train.tokenizer import ByteTokenizer
 
 ALPACA = "/work/shared/datasets/alpaca_1k/alpaca_data_1k.json"
 

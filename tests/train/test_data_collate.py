@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from lorakit.models import build_model
+from lorakit.models.tokenizer import ByteTokenizer
 from lorakit.train.collate import BatchPlan, Collator, block_causal_mask, check_packing, make_loader
 from lorakit.train.data import DataError, read_records
 from lorakit.train.tasks import encode_records
-from lorakit.train.tokenizer import ByteTokenizer
 
 ALPACA = "/work/shared/datasets/alpaca_1k/alpaca_data_1k.json"
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from lorakit.models.tokenizer import ByteTokenizer, load_tokenizer
 from lorakit.train.data import DataError, RawData, read_records
 from lorakit.train.tasks import IGNORE_INDEX, encode_records, load_datasets
-from lorakit.train.tokenizer import ByteTokenizer, load_tokenizer
 
 ALPACA = "/work/shared/datasets/alpaca_1k/alpaca_data_1k.json"
 SST2_DEV = "/work/shared/datasets/sst2/dev.tsv"

@@ -251,7 +251,7 @@ def test_macro_f1_and_schedule_formulas():
 
 def test_generate_greedy_matches_transformers_generate():
     from lorakit.models import build_model
-    from lorakit.train.generate import generate_ids
+    from lorakit.models.generate import generate_ids
 
     model = build_model("tiny-llama")
     ids = [257, 72, 105, 32]

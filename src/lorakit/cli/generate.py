@@ -29,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lorakit.models import build_model
     from lorakit.models.builtin import require_causal_lm
-    from lorakit.train.generate import generate
-    from lorakit.train.tokenizer import load_tokenizer
+    from lorakit.models.generate import generate
+    from lorakit.models.tokenizer import load_tokenizer
 
     require_causal_lm(args.model)
     model = build_model(args.model, task="causal-lm")

@@ -22,7 +22,7 @@ from torch import nn
 from lorakit.models import hub
 from lorakit.models.hub import ModelSource
 
-# Token ids of lorakit's byte tokenizer (lorakit.train.tokenizer): bytes 0-255, then specials.
+# Token ids of lorakit's byte tokenizer (lorakit.models.tokenizer): bytes 0-255, then specials.
 PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
 _SPECIAL = dict(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
 

@@ -53,11 +53,11 @@ def _dir_bytes(path: str | None) -> int:
 
 def measure(raw: dict[str, Any]) -> dict[str, Any]:
     import lorakit as lk
+    from lorakit.models.tokenizer import load_tokenizer, pad_id
     from lorakit.train.build import build_run_model, load_data, resolve_precision
     from lorakit.train.collate import Collator
     from lorakit.train.config import RunConfig
     from lorakit.train.evaluate import forward_loss
-    from lorakit.train.tokenizer import load_tokenizer, pad_id
     from lorakit.train.trainer import train
 
     cfg = RunConfig.from_dict(raw)

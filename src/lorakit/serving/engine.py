@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.models.tokenizer import pad_id as tokenizer_pad_id
 from lorakit.serving.metrics import Metrics
 from lorakit.serving.mixed import BASE, adapter_rows, left_pad
 from lorakit.serving.registry import AdapterRegistry
-from lorakit.train.tokenizer import pad_id as tokenizer_pad_id
 
 Event = tuple[str, Any]  # ("delta", text) | ("done", {"finish_reason", "usage"}) | ("error", message)
 
@@ -102,7 +102,7 @@ class Engine:
 
     Args:
         model: a Hugging Face causal LM (adapters are loaded into it by ``registry``).
-        tokenizer: its tokenizer (``lorakit.train.tokenizer.load_tokenizer``).
+        tokenizer: its tokenizer (``lorakit.models.tokenizer.load_tokenizer``).
         registry: the servable adapters.
         max_batch_size: most rows decoded together. batch_wait_s: how long to gather a batch.
     """

@@ -25,12 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from lorakit.models.tokenizer import adds_bos, has_chat_template
 from lorakit.serving.errors import ApiError
 from lorakit.serving.limits import Limits
 from lorakit.serving.mixed import BASE
 from lorakit.serving.registry import AdapterRegistry
 from lorakit.surgery.inject import RESERVED_NAMES
-from lorakit.train.tokenizer import adds_bos, has_chat_template
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "user"}
 COMPLETION_FIELDS = frozenset(_COMMON | {"prompt"})

@@ -273,8 +273,8 @@ def build_app(
     from lorakit.io import read_adapter
     from lorakit.models import build_model
     from lorakit.models.builtin import require_causal_lm
+    from lorakit.models.tokenizer import load_tokenizer
     from lorakit.serving.registry import AdapterRegistry
-    from lorakit.train.tokenizer import load_tokenizer
 
     require_causal_lm(model)  # serving an encoder would stream noise, or fail deep inside an adapter load
     base = build_model(model, task="causal-lm")

@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lorakit.models.tokenizer import load_tokenizer
 from lorakit.train.data import RawData, read_records
 from lorakit.train.tasks import EncodedDataset, encode_records
-from lorakit.train.tokenizer import load_tokenizer
 
 _REQUIRED = {
     "classification": ("text",),

@@ -191,7 +191,7 @@ class Collator:
     """Turns rows of examples into model inputs (tensors).
 
     Args:
-        pad_token_id: id written into padding (``lorakit.train.tokenizer.pad_id``); pads are masked.
+        pad_token_id: id written into padding (``lorakit.models.tokenizer.pad_id``); pads are masked.
         mode: "pad" (to ``max_length``), "group" (to the batch's longest row) or "pack".
         max_length: pad length for "pad".
         task: "sft" (labels are token lists) or "classification" (labels are class ids).

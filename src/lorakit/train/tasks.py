@@ -26,8 +26,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorakit.models.generate import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
+from lorakit.models.tokenizer import adds_bos, has_chat_template
 from lorakit.train.data import DataError, RawData, read_records, split_validation
-from lorakit.train.tokenizer import adds_bos, has_chat_template
 
 IGNORE_INDEX = -100
 TASKS = ("sft", "classification")
@@ -38,15 +39,6 @@ _FORMAT_FIELDS = {
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
 
 
 @dataclass

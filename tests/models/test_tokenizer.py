@@ -2,7 +2,7 @@
 
 import pytest
 
-from lorakit.train.tokenizer import (
+from lorakit.models.tokenizer import (
     ByteTokenizer,
     TokenizerError,
     adds_bos,
@@ -56,3 +56,13 @@ def test_load_tokenizer_dispatch():
     assert adds_bos(ByteTokenizer()) and has_chat_template(ByteTokenizer())
     with pytest.raises(TokenizerError, match="does not exist"):
         load_tokenizer("/no/such/model_dir")
+
+
+def test_the_old_import_paths_in_train_still_give_the_same_objects():
+    import lorakit.models.generate as gen
+    import lorakit.models.tokenizer as tok
+    from lorakit.train import generate as old_gen
+    from lorakit.train import tokenizer as old_tok
+
+    assert all(getattr(old_tok, n) is getattr(tok, n) for n in old_tok.__all__)
+    assert all(getattr(old_gen, n) is getattr(gen, n) for n in old_gen.__all__)
