@@ -45,3 +45,15 @@ def test_the_run_says_which_precision_and_why(tmp_path, capsys):
     res = train(run_config(tmp_path, max_steps=2))
     out = capsys.readouterr().out
     assert res.summary["precision_why"].startswith("auto: ") and f"precision {res.summary['precision']} (auto: " in out
+
+
+def test_mixed_precision_no_survives_yaml(tmp_path):
+    """YAML 1.1 reads `mixed_precision: no` (and `--set training.mixed_precision=no`) as False."""
+    from lorakit.train.config import load_run_config
+
+    (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n')
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {name: tiny-llama}\ndata: {train: d.jsonl}\ntraining: {mixed_precision: no}\n"
+                    "output: {dir: out}\n")
+    assert load_run_config(str(path)).training.mixed_precision == "no"
+    assert load_run_config(str(path), ["training.mixed_precision=no"]).training.mixed_precision == "no"

@@ -121,6 +121,14 @@ class OutputSection:
     plot: bool = True
 
 
+def _yaml_no(training: dict[str, Any]) -> dict[str, Any]:
+    """``mixed_precision: no`` (and ``--set training.mixed_precision=no``) reads as False in YAML 1.1: the
+    documented value "no" is what was written."""
+    if training.get("mixed_precision") is False:
+        return {**training, "mixed_precision": "no"}
+    return training
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelSection
@@ -171,9 +179,7 @@ class RunConfig:
             model=read_section(ModelSection, "model", data["model"]),
             data=read_section(DataSection, "data", data["data"]),
             adapter=adapter,
-            training=read_section(
-                TrainingSection, "training", mapping("training", data.get("training"), True)
-            ),
+            training=read_section(TrainingSection, "training", _yaml_no(mapping("training", data.get("training"), True))),
             output=read_section(OutputSection, "output", data["output"]),
             quant=named("quant", QuantConfig.from_dict, quant) if quant else None,
         )
