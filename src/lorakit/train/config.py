@@ -1,7 +1,7 @@
 """One YAML file describes a training run: sections ``model``, ``data``, ``adapter``, ``quant`` (optional),
 ``training`` and ``output``.
 
-Defaults are the values of the source document's training section (LoRA r 8, alpha 16, dropout 0.1 on the
+Defaults are lorakit's, after the LoRA paper and PEFT / HF Trainer conventions (LoRA r 8, alpha 16, dropout 0.1 on the
 query/value projections; AdamW lr 2e-4, 3 epochs, batch 4, gradient accumulation 8, weight decay 0.01, 3%
 linear warmup, mixed precision, gradient checkpointing, loader workers). ``--set a.b=value`` overrides any
 field; the value is parsed as YAML (``--set adapter.target_modules=[q_proj,k_proj]``).
@@ -35,7 +35,7 @@ MIXED_PRECISION = ("auto", "no", "fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 TASKS = ("sft", "classification")
 BATCHING = ("group", "pad", "pack")
-# The source document's adapter values; AdapterConfig's own defaults (dropout 0.0) are PEFT's.
+# The run config's adapter defaults (r 8, alpha 16, dropout 0.1 on q/v); AdapterConfig's own defaults (dropout 0.0) are PEFT's.
 ADAPTER_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16.0, "dropout": 0.1, "target_modules": None}
 
 
