@@ -2,7 +2,7 @@
 
 Run: python benchmarks/bench_plan_calibration.py [--steps 3] [--threads 1] [--json]
 (same as `lorakit plan --calibrate`). Acceptance: both ratios within 0.7-1.3.
-The measurement and the formulas are described in lorakit/bench/calibrate.py.
+The measurement and the formulas are described in lorakit/planner/calibrate.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lorakit.bench.calibrate import calibrate
+from lorakit.planner.calibrate import calibrate
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ _LAZY = {
     "load_run_config": "lorakit.train.config:load_run_config",
     "Callback": "lorakit.train.callbacks:Callback",
     "check_dataset": "lorakit.train.check:check_dataset",
-    "plan": "lorakit.bench.plan:plan",
+    "plan": "lorakit.planner.plan:plan",
     "adalora_step": "lorakit.adapters.adalora:adalora_step",
     "adalora_orth_loss": "lorakit.adapters.adalora:adalora_orth_loss",
     "rank_report": "lorakit.bench.adalora_report:rank_report",

@@ -146,8 +146,8 @@ def _per_token_saved(method: str, dropout: float, d_in: int, d_out: int) -> floa
 def test_planner_dora_activation_term_equals_what_is_saved(dropout):
     """The planner's per-token tally adds for DoRA exactly what DoRA saves beyond LoRA: one output-sized
     product for the magnitude's gradient (base(x), or x_d W0^T under dropout), and nothing per weight."""
-    from lorakit.bench.arch import Matrix, resolve_arch
-    from lorakit.bench.cost import Setup, layer_activation_bytes
+    from lorakit.planner.arch import Matrix, resolve_arch
+    from lorakit.planner.cost import Setup, layer_activation_bytes
 
     arch = resolve_arch("llama-15m")
     m = Matrix("model.layers.0.self_attn.q_proj", arch.hidden, arch.q_dim, False, 0)

@@ -9,10 +9,10 @@ import json
 
 import pytest
 
-from lorakit.bench.plan import CHOICES, plan
-from lorakit.bench.plan_report import to_json
 from lorakit.cli.arguments import arguments_from, call_with, docstring_args
 from lorakit.cli.main import build_parser, main
+from lorakit.planner.plan import CHOICES, plan
+from lorakit.planner.plan_report import to_json
 
 
 def toy(

@@ -4,7 +4,7 @@ import warnings
 
 import torch
 
-from lorakit.bench.calibrate import _profiled_peak_mb
+from lorakit.planner.calibrate import _profiled_peak_mb
 
 
 def test_the_memory_profile_is_quiet(capfd):

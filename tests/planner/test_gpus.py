@@ -3,8 +3,8 @@
 
 import pytest
 
-from lorakit.bench.arch import PlanError
-from lorakit.bench.gpus import get_gpu
+from lorakit.planner.arch import PlanError
+from lorakit.planner.gpus import get_gpu
 
 
 @pytest.mark.parametrize(

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from lorakit.bench.arch import PlanError
-from lorakit.bench.calibrate import matmul_rate
-from lorakit.bench.plan import Plan, plan
-from lorakit.bench.plan_report import table, to_json, write_report
 from lorakit.cli.main import main
+from lorakit.planner.arch import PlanError
+from lorakit.planner.calibrate import matmul_rate
+from lorakit.planner.plan import Plan, plan
+from lorakit.planner.plan_report import table, to_json, write_report
 
 
 @pytest.fixture(scope="module")

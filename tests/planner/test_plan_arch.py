@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorakit.bench.arch import PlanError, arch_from_config, count_params, matrices, resolve_arch
-from lorakit.bench.cost import Setup, trainable_params
 from lorakit.models import build_model
+from lorakit.planner.arch import PlanError, arch_from_config, count_params, matrices, resolve_arch
+from lorakit.planner.cost import Setup, trainable_params
 
 
 def n_params(model: torch.nn.Module) -> int:

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from lorakit.bench.arch import Arch, PlanError, count_params, resolve_arch
-from lorakit.bench.cost import (
+from lorakit.planner.arch import Arch, PlanError, count_params, resolve_arch
+from lorakit.planner.cost import (
     GIB,
     NF4_BITS,
     Setup,
@@ -20,9 +20,9 @@ from lorakit.bench.cost import (
     train_hours,
     trainable_params,
 )
-from lorakit.bench.gpus import get_gpu
-from lorakit.bench.plan import plan
-from lorakit.bench.roi import Roi, serving_cost_per_month, serving_gpus
+from lorakit.planner.gpus import get_gpu
+from lorakit.planner.plan import plan
+from lorakit.planner.roi import Roi, serving_cost_per_month, serving_gpus
 
 
 def test_nf4_double_quant_bits():

@@ -8,11 +8,11 @@ import dataclasses
 
 import pytest
 
-from lorakit.bench.arch import PlanError, resolve_arch
-from lorakit.bench.cost import GIB, OPTIMIZERS, Setup, trainable_params
-from lorakit.bench.plan import plan
 from lorakit.cli.main import main
 from lorakit.config import ConfigError
+from lorakit.planner.arch import PlanError, resolve_arch
+from lorakit.planner.cost import GIB, OPTIMIZERS, Setup, trainable_params
+from lorakit.planner.plan import plan
 from lorakit.train.config import RunConfig
 
 

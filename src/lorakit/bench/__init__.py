@@ -1,1 +1,4 @@
-"""Measurement: parameters, time, memory, cost."""
+"""Live measurement of a real model or process: parameters (efficiency report), memory, AdaLoRA ranks.
+
+The cost planner, which predicts these without running anything, is :mod:`lorakit.planner`.
+"""

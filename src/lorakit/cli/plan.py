@@ -23,11 +23,11 @@ def count(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lorakit.bench.calibrate import calibrate
-    from lorakit.bench.cost import DEFAULT_MFU
-    from lorakit.bench.plan import CHOICES, plan
-    from lorakit.bench.ref_sizes import REFERENCE_SIZES
     from lorakit.cli.common import parse_targets
+    from lorakit.planner.calibrate import calibrate
+    from lorakit.planner.cost import DEFAULT_MFU
+    from lorakit.planner.plan import CHOICES, plan
+    from lorakit.planner.ref_sizes import REFERENCE_SIZES
 
     sizes = " ".join(REFERENCE_SIZES)
     overrides = {
@@ -61,13 +61,13 @@ _NOT_OFFERED = ("serving_hours_per_month", "task")
 
 def run(args: argparse.Namespace) -> int:
     if args.calibrate:
-        from lorakit.bench.calibrate import calibrate
+        from lorakit.planner.calibrate import calibrate
 
         print(calibrate(steps=args.calibrate_steps).table())
         return 0
-    from lorakit.bench.arch import PlanError
-    from lorakit.bench.plan import plan
-    from lorakit.bench.plan_report import table, to_json, write_report
+    from lorakit.planner.arch import PlanError
+    from lorakit.planner.plan import plan
+    from lorakit.planner.plan_report import table, to_json, write_report
 
     if args.model is None:
         raise PlanError("--model is required (a model directory, a builtin name or a size like 7B)")

@@ -1,9 +1,9 @@
 """Transformer families as data: one :class:`Family` per layout, the one place that knows a family's
 config keys, module names, block container and heads.
 
-The planner reads shapes from a config with it (``lorakit.bench.arch``), names each linear weight, groups
-the weights that read the same input (``lorakit.bench.cost``) and names attention targets
-(``lorakit.bench.advice``); sharded training finds a model's decoder blocks with :func:`decoder_blocks`.
+The planner reads shapes from a config with it (``lorakit.planner.arch``), names each linear weight, groups
+the weights that read the same input (``lorakit.planner.cost``) and names attention targets
+(``lorakit.planner.advice``); sharded training finds a model's decoder blocks with :func:`decoder_blocks`.
 
 Module names are paths inside one block, as Hugging Face names them; a task model (``...ForCausalLM``,
 ``...ForSequenceClassification``) holds the base model at ``backbone``, whose blocks sit at ``blocks``.

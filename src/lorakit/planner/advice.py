@@ -1,4 +1,4 @@
-"""Recommendations and assumptions for a :class:`lorakit.bench.plan.Plan`, each tied to a number.
+"""Recommendations and assumptions for a :class:`lorakit.planner.plan.Plan`, each tied to a number.
 
 What is recommended, and why:
 - the cheapest method that fits the chosen GPU, against full fine-tuning's cost;
@@ -15,12 +15,12 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from lorakit.bench.cost import GIB, Setup, trainable_params
+from lorakit.planner.cost import GIB, Setup, trainable_params
 
 if TYPE_CHECKING:
-    from lorakit.bench.gpus import Gpu
-    from lorakit.bench.plan import Plan
     from lorakit.models.families import Family
+    from lorakit.planner.gpus import Gpu
+    from lorakit.planner.plan import Plan
 
 # task complexity -> (low rank, high rank, targets): attention projections by role (q, k, v, o: named per
 # family by lorakit.models.families), or a target_modules string
@@ -159,7 +159,7 @@ def _risks(p: Plan, cheapest: str) -> list[str]:
 
 
 def assumptions(p: Plan, mfu: float | None) -> list[str]:
-    from lorakit.bench.cost import DEFAULT_MFU, METHOD_EFFICIENCY
+    from lorakit.planner.cost import DEFAULT_MFU, METHOD_EFFICIENCY
 
     s: Setup = p.setup
     return [

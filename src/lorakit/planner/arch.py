@@ -6,7 +6,7 @@ Parameter counts are summed tensor by tensor (embeddings, attention with grouped
 or plain MLP, norms, biases, tied embeddings, task heads) and must equal what ``transformers``
 instantiates; tests check this on every builtin.
 
-Reference shapes for sizes like "7B" are in :mod:`lorakit.bench.ref_sizes`.
+Reference shapes for sizes like "7B" are in :mod:`lorakit.planner.ref_sizes`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lorakit.bench.ref_sizes import ALIASES, REFERENCE_SIZES
 from lorakit.models.families import FAMILIES, HEAD_NAMES, Family, Setting, family_named
+from lorakit.planner.ref_sizes import ALIASES, REFERENCE_SIZES
 from lorakit.surgery.targets import ModuleInfo
 
 TASKS = ("causal-lm", "classification", "base")

@@ -9,7 +9,7 @@ batch 8 x 256 random tokens, the attention implementation transformers picked):
 - peak tensor memory of one step from ``torch.profiler``'s memory timeline (the CPU counterpart of
   ``torch.cuda.max_memory_allocated``), and, for information, the process's peak RSS growth, which
   also holds the allocator's cache and the BLAS/oneDNN workspaces that the GPU table's "overhead" covers.
-The predictions come from the same functions :func:`lorakit.bench.plan.plan` uses.
+The predictions come from the same functions :func:`lorakit.planner.plan.plan` uses.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from lorakit.bench.arch import resolve_arch
-from lorakit.bench.cost import Setup, flops_per_token, memory
 from lorakit.bench.memory import current_rss_mib, peak_rss_mib
+from lorakit.planner.arch import resolve_arch
+from lorakit.planner.cost import Setup, flops_per_token, memory
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The planner's formulas: training memory, FLOPs and time (serving cost and ROI: lorakit.bench.roi).
+"""The planner's formulas: training memory, FLOPs and time (serving cost and ROI: lorakit.planner.roi).
 
 Memory (bytes, per GPU)
 - Weights by dtype: 2 bytes/param in bf16, 4 in fp32; QLoRA stores the linear weights inside the blocks
@@ -39,9 +39,9 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lorakit.bench.arch import HEADS, Arch, Matrix, PlanError, count_params, matrices, module_infos
-from lorakit.bench.gpus import Gpu
 from lorakit.methods import setups
+from lorakit.planner.arch import HEADS, Arch, Matrix, PlanError, count_params, matrices, module_infos
+from lorakit.planner.gpus import Gpu
 
 GIB = 2**30
 PRECISIONS = ("bf16-mixed", "fp32")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from lorakit.bench.arch import PlanError
+from lorakit.planner.arch import PlanError
 
 
 @dataclass(frozen=True)

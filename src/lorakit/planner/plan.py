@@ -5,7 +5,7 @@ memory per GPU, the GPUs that fit, training time and cost, serving cost, ROI and
 recommendations tied to those numbers. Every method (full, LoRA, QLoRA, DoRA) is planned side by side
 so the recommendation can name the cheapest one that fits. It plans only what ``lorakit train`` runs:
 AdamW, and DDP over several GPUs (every GPU holds the whole model, so more GPUs cut time, not memory per
-GPU). The formulas and their sources are in :mod:`lorakit.bench.cost`; every default that is a guess is
+GPU). The formulas and their sources are in :mod:`lorakit.planner.cost`; every default that is a guess is
 listed in ``Plan.assumptions``.
 """
 
@@ -16,9 +16,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorakit.bench.advice import RANKS, assumptions, recommendations
-from lorakit.bench.arch import Arch, ParamCount, PlanError, count_params, resolve_arch
-from lorakit.bench.cost import (
+from lorakit.planner.advice import RANKS, assumptions, recommendations
+from lorakit.planner.arch import Arch, ParamCount, PlanError, count_params, resolve_arch
+from lorakit.planner.cost import (
     ATTENTIONS,
     DEFAULT_MFU,
     GIB,
@@ -35,8 +35,8 @@ from lorakit.bench.cost import (
     memory,
     train_hours,
 )
-from lorakit.bench.gpus import Gpu, get_gpu, load_gpus
-from lorakit.bench.roi import Roi, serving_cost_per_month
+from lorakit.planner.gpus import Gpu, get_gpu, load_gpus
+from lorakit.planner.roi import Roi, serving_cost_per_month
 
 MAX_GPUS = 64  # assumption: the largest job considered (8 nodes x 8 GPUs)
 _DDP_NOTE = "under DDP every GPU holds the whole model (lorakit train cannot shard it yet)"
@@ -183,13 +183,13 @@ def plan(
 
     Data size: ``tokens`` per epoch, or ``dataset_rows`` x ``seq_len`` (each row padded or packed to
     ``seq_len``). Defaults follow the source note's recipe (rank, q/v targets, micro-batch, epochs, mixed
-    precision, gradient checkpointing); ``mfu`` None is the assumed :data:`lorakit.bench.cost.DEFAULT_MFU`.
+    precision, gradient checkpointing); ``mfu`` None is the assumed :data:`lorakit.planner.cost.DEFAULT_MFU`.
     The command line (``lorakit plan``) takes its flags, defaults, choices (:data:`CHOICES`) and help from
     this signature and the list below.
 
     Args:
         model: a builtin name, a local Hugging Face model directory, a size such as "7B"
-            (:mod:`lorakit.bench.ref_sizes`), or an :class:`Arch`.
+            (:mod:`lorakit.planner.ref_sizes`), or an :class:`Arch`.
         tokens: training tokens per epoch.
         dataset_rows: rows per epoch, each ``seq_len`` tokens.
         seq_len: tokens per row / sequence.
@@ -351,7 +351,7 @@ def _method_plan(
     econ: _Economics,
 ) -> MethodPlan:
     """One method's memory, GPUs, FLOPs, time, cost and ROI; ``gpus`` None: the fewest that fit."""
-    from lorakit.bench.cost import trainable_params
+    from lorakit.planner.cost import trainable_params
 
     mem1 = memory(arch, setup, None, 1)
     fits_on = {name: gpus_needed(mem1, g, setup, MAX_GPUS) for name, g in table.items()}

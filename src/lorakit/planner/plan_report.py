@@ -1,13 +1,13 @@
-"""Rendering a :class:`lorakit.bench.plan.Plan`: terminal table, JSON, markdown report + PNG chart."""
+"""Rendering a :class:`lorakit.planner.plan.Plan`: terminal table, JSON, markdown report + PNG chart."""
 
 from __future__ import annotations
 
 import json
 import os
 
-from lorakit.bench.cost import GIB
-from lorakit.bench.plan import Plan
 from lorakit.io.atomic import atomic_write, atomic_write_text
+from lorakit.planner.cost import GIB
+from lorakit.planner.plan import Plan
 
 
 def _fmt_money(x: float | None) -> str:

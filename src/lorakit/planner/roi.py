@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from lorakit.bench.arch import Arch, PlanError, count_params
-from lorakit.bench.cost import GIB, Setup, adapted_matrices
-from lorakit.bench.gpus import Gpu
+from lorakit.planner.arch import Arch, PlanError, count_params
+from lorakit.planner.cost import GIB, Setup, adapted_matrices
+from lorakit.planner.gpus import Gpu
 
 
 def serving_gpus(arch: Arch, gpu: Gpu, kv_headroom: float = 0.2) -> int:
