@@ -1,7 +1,7 @@
 """lorakit: parameter-efficient fine-tuning (LoRA, QLoRA, DoRA, AdaLoRA) for PyTorch and Hugging Face models.
 
 This module only re-exports the public API. The trainer, planner and serving helpers are imported on
-first use (``lorakit.train``, ``lorakit.plan``, ``lorakit.generate``, ...), so ``import lorakit`` stays light.
+first use (``lorakit.train``, ``lorakit.plan``, ``lorakit.generate_rows``, ...), so ``import lorakit`` stays light.
 """
 
 from importlib import import_module
@@ -42,7 +42,8 @@ _LAZY = {
     "adapter_rows": "lorakit.serving.mixed:adapter_rows",
     "mixed_forward": "lorakit.serving.mixed:mixed_forward",
     "enable_adapter_names": "lorakit.serving.mixed:enable_adapter_names",
-    "generate": "lorakit.serving.mixed:generate",
+    "generate_rows": "lorakit.serving.mixed:generate_rows",
+    "generate": "lorakit.serving.mixed:generate",  # old name of generate_rows, kept for one release
     "run_quickstart": "lorakit.recipes.quickstart:run_quickstart",
 }
 

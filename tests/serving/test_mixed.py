@@ -8,7 +8,14 @@ import torch
 
 import lorakit
 from helpers import logits_alone
-from lorakit.serving import BASE, MixedBatchError, adapter_rows, enable_adapter_names, generate, mixed_forward
+from lorakit.serving import (
+    BASE,
+    MixedBatchError,
+    adapter_rows,
+    enable_adapter_names,
+    generate_rows,
+    mixed_forward,
+)
 
 SPECS = [  # (name, r, use_rslora, targets): different ranks, rsLoRA, an embedding and different layer sets
     ("a0", 2, False, ["q_proj", "v_proj"]),
@@ -71,7 +78,7 @@ def test_generate_with_kv_cache_matches_each_row_alone():
     model = enable_adapter_names(build())
     prompts = [[257, 10, 20, 30], [257, 40], [257, 1, 2, 3, 4, 5, 6], [257, 7, 8]]
     names = ["a1", BASE, "a2", "a3"]
-    out = generate(model, prompts, names, max_new_tokens=10, eos_token_id=None)
+    out = generate_rows(model, prompts, names, max_new_tokens=10, eos_token_id=None)
     for p, name, got in zip(prompts, names, out):
         with torch.no_grad():
             if name == BASE:
@@ -87,8 +94,8 @@ def test_generate_with_kv_cache_matches_each_row_alone():
     with torch.no_grad():
         both = model.generate(batch, max_new_tokens=6, do_sample=False, adapter_names=["a1", "a3"])
     assert both[0].tolist() != both[1].tolist()
-    # generate() cuts after EOS; model.generate pads the finished row after it
-    alone = generate(model, [[257, 5, 6]], ["a3"], max_new_tokens=6)[0]
+    # generate_rows() cuts after EOS; model.generate pads the finished row after it
+    alone = generate_rows(model, [[257, 5, 6]], ["a3"], max_new_tokens=6)[0]
     assert both[1, 3 : 3 + len(alone)].tolist() == alone
 
 
@@ -174,3 +181,12 @@ def test_matches_peft_mixed_batch():
         expected = theirs.eval()(x, adapter_names=names).logits
         got = mixed_forward(ours, x, adapter_names=names).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_generate_is_the_old_name_of_generate_rows():
+    import lorakit.serving as serving
+    import lorakit.serving.mixed as mixed
+
+    assert mixed.generate is mixed.generate_rows
+    assert serving.generate is serving.generate_rows is mixed.generate_rows
+    assert lorakit.generate is lorakit.generate_rows is mixed.generate_rows

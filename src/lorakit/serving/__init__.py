@@ -7,7 +7,16 @@ from lorakit.serving.mixed import (
     adapter_rows,
     enable_adapter_names,
     generate,
+    generate_rows,
     mixed_forward,
 )
 
-__all__ = ["BASE", "MixedBatchError", "adapter_rows", "enable_adapter_names", "generate", "mixed_forward"]
+__all__ = [
+    "BASE",
+    "MixedBatchError",
+    "adapter_rows",
+    "enable_adapter_names",
+    "generate",
+    "generate_rows",
+    "mixed_forward",
+]

@@ -4,8 +4,11 @@ The routing itself lives with the adapters it routes (``lorakit.surgery.rows``, 
 ``load_adapter``), so ``model(..., adapter_names=[...])`` and ``model.generate(..., adapter_names=[...])``
 work on any model carrying lorakit adapters; the per-layer math (stacked, rank-padded factors and two
 batched matmuls per layer, Punica/S-LoRA's gather form) is in ``lorakit.surgery.stacks``. This module adds
-what a server needs on top: ``generate`` over ragged token lists with one adapter per prompt, and
-``left_pad``. ``enable_adapter_names`` is kept for old callers; it is no longer needed.
+what a server needs on top: ``generate_rows`` (token ids in, new token ids out, one adapter per row) over
+ragged token lists, and ``left_pad``. Not to be confused with ``lorakit.models.generate`` (text in, text
+out, through a tokenizer, one adapter for all) or the ``lorakit generate`` command. ``generate`` is the old
+name of ``generate_rows``, kept for one release; ``enable_adapter_names`` is kept for old callers; it is no
+longer needed.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ __all__ = [
     "adapter_rows",
     "enable_adapter_names",
     "generate",
+    "generate_rows",
     "layer_stacks",
     "left_pad",
     "mixed_forward",
@@ -60,7 +64,7 @@ def left_pad(
     return ids.to(device), mask.to(device)
 
 
-def generate(
+def generate_rows(
     model: nn.Module,
     prompts: Sequence[Sequence[int]] | torch.Tensor,
     adapter_names: Sequence[str],
@@ -98,3 +102,7 @@ def generate(
         cut = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
         result.append(row[:cut])
     return result
+
+
+generate = generate_rows
+"""Old name of :func:`generate_rows`, kept for one release."""
