@@ -22,24 +22,26 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from lorakit.methods import setups, variant
+
 COLUMNS = ("name", "method", "metric_name", "metric", "trainable_params", "trainable_pct", "train_seconds",
            "step_seconds", "peak_rss_mib", "latency_unmerged_ms", "latency_merged_ms", "adapter_bytes")
-DERIVED = ("full", "lora", "dora", "qlora", "adalora")
-
-
 def derive_configs(base: dict[str, Any], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """One run config (dict) per method, derived from ``base`` (a loaded YAML run config)."""
+    """One run config (dict) per setup in ``methods`` (any of ``lorakit.methods.setups()``: the registered
+    methods and their variants, e.g. full and qlora), derived from ``base`` (a loaded YAML run config)."""
+    known = setups()
     out: dict[str, dict[str, Any]] = {}
     for m in methods:
-        if m not in DERIVED:
-            raise ValueError(f"--methods: unknown method {m!r}; expected some of {list(DERIVED)}")
+        if m not in known:
+            raise ValueError(f"--methods: unknown method {m!r}; expected some of {list(known)}")
         cfg = copy.deepcopy(base)
         adapter = dict(cfg.get("adapter") or {})
         cfg.pop("quant", None)
-        if m == "full":
-            cfg["adapter"] = {"method": "full"}
-        elif m == "qlora":
-            adapter["method"] = "lora"
+        v = variant(m)
+        if v is not None and v.method is None:  # full fine-tuning
+            cfg["adapter"] = {"method": m}
+        elif v is not None and v.quantized:  # the method on an NF4 base
+            adapter["method"] = v.method
             cfg["adapter"] = adapter
             skip = list(adapter.get("modules_to_save") or []) + ["classifier", "score", "lm_head", "pooler.dense"]
             cfg["quant"] = {"dtype": "nf4", "blocksize": 64, "double_quant": True, "compute_dtype": "float32",
