@@ -24,8 +24,7 @@ from lorakit.surgery.inject import (
 from lorakit.surgery.layer import AdaptedLayer, AdapterStateError
 from lorakit.surgery.merge import combine_adapters, merge, unload, unmerge
 from lorakit.surgery.targets import TargetError, find_targets
-
-__version__ = "0.1.0"
+from lorakit.version import __version__ as __version__
 
 # name -> "module:attribute", imported on first access
 _LAZY = {

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from lorakit.config import AdapterConfig, ConfigError, show
 from lorakit.io.atomic import atomic_directory
 from lorakit.io.checks import check_dtype, check_ranks, first, target_filters
 from lorakit.io.errors import AdapterConfigError, AdapterFileError, AdapterNotFoundError
+from lorakit.io.model_card import CARD_NAME, model_card
 from lorakit.io.peft_format import (
     CONFIG_NAME,
     LEGACY_WEIGHTS_NAME,
@@ -84,9 +86,11 @@ def save_adapter(
     adapter_name: str = "default",
     task_type: str | None = None,
     base_model_name_or_path: str | None = None,
+    run: Mapping[str, Any] | None = None,
 ) -> str:
     """Write adapter ``adapter_name`` of ``model`` to ``path`` (``path/<name>`` for a non-default name)
-    as ``adapter_config.json`` + ``adapter_model.safetensors`` that PEFT and lorakit load. Only adapter
+    as ``adapter_config.json`` + ``adapter_model.safetensors`` that PEFT and lorakit load, plus a model
+    card ``README.md`` (``run``: the training run's ``data``, ``steps`` and ``metrics`` for it). Only adapter
     and ``modules_to_save`` tensors are written; the write is atomic. Returns the directory written.
 
     ``task_type`` / ``base_model_name_or_path`` default to what the adapter was loaded with, else the
@@ -118,6 +122,8 @@ def save_adapter(
         with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
             f.write("\n")
+        with open(os.path.join(tmp, CARD_NAME), "w", encoding="utf-8") as f:
+            f.write(model_card(config, run))
     return out
 
 

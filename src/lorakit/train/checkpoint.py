@@ -228,9 +228,12 @@ def latest_checkpoint(root: str) -> str | None:
 ARTIFACTS = ("checkpoints", "adapter", "metrics.jsonl", "summary.json", "loss_curve.png", "run_config.json")
 
 
-def save_final_adapter(model: torch.nn.Module, path: str, base_model: str | None = None) -> str:
-    """Save the trained adapter with ``lorakit.io.save_adapter`` (PEFT layout); a model trained in full
-    (no adapter) is saved whole with ``save_pretrained`` (safetensors), atomically."""
+def save_final_adapter(
+    model: torch.nn.Module, path: str, base_model: str | None = None, run: dict[str, Any] | None = None
+) -> str:
+    """Save the trained adapter with ``lorakit.io.save_adapter`` (PEFT layout, model card with ``run``'s data,
+    steps and metrics); a model trained in full (no adapter) is saved whole with ``save_pretrained``
+    (safetensors), atomically."""
     from lorakit.io import save_adapter
     from lorakit.io.atomic import atomic_directory
 
@@ -238,5 +241,5 @@ def save_final_adapter(model: torch.nn.Module, path: str, base_model: str | None
         with atomic_directory(path) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
         return path
-    save_adapter(model, path, adapter_name="default", base_model_name_or_path=base_model)
+    save_adapter(model, path, adapter_name="default", base_model_name_or_path=base_model, run=run)
     return path

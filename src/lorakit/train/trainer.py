@@ -277,7 +277,8 @@ class _Run:
             cb.on_train_end(self.state)
         adapter_dir = None
         if d.is_main:
-            adapter_dir = ckpt.save_final_adapter(self.model, os.path.join(out, "adapter"), cfg.model.name)
+            card = {"data": cfg.data.train, "steps": self.state.step, "metrics": pg.last_eval}
+            adapter_dir = ckpt.save_final_adapter(self.model, os.path.join(out, "adapter"), cfg.model.name, card)
         setup = {
             "world_size": d.world_size,
             "global_batch": self.global_batch,
