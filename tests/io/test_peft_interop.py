@@ -4,6 +4,7 @@ Every comparison runs both libraries on the same weights in fp32 and compares lo
 """
 
 import copy
+import json
 import os
 import warnings
 
@@ -370,3 +371,33 @@ def test_many_adapters_on_one_base(tmp_path):
         torch.testing.assert_close(logits_of(model(X)), refs["b"], rtol=1e-5, atol=1e-5)
         lk.delete_adapter(model, "b")
         torch.testing.assert_close(logits_of(model(X)), base, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(method="lora"), dict(method="lora", use_rslora=True, rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 4}),
+     dict(method="adalora", init_r=6, target_r=4, total_step=10)],
+    ids=["lora", "rslora-patterns", "adalora"],
+)
+def test_transformers_own_load_adapter_reads_lorakit_adapters(tmp_path, kw):
+    """transformers' built-in PEFT integration (`model.load_adapter(dir)`) gives lorakit's logits. (DoRA is
+    left out: transformers 5.24 drops `lora_magnitude_vector` keys of PEFT's own DoRA files the same way.)"""
+    import warnings
+
+    x = torch.tensor([[1, 2, 3, 4, 5]])
+    model = lk.build_model("tiny-llama")
+    lk.inject(model, lk.AdapterConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], **kw))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    lk.save_adapter(model, str(tmp_path))
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    fields = {"base_model_name_or_path", "revision", "task_type", "rank_pattern", "alpha_pattern"}
+    assert fields | ({"use_rslora"} if kw["method"] == "lora" else set()) <= set(cfg)
+    base = lk.build_model("tiny-llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base.load_adapter(str(tmp_path))
+    torch.testing.assert_close(base(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)

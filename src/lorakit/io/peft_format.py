@@ -323,4 +323,5 @@ def config_to_peft(
     data.update(
         peft_type=codec.peft_type, task_type=task_type, base_model_name_or_path=base_model_name_or_path
     )
+    data.setdefault("revision", None)  # PEFT writes it (the base model's hub revision); consumers read it
     return dict(sorted(data.items()))
