@@ -19,7 +19,7 @@ def _config(tmp_path, method: str) -> dict:
         "data": {"train": str(data), "val_fraction": 0.2, "task": "sft", "max_length": 64},
         "adapter": {"method": method, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
         "training": {"max_steps": 3, "batch_size": 4, "grad_accumulation": 1, "lr": 1e-3, "num_workers": 0,
-                     "gradient_checkpointing": False, "eval_at_start": False},
+                     "gradient_checkpointing": False},
         "output": {"dir": str(tmp_path / method), "save_every": 0},
     }
 
@@ -44,6 +44,8 @@ def test_compare_two_builtin_configs(tmp_path):
     for r in rows:
         assert set(r) == set(COLUMNS)
         assert all(r[c] is not None for c in COLUMNS), r
+        assert isinstance(r["learned"], bool) and r["verdict"].startswith("learned" if r["learned"] else "not")
+        assert r["steps"] == 3 and r["precision"] in ("fp32", "bf16") and r["metric_before"] == r["baseline"]
         assert r["trainable_params"] > 0 and r["latency_unmerged_ms"] > 0 and r["adapter_bytes"] > 0
     assert rows[1]["trainable_params"] > rows[0]["trainable_params"]  # DoRA adds the magnitude vectors
     with open(out / "compare.json") as f:

@@ -23,9 +23,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from lorakit.methods import setups, variant
+from lorakit.recipes.verdict import verdict
 
-COLUMNS = ("name", "method", "metric_name", "metric", "trainable_params", "trainable_pct", "train_seconds",
-           "step_seconds", "peak_rss_mib", "latency_unmerged_ms", "latency_merged_ms", "adapter_bytes")
+COLUMNS = ("name", "method", "metric_name", "metric", "metric_before", "baseline", "learned", "verdict",
+           "loss_first", "loss_last", "steps", "lr", "precision", "trainable_params", "trainable_pct",
+           "train_seconds", "step_seconds", "peak_rss_mib", "latency_unmerged_ms", "latency_merged_ms",
+           "adapter_bytes")
 def derive_configs(base: dict[str, Any], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
     """One run config (dict) per setup in ``methods`` (any of ``lorakit.methods.setups()``: the registered
     methods and their variants, e.g. full and qlora), derived from ``base`` (a loaded YAML run config)."""
@@ -81,7 +84,10 @@ def run_compare(configs: dict[str, dict[str, Any]], out_dir: str, timeout_s: flo
         with open(res_path) as f:
             row = json.load(f)
         row["name"] = name
+        row["learned"], row["verdict"] = verdict(row)
         rows.append({k: row.get(k) for k in COLUMNS})
+        if not row["learned"]:
+            print(f"[compare] {name}: {row['verdict']}", flush=True)
         print(f"[compare] {name}: done in {time.perf_counter() - start:.0f} s", flush=True)
     atomic_write_text(os.path.join(out_dir, "compare.json"), json.dumps(rows, indent=2))
     atomic_write_text(os.path.join(out_dir, "compare.md"), markdown_table(rows))
@@ -93,17 +99,34 @@ def _fmt(v: Any, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+def ranked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows that learned, best metric first (accuracy: higher; perplexity: lower), then the rest as run."""
+    good = [r for r in rows if r.get("learned") and r.get("metric") is not None]
+    sign = -1.0 if (good and good[0]["metric_name"] == "accuracy") else 1.0
+    good.sort(key=lambda r: sign * r["metric"])
+    return good + [r for r in rows if r not in good]
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = ("| config | metric | trainable | train s | step s | peak RSS MiB | latency ms (unmerged / merged) "
-            "| adapter KiB |\n|---|---|---|---|---|---|---|---|\n")
-    body = ""
-    for r in rows:
-        metric = f"{r['metric_name']} {_fmt(r['metric'], '.4g')}"
-        body += (f"| {r['name']} | {metric} | {r['trainable_params']:,} ({_fmt(r['trainable_pct'], '.3f')}%) | "
-                 f"{_fmt(r['train_seconds'], '.1f')} | {_fmt(r['step_seconds'], '.3f')} | "
-                 f"{_fmt(r['peak_rss_mib'], '.0f')} | {_fmt(r['latency_unmerged_ms'], '.2f')} / "
-                 f"{_fmt(r['latency_merged_ms'], '.2f')} | {_fmt((r['adapter_bytes'] or 0) / 1024, '.1f')} |\n")
-    return head + body
+    """compare.md: learned rows ranked, rows that did not learn listed apart with the likely cause; every
+    metric with the same precision, beside its value before training and the no-skill baseline."""
+    name = rows[0]["metric_name"] if rows else "metric"
+    baseline = "majority class" if name == "accuracy" else "untrained"
+    head = (f"| config | {name} before -> after | baseline ({baseline}) | trainable | train s | step s | "
+            "peak RSS MiB | latency ms (unmerged / merged) | adapter KiB |\n|---|---|---|---|---|---|---|---|---|\n")
+    body, notes = "", []
+    for r in ranked(rows):
+        metric = f"{_fmt(r.get('metric_before'), '.4f')} -> {_fmt(r['metric'], '.4f')}"
+        if not r.get("learned", True):
+            metric += " (not learned)"
+            notes.append(f"- {r['name']}: {r.get('verdict')}")
+        body += (f"| {r['name']} | {metric} | {_fmt(r.get('baseline'), '.4f')} | {r['trainable_params']:,} "
+                 f"({_fmt(r['trainable_pct'], '.3f')}%) | {_fmt(r['train_seconds'], '.1f')} | "
+                 f"{_fmt(r['step_seconds'], '.3f')} | {_fmt(r['peak_rss_mib'], '.0f')} | "
+                 f"{_fmt(r['latency_unmerged_ms'], '.2f')} / {_fmt(r['latency_merged_ms'], '.2f')} | "
+                 f"{_fmt((r['adapter_bytes'] or 0) / 1024, '.1f')} |\n")
+    tail = ("\nNot ranked (they did not learn):\n" + "\n".join(notes) + "\n") if notes else ""
+    return head + body + tail
 
 
 def plot_compare(rows: list[dict[str, Any]], out_dir: str) -> list[str]:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lorakit.io.atomic import atomic_write_text
+from lorakit.recipes.verdict import majority_share
 
 WARMUP, REPEATS, EVAL_ROWS = 2, 10, 32
 
@@ -44,6 +45,17 @@ def _step_seconds(metrics_path: str) -> float | None:
     return statistics.median(gaps[1:] if len(gaps) > 2 else gaps) if gaps else None
 
 
+def _losses(metrics_path: str) -> list[float]:
+    """Training losses in step order (skipped steps' non-finite values left out)."""
+    out = []
+    with open(metrics_path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if isinstance(rec.get("loss"), float):
+                out.append(rec["loss"])
+    return out
+
+
 def _dir_bytes(path: str | None) -> int:
     if not path or not os.path.isdir(path):
         return 0
@@ -64,11 +76,9 @@ def measure(raw: dict[str, Any]) -> dict[str, Any]:
     result = train(cfg, overwrite=True)
     out_dir = cfg.output.dir
     task = cfg.data.task
-    after = result.eval_after or {}
-    if task == "classification":
-        metric_name, metric = "accuracy", after.get("eval_accuracy")
-    else:
-        metric_name, metric = "perplexity", after.get("eval_perplexity")
+    after, before = result.eval_after or {}, result.eval_before or {}
+    key = "eval_accuracy" if task == "classification" else "eval_perplexity"
+    metric_name, metric = key.removeprefix("eval_"), after.get(key)
     eff = result.summary.get("efficiency", {})
 
     # Inference latency: a fresh process-local model with the trained adapter, one eval batch.
@@ -96,10 +106,19 @@ def measure(raw: dict[str, Any]) -> dict[str, Any]:
         merged = _median_ms(forward)
     else:
         merged = unmerged  # full fine-tuning has nothing to merge
+    losses = _losses(os.path.join(out_dir, "metrics.jsonl"))
+    labels = [ex["labels"] for ex in ds.examples] if task == "classification" else []
     return {
         "method": "full" if cfg.adapter is None else (cfg.adapter.method + ("+nf4" if cfg.quant else "")),
         "metric_name": metric_name,
         "metric": metric,
+        "metric_before": before.get(key),
+        "baseline": majority_share(labels) if task == "classification" else before.get(key),
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "steps": result.steps,
+        "lr": cfg.training.lr,
+        "precision": result.summary.get("precision"),
         "trainable_params": int(eff.get("trainable_params", 0)),
         "trainable_pct": 100.0 * float(eff.get("ratio", 0.0)),
         "train_seconds": result.summary.get("wall_time_s"),
