@@ -25,21 +25,25 @@ def majority_share(labels: Sequence[Any]) -> float | None:
     return Counter(labels).most_common(1)[0][1] / len(labels)
 
 
+def _num(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
 def verdict(row: Mapping[str, Any]) -> tuple[bool, str]:
     """(learned, why) for a compare row with ``metric_name``, ``metric``, ``metric_before``, ``baseline``,
     ``loss_first``, ``loss_last``, ``steps`` and ``lr``."""
     reasons = []
     first, last = row.get("loss_first"), row.get("loss_last")
     if first is None or last is None or not last < 0.98 * first:
-        reasons.append(f"the loss did not fall ({first!s:.6} -> {last!s:.6})")
+        reasons.append(f"the loss did not fall ({_num(first)} -> {_num(last)})")
     metric, base = row.get("metric"), row.get("baseline")
     if row.get("metric_name") == "accuracy":
         if metric is None or base is None or metric <= base + MARGIN:
-            reasons.append(f"accuracy {metric} is not above the majority-class baseline {base}")
+            reasons.append(f"accuracy {_num(metric)} is not above the majority-class baseline {_num(base)}")
     else:
         before = row.get("metric_before")
         if metric is None or before is None or not metric < 0.98 * before:
-            reasons.append(f"perplexity {metric} did not fall below the untrained model's {before}")
+            reasons.append(f"perplexity {_num(metric)} did not fall below the untrained model's {_num(before)}")
     if not reasons:
         return True, "learned"
     steps, lr = row.get("steps") or 0, row.get("lr")
