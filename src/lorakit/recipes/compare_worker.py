@@ -33,27 +33,22 @@ def _median_ms(fn) -> float:
     return 1000.0 * statistics.median(times)
 
 
-def _step_seconds(metrics_path: str) -> float | None:
-    """Median time between consecutive optimizer steps (first step excluded: warm-up)."""
-    elapsed = []
+def _step_records(metrics_path: str) -> list[dict[str, Any]]:
+    """The training-step records of metrics.jsonl (evaluation records left out), in step order."""
     with open(metrics_path) as f:
-        for line in f:
-            rec = json.loads(line)
-            if "loss" in rec and "elapsed_s" in rec:
-                elapsed.append(rec["elapsed_s"])
+        return [r for r in map(json.loads, f) if "loss" in r]
+
+
+def _step_seconds(steps: list[dict[str, Any]]) -> float | None:
+    """Median time between consecutive optimizer steps (first step excluded: warm-up)."""
+    elapsed = [r["elapsed_s"] for r in steps if "elapsed_s" in r]
     gaps = [b - a for a, b in zip(elapsed, elapsed[1:])]
     return statistics.median(gaps[1:] if len(gaps) > 2 else gaps) if gaps else None
 
 
-def _losses(metrics_path: str) -> list[float]:
-    """Training losses in step order (skipped steps' non-finite values left out)."""
-    out = []
-    with open(metrics_path) as f:
-        for line in f:
-            rec = json.loads(line)
-            if isinstance(rec.get("loss"), float):
-                out.append(rec["loss"])
-    return out
+def _losses(steps: list[dict[str, Any]]) -> list[float]:
+    """Training losses in step order (skipped steps' non-finite values, logged as strings, left out)."""
+    return [r["loss"] for r in steps if isinstance(r["loss"], float)]
 
 
 def _dir_bytes(path: str | None) -> int:
@@ -106,7 +101,8 @@ def measure(raw: dict[str, Any]) -> dict[str, Any]:
         merged = _median_ms(forward)
     else:
         merged = unmerged  # full fine-tuning has nothing to merge
-    losses = _losses(os.path.join(out_dir, "metrics.jsonl"))
+    steps = _step_records(os.path.join(out_dir, "metrics.jsonl"))
+    losses = _losses(steps)
     labels = [ex["labels"] for ex in ds.examples] if task == "classification" else []
     return {
         "method": "full" if cfg.adapter is None else (cfg.adapter.method + ("+nf4" if cfg.quant else "")),
@@ -122,7 +118,7 @@ def measure(raw: dict[str, Any]) -> dict[str, Any]:
         "trainable_params": int(eff.get("trainable_params", 0)),
         "trainable_pct": 100.0 * float(eff.get("ratio", 0.0)),
         "train_seconds": result.summary.get("wall_time_s"),
-        "step_seconds": _step_seconds(os.path.join(out_dir, "metrics.jsonl")),
+        "step_seconds": _step_seconds(steps),
         "peak_rss_mib": result.summary.get("peak_rss_mib"),
         "latency_unmerged_ms": unmerged,
         "latency_merged_ms": merged,

@@ -139,7 +139,7 @@ def _shown(v: object) -> str:
 
 def _check_entries(spec: Sequence[str], modules: Sequence[ModuleInfo], strict: bool) -> None:
     names = [m.name for m in modules if m.name]
-    missing = [t for t in spec if not any(n == t or n.endswith("." + t) for n in names)]
+    missing = [t for t in spec if not any(_matches((t,), n) for n in names)]
     if not missing:
         return
     leaves = sorted({m.name.rsplit(".", 1)[-1] for m in modules if m.kind is not None and m.name})
