@@ -154,12 +154,13 @@ def require_causal_lm(name_or_path: str) -> None:
     if name_or_path in BUILTIN_SPECS:
         family, archs = BUILTIN_SPECS[name_or_path]["family"], []
     else:
-        source = model_source(name_or_path)
-        if not source.local_only:
-            return  # a hub id to download: transformers decides
+        source = model_source(name_or_path)  # a hub id to download: only its config.json is fetched here
         tf = _transformers()
-        with _quiet_transformers():
-            cfg = tf.AutoConfig.from_pretrained(source.path, local_files_only=True)
+        try:
+            with _quiet_transformers():
+                cfg = tf.AutoConfig.from_pretrained(source.path, local_files_only=source.local_only)
+        except OSError as e:
+            raise ModelError(f"cannot read the config of model {name_or_path!r}: {e}".splitlines()[0]) from e
         family, archs = cfg.model_type, list(getattr(cfg, "architectures", None) or [])
     causal_arch = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     if family in _ENCODERS and not causal_arch:
