@@ -25,6 +25,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # setup() joined the process group, so teardown() leaves it
 
     @property
     def is_main(self) -> bool:
@@ -51,16 +52,32 @@ def setup(device_spec: str = "auto") -> Dist:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_spec, local)
-    if world > 1 and not dist.is_initialized():
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
-    return Dist(rank, world, local, device)
+    return Dist(rank, world, local, device, owns)
+
+
+class PeerLostError(RuntimeError):
+    """A collective with the other processes failed: one of them stopped (killed, crashed) or hangs."""
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """True for the errors a collective raises when a peer process died or timed out (gloo / NCCL)."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("gloo", "Connection reset", "Connection closed", "NCCL", "Timed out")
+    )
 
 
 def teardown(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
+    """Leave the process group if :func:`setup` joined it (a caller's own group stays for its next run)."""
+    if d.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

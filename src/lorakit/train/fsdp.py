@@ -101,7 +101,9 @@ def shard(model: nn.Module, blocks: list[nn.Module], d: Dist, bf16: bool) -> nn.
         kw["mp_policy"] = mp
     for block in blocks:
         fully_shard(block, **kw)
-    fully_shard(model, **kw)
+    # the root (embeddings, head) too is freed after forward, not kept gathered until backward as FSDP2's
+    # default for the root does: an evaluation (no backward) would leave it whole on every rank
+    fully_shard(model, reshard_after_forward=True, **kw)
     return model
 
 

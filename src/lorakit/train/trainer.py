@@ -38,8 +38,7 @@ import torch
 
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed as dd
-from lorakit.train import fsdp
-from lorakit.train import rundir
+from lorakit.train import fsdp, rundir
 from lorakit.train.build import build_run_model, load_data, optimizer_groups
 from lorakit.train.callbacks import Callback, TrainState
 from lorakit.train.collate import BatchPlan, Collator
@@ -86,12 +85,20 @@ def train(
     cfg = config if isinstance(config, RunConfig) else load_run_config(config, overrides)
     d = dd.setup(cfg.training.device)
     try:
+        fsdp.resolve_mode(cfg.training.distributed, d)  # a mode this launch cannot run: refused before any work
         where, resume_from = rundir.prepare(cfg.output.dir, resume, overwrite, d.is_main)
         dd.barrier(d)
         try:
             result = _Run(cfg, d, where, resume_from, list(callbacks)).run()
-        except BaseException:
+        except BaseException as e:
             where.discard(d.is_main)  # an overwrite that failed before its swap leaves the old run as it was
+            if d.enabled and dd.is_peer_failure(e):
+                last = ckpt.latest_checkpoint(os.path.join(cfg.output.dir, "checkpoints"))
+                first = (str(e).splitlines() or [type(e).__name__])[0][:300]
+                raise dd.PeerLostError(
+                    f"rank {d.rank}: lost contact with the other processes ({first}); another rank stopped "
+                    f"(see its log). Last checkpoint: {last or 'none'}; continue with --resume"
+                ) from None
             raise
         # rank 0 still writes files after the loop; destroying the process group while a peer is
         # mid-collective aborts that process ("terminate called without an active exception")
