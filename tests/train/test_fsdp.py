@@ -268,8 +268,9 @@ def test_mode_rules():
 def test_model_without_known_blocks_is_refused():
     with pytest.raises(ConfigError, match="cannot find the decoder blocks of Sequential"):
         fsdp.check_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), "lora")
-    with pytest.raises(ConfigError, match="adalora"):
-        fsdp.check_model(_base("lora"), "adalora")
+    for method in ("adalora", "full"):
+        with pytest.raises(ConfigError, match=f"does not run adapter.method='{method}'"):
+            fsdp.check_model(_base("lora"), method)
     assert len(fsdp.check_model(_base("lora"), "lora")) == 2
 
 

@@ -1,13 +1,18 @@
-"""Multi-process data parallelism under ``torchrun`` (DistributedDataParallel over the adapter parameters).
+"""Multi-process training under ``torchrun``: the process group, and data parallelism over the adapters.
 
 ``torchrun --nproc_per_node=N -m lorakit train CONFIG.yaml`` starts N processes with RANK / WORLD_SIZE /
-LOCAL_RANK set; each joins a process group (gloo on CPU, nccl on CUDA), holds the whole model, trains on a
-disjoint slice of every global batch, and DDP all-reduces the trainable gradients (frozen base weights
-have no gradients, so only adapter tensors travel). Only rank 0 writes files.
+LOCAL_RANK set; each joins a process group (gloo on CPU, nccl on CUDA) and trains on a disjoint slice of
+every global batch. ``training.distributed`` picks how the model is split:
 
-Not built: FSDP (sharding the frozen base across devices for bases too large for one device). The way to
-add it is ``torch.distributed.fsdp.fully_shard`` on each decoder layer with the adapters inside the same
-unit; until then a base must fit on each device (quantize it with a ``quant`` section if it does not).
+- ``ddp`` (the default under several processes): every process holds the whole model and
+  DistributedDataParallel all-reduces the trainable gradients (frozen base weights have no gradients, so
+  only adapter tensors travel);
+- ``fsdp``: the base (NF4 storage included) and the adapters are sharded across processes with PyTorch's
+  FSDP2, per decoder block (``lorakit.train.fsdp``), so per-process memory of the base falls with N;
+- ``none``: one process.
+
+Only rank 0 writes files. A collective that fails because a peer died raises ``PeerLostError`` (one
+line, naming the last checkpoint) instead of a backend traceback.
 """
 
 from __future__ import annotations

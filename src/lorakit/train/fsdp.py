@@ -17,7 +17,8 @@ the optimizer, saved keyed by parameter name and re-sharded on load, so a resume
 under the same world size.
 
 Limits: the model is built whole on each rank before it is sharded (host memory holds one full copy per
-rank while it loads); AdaLoRA's rank allocator edits its tensors between steps and is refused here.
+rank while it loads); AdaLoRA (its rank allocator edits whole tensors between steps) and full fine-tuning
+are refused here.
 """
 
 from __future__ import annotations
@@ -58,10 +59,12 @@ def check_model(model: nn.Module, adapter_method: str | None) -> list[nn.Module]
     method the sharded trainer cannot run."""
     from lorakit.models.families import decoder_blocks
 
-    if adapter_method == "adalora":
+    if adapter_method in ("adalora", "full"):
+        why = "its rank allocator edits whole tensors between steps" if adapter_method == "adalora" else (
+            "full fine-tuning is not sharded by lorakit")
         raise ConfigError(
-            "training.distributed='fsdp' does not run adapter.method='adalora' (its rank allocator edits "
-            "whole tensors between steps); use lora or dora, or distributed: ddp"
+            f"training.distributed='fsdp' does not run adapter.method={adapter_method!r} ({why}); use lora or "
+            "dora, or distributed: ddp"
         )
     try:
         blocks = decoder_blocks(model)
