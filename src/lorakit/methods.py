@@ -2,9 +2,9 @@
 
 An entry (:class:`Method`) holds all lorakit knows about a method: the builder of its adapter for one
 base module, the layer kinds it adapts, the config fields of its own (``AdapterConfig.method_options``)
-and the rules between fields, the initialisations that ride on it (``AdapterConfig.init``: PiSSA is one
-of LoRA's; OLoRA and LoftQ would be too), its trainer callbacks, its PEFT file format, and a slot for
-the optimizer settings that ride on it (LoRA+ would be one). Config validation, target matching, the
+and the rules between fields, the initialisations that ride on it (``AdapterConfig.init``: PiSSA, OLoRA
+and LoftQ are LoRA's), its trainer callbacks, its PEFT file format, and the optimizer settings that ride
+on it (LoRA+: lora's and dora's ``method_options.loraplus_lr_ratio``). Config validation, target matching, the
 adapter files, the trainer's method callbacks, the planner, the quickstart and the CLI's ``--method``
 choices ask this registry::
 
@@ -51,6 +51,8 @@ PEFT_PREFIX = "base_model.model."
 Builder = Callable[["WeightAccess", "AdapterConfig", str], "nn.Module"]
 # factory(model, adapter_name, cfg) -> the trainer callbacks the method needs (AdaLoRA's budget)
 CallbackFactory = Callable[["nn.Module", str, "AdapterConfig"], list]
+# groups(model, cfg, lr, weight_decay) -> optimizer param groups, or None for the plain ones (LoRA+)
+OptimizerGroups = Callable[["nn.Module", "AdapterConfig", float, float], "list[dict[str, Any]] | None"]
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,16 @@ class Option:
 @dataclass(frozen=True)
 class Init:
     """An initialisation that rides on a method (``AdapterConfig.init``); ``peft_value`` is what PEFT's
-    ``init_lora_weights`` holds for it in adapter_config.json. The method's builder carries it out."""
+    ``init_lora_weights`` holds for it in adapter_config.json. The method's builder carries it out.
+
+    ``changes_base``: the init moves part of the base weight into the adapter (PiSSA, OLoRA). Such an
+    adapter is saved converted, as PEFT's ``path_initial_model_for_weight_conversion`` does: a rank-2r
+    LoRA with ``init_lora_weights: true`` that is right on the unchanged base (the adapter keeps its
+    initial factors for it; ``lorakit.io.adapter_files``)."""
 
     peft_value: bool | str
     doc: str = ""
+    changes_base: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,9 +139,9 @@ class Method:
         inits: ``AdapterConfig.init`` values it accepts.
         validate: ``(cfg) -> None``, the rules between fields (raise ConfigError naming the field).
         callbacks: trainer callbacks the method needs (the trainer imports no method).
-        optimizer: slot for optimizer settings that ride on the method (LoRA+: B's learning rate a
-            multiple of A's); ``(model, adapter_name, cfg, lr) -> param groups``. None for every
-            built-in method, and the trainer does not read it yet.
+        optimizer: optimizer settings that ride on the method (LoRA+: B's learning rate a multiple
+            of A's); ``(model, cfg, lr, weight_decay) -> param groups``, or None when ``cfg`` asks for
+            nothing special (the trainer then uses its plain groups; ``train.build.optimizer_groups``).
         doc: one line with the paper, for listings.
     """
 
@@ -145,7 +153,7 @@ class Method:
     inits: Mapping[str, Init] = field(default_factory=lambda: {"default": Init(True)})
     validate: Callable[[AdapterConfig], None] | None = None
     callbacks: CallbackFactory | None = None
-    optimizer: Callable[..., list] | None = None
+    optimizer: OptimizerGroups | None = None
     doc: str = ""
 
     def build(self, access: WeightAccess, cfg: AdapterConfig, module_name: str) -> nn.Module:

@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
+from lorakit import methods
 from lorakit.config import ConfigError
+from lorakit.state import active_adapter, adapter_configs
 from lorakit.surgery.inject import inject
 from lorakit.train.config import RunConfig
 from lorakit.train.data import DataError, RawData, read_records, split_validation
@@ -121,8 +123,23 @@ def build_run_model(
     return model.to(device).train()
 
 
-def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters in a fixed order: matrices with weight decay, biases / norms / vectors without."""
+def optimizer_groups(
+    model: torch.nn.Module, weight_decay: float, lr: float | None = None
+) -> list[dict[str, Any]]:
+    """Trainable parameters in a fixed order: matrices with weight decay, biases / norms / vectors without.
+
+    When the active adapter's method has optimizer settings that its config turns on (its registry
+    entry's ``optimizer``: LoRA+ with ``method_options.loraplus_lr_ratio``), those groups, with their
+    own learning rates from ``lr``, are used instead."""
+    name = active_adapter(model)
+    cfg = adapter_configs(model).get(name) if name is not None else None
+    special = methods.get(cfg.method).optimizer if cfg is not None else None
+    if special is not None:
+        groups = special(model, cfg, 1.0 if lr is None else lr, weight_decay)
+        if groups is not None and lr is None:
+            raise ConfigError(f"adapter {name!r} has its own optimizer groups (LoRA+): pass lr to optimizer_groups")
+        if groups is not None:
+            return groups
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
