@@ -75,11 +75,16 @@ class Init:
     ``changes_base``: the init moves part of the base weight into the adapter (PiSSA, OLoRA). Such an
     adapter is saved converted, as PEFT's ``path_initial_model_for_weight_conversion`` does: a rank-2r
     LoRA with ``init_lora_weights: true`` that is right on the unchanged base (the adapter keeps its
-    initial factors for it; ``lorakit.io.adapter_files``)."""
+    initial factors for it; ``lorakit.io.adapter_files``).
+
+    ``reads_full_precision``: the init fits the adapter to the error of a quantized base (LoftQ), so it
+    needs the weights as they were before quantization; the trainer keeps them for it (and a run config
+    with such an init needs a quant section)."""
 
     peft_value: bool | str
     doc: str = ""
     changes_base: bool = False
+    reads_full_precision: bool = False
 
 
 @dataclass(frozen=True)
@@ -256,6 +261,11 @@ def entries() -> tuple[Method, ...]:
 def inits() -> tuple[str, ...]:
     """Every ``AdapterConfig.init`` value some registered method accepts."""
     return tuple(dict.fromkeys(i for m in _REGISTRY.values() for i in m.inits))
+
+
+def init_entry(cfg: AdapterConfig) -> Init:
+    """The registry's :class:`Init` for ``cfg.init`` under ``cfg.method`` (a validated config has one)."""
+    return get(cfg.method).inits[cfg.init]
 
 
 def by_peft_type(peft_type: str) -> list[Method]:

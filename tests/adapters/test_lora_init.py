@@ -73,8 +73,7 @@ def trained(init, r=4, **kw):
 
 
 # ------------------------------------------------------------------------------- base-changing inits
-@pytest.mark.parametrize("init", ["pissa", "olora"])
-@pytest.mark.parametrize("use_rslora", [False, True])
+@pytest.mark.parametrize(("init", "use_rslora"), [("pissa", False), ("olora", False), ("pissa", True)])
 def test_saved_file_is_right_on_a_fresh_base(init, use_rslora, tmp_path):
     model, ref = trained(init, use_rslora=use_rslora)
     save_adapter(model, tmp_path)
@@ -121,3 +120,139 @@ def test_init_equals_peft_on_the_same_weights(init):
         peft_w = theirs.base_model.model.get_submodule(name).base_layer.weight
         torch.testing.assert_close(w, peft_w, rtol=1e-5, atol=1e-5, msg=name)
         assert (w - fresh[f"{name}.weight"]).abs().max() > 1e-3  # the base did change
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_peft_unconverted_file_loads_by_redoing_the_init(init, tmp_path):
+    """PEFT's own save (init_lora_weights=init, no conversion) expects the init redone on the base."""
+    theirs = peft.get_peft_model(
+        model_of(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init)
+    )
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path)
+    with torch.no_grad():
+        ref = logits_of(theirs.eval()(X))
+        torch.testing.assert_close(logits_of(load_adapter(model_of(), tmp_path)(X)), ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- LoftQ
+def peft_loftq_on_cpu():
+    """PEFT's own ``loftq_init``, with its hard-coded compute device "cuda" swapped for "cpu" (a code
+    constant; nothing else changed): bitsandbytes quantizes NF4 on the CPU."""
+    import types
+
+    from peft.utils import loftq_utils
+
+    f = loftq_utils.loftq_init.__wrapped__  # below torch.no_grad
+    consts = tuple("cpu" if c == "cuda" else c for c in f.__code__.co_consts)
+    return torch.no_grad()(types.FunctionType(f.__code__.replace(co_consts=consts), f.__globals__))
+
+
+def loftq_layer(w, r, alpha, **quant):
+    """A one-layer model, NF4-quantized (no double quant: PEFT's LoftQ uses none), with LoftQ's adapter."""
+    from lorakit.adapters.lora_init import full_precision
+    from lorakit.config import QuantConfig
+    from lorakit.quant import quantize
+
+    model = torch.nn.Sequential(torch.nn.Linear(w.shape[1], w.shape[0], bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(w)
+    quantize(model, QuantConfig(double_quant=False, compute_dtype="fp32", **quant))
+    with full_precision({"0": w}):
+        lk.inject(model, lk.AdapterConfig(init="loftq", r=r, alpha=alpha, target_modules=["0"]))
+    layer = model[0]
+    adapter = layer.adapters["default"]
+    return layer.access.dense_weight(torch.float32), adapter.delta_weight(layer.access)
+
+
+def test_loftq_removes_quantization_error_like_peft_on_a_known_matrix():
+    """||W - Q|| and ||W - (Q + s B A)|| for lorakit (its NF4 as Q) and PEFT's loftq_init, same W,
+    side by side; both reach the written-out optimum ||W - Q||^2 - sum of the top-r sigma_i(W - Q)^2."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(128, 256, generator=g) * 0.02 + 0.01 * torch.randn(128, 4, generator=g) @ torch.randn(4, 256, generator=g)
+    r = 8
+    q, delta = loftq_layer(w, r, alpha=32)  # alpha != r: scaling 4, which lorakit's factors account for
+    mine = ((w - q).norm().item(), (w - q - delta).norm().item())
+    deq, a, b = peft_loftq_on_cpu()(w, num_bits=4, reduced_rank=r, num_iter=1)
+    theirs = ((w - deq).norm().item(), (w - deq - b @ a).norm().item())  # PEFT's factors assume scaling 1
+    s = torch.linalg.svdvals(w - q)
+    optimum = math.sqrt(mine[0] ** 2 - (s[:r] ** 2).sum().item())
+    print(f"\n||W-Q||, ||W-(Q+sBA)||: lorakit {mine}, PEFT {theirs}, optimum after {optimum:.6g}")
+    assert mine[1] < 0.95 * mine[0]  # LoftQ removed part of the error (about 10% here: r=8 of 128 directions)
+    assert mine[0] == pytest.approx(theirs[0], rel=1e-6)  # the same NF4 quantization
+    assert mine[1] == pytest.approx(theirs[1], rel=1e-4)
+    assert mine[1] == pytest.approx(optimum, rel=1e-4)
+
+
+def qlora_model(init, double_quant=True, r=16):
+    from lorakit.adapters.lora_init import dense_weights, full_precision
+    from lorakit.config import QuantConfig
+    from lorakit.quant import eligible_layers, quantize
+
+    qcfg = QuantConfig(compute_dtype="fp32", double_quant=double_quant)
+    model = model_of()
+    dense = dense_weights(eligible_layers(model, qcfg))
+    quantize(model, qcfg)
+    with full_precision(dense):
+        lk.inject(model, lk.AdapterConfig(init=init, r=r, alpha=8, target_modules="all-linear"))
+    return model, qcfg
+
+
+def test_loftq_starts_closer_to_full_precision_and_its_file_is_right_on_a_fresh_quantized_base(tmp_path):
+    from lorakit.quant import dequantize_model, quantize
+
+    with torch.no_grad():
+        full = logits_of(model_of()(X))
+        gaps = {}
+        for init in ("default", "loftq"):
+            model, qcfg = qlora_model(init)
+            gaps[init] = (logits_of(model(X)) - full).norm().item()
+    print(f"\n||logits - fp32 logits|| at the start: {gaps}")
+    assert gaps["loftq"] < 0.9 * gaps["default"], gaps  # QLoRA starts closer to the fp32 model
+    perturb(model)
+    with torch.no_grad():
+        ref = logits_of(model(X))
+    save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] is True
+    fresh = quantize(model_of(), qcfg)  # the unchanged base, quantized as the run's quant section says
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(load_adapter(fresh, tmp_path)(X)), ref, rtol=1e-5, atol=1e-5)
+        dense = dequantize_model(quantize(model_of(), qcfg), torch.float32)
+        torch.testing.assert_close(logits_of(plain_consumer(dense, tmp_path)(X)), ref, rtol=1e-5, atol=1e-5)
+        dense = dequantize_model(quantize(model_of(), qcfg), torch.float32)
+        theirs = peft.PeftModel.from_pretrained(dense, tmp_path).eval()
+        torch.testing.assert_close(logits_of(theirs(X)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_the_trainer_fits_loftq_to_its_quant_section(tmp_path):
+    """build_run_model keeps W for LoftQ before quantizing: its adapter equals the one built by hand."""
+    from lorakit.train.build import Precision, build_run_model
+    from lorakit.train.config import RunConfig
+
+    cfg = RunConfig.from_dict({
+        "model": {"name": "tiny-llama"}, "data": {"train": "unused.jsonl"},
+        "adapter": {"init": "loftq", "r": 16, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+        "quant": {"compute_dtype": "fp32"}, "output": {"dir": str(tmp_path / "out")},
+    })
+    model = build_run_model(cfg, 2, 256, Precision("fp32", None, False), torch.device("cpu"))
+    by_hand, _ = qlora_model("loftq")
+    mine, ref = lk.io.adapter_state(model), lk.io.adapter_state(by_hand)
+    assert sorted(mine) == sorted(ref)
+    for key, t in ref.items():
+        torch.testing.assert_close(mine[key], t, rtol=1e-5, atol=1e-6, msg=key)
+    assert max(t.abs().max().item() for k, t in mine.items() if "lora_B" in k) > 1e-3  # not B = 0
+
+
+def test_loftq_errors_are_one_line():
+    from lorakit.config import ConfigError, QuantConfig
+    from lorakit.quant import quantize
+    from lorakit.train.config import RunConfig
+
+    model = quantize(model_of(), QuantConfig())
+    with pytest.raises(ConfigError, match=r"init='loftq' needs the full-precision weight of 'model\.layers\.0"):
+        lk.inject(model, lk.AdapterConfig(init="loftq", target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match="adapter.init='loftq' .* add a quant section"):
+        RunConfig.from_dict({"model": {"name": "tiny-llama"}, "data": {"train": "x.jsonl"},
+                             "adapter": {"init": "loftq"}, "output": {"dir": "out"}})
+    with pytest.raises(ConfigError, match="init='olora' needs a dense linear base"):
+        lk.inject(model, lk.AdapterConfig(init="olora", target_modules=["q_proj"]))

@@ -28,8 +28,7 @@ _RANK_DIM = {"lora_A.weight": 0, "lora_embedding_A": 0, "lora_B.weight": 1, "lor
 
 def needs_conversion(cfg: AdapterConfig) -> bool:
     """The adapter's init changed the base weight (its registry ``Init.changes_base``)."""
-    init = methods.get(cfg.method).inits.get(cfg.init)
-    return bool(init is not None and init.changes_base)
+    return methods.init_entry(cfg).changes_base
 
 
 def converted_config(cfg: AdapterConfig) -> AdapterConfig:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from lorakit import methods
+from lorakit.adapters.lora_init import dense_weights, full_precision
 from lorakit.config import ConfigError
 from lorakit.state import active_adapter, adapter_configs
 from lorakit.surgery.inject import inject
@@ -87,6 +88,7 @@ def build_run_model(
     )
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id  # sequence classifiers find the last token by it
+    dense: dict[str, torch.Tensor] = {}
     if cfg.quant is not None:
         try:
             from lorakit.quant import quantize
@@ -94,6 +96,10 @@ def build_run_model(
             raise ConfigError(
                 f"the config has a quant section but lorakit.quant is not available ({e})"
             ) from None
+        if cfg.adapter is not None and methods.init_entry(cfg.adapter).reads_full_precision:  # LoftQ
+            from lorakit.quant import eligible_layers
+
+            dense = dense_weights(eligible_layers(model, cfg.quant))
         quantize(model, cfg.quant)
     acfg = cfg.adapter
     if acfg is None:  # full fine-tuning: every parameter trains
@@ -103,7 +109,9 @@ def build_run_model(
             names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
             heads = [h for h in CLASSIFIER_HEADS if h in names]
             acfg = acfg.replace(modules_to_save=tuple(heads))  # a fresh head must train (PEFT's SEQ_CLS does too)
-        inject(model, acfg)
+        with full_precision(dense):
+            inject(model, acfg)
+        dense.clear()
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
