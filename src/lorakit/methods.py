@@ -297,12 +297,25 @@ class Variant:
     """A training setup with a method-like name that is not an adapter method.
 
     ``method``: the adapter method it trains (None: no adapter, every weight trains); ``quantized``:
-    the frozen base is stored in NF4."""
+    the frozen base is stored in NF4; ``init`` / ``options``: the adapter's ``init`` and
+    ``method_options`` it sets (LoftQ, OLoRA, LoRA+), see :meth:`adapter_fields`."""
 
     name: str
     method: str | None
     quantized: bool = False
     doc: str = ""
+    init: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def adapter_fields(self, adapter: Mapping[str, Any]) -> dict[str, Any]:
+        """The fields this setup sets in a config's adapter section ``adapter`` (its method, init and
+        options; options merged over the section's own ``method_options``)."""
+        out: dict[str, Any] = {"method": self.method}
+        if self.init is not None:
+            out["init"] = self.init
+        if self.options:
+            out["method_options"] = {**dict(adapter.get("method_options") or {}), **self.options}
+        return out
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -310,6 +323,11 @@ VARIANTS: tuple[Variant, ...] = (
     Variant(
         "qlora", "lora", quantized=True, doc="LoRA on an NF4-quantized frozen base (Dettmers et al. 2023)"
     ),
+    Variant("loftq", "lora", quantized=True, init="loftq",
+            doc="QLoRA with LoftQ's init: the adapter starts at the base's quantization error (Li et al. 2023)"),
+    Variant("olora", "lora", init="olora", doc="LoRA with OLoRA's QR init (Buyukakyuz 2024)"),
+    Variant("loraplus", "lora", options={"loraplus_lr_ratio": 16},
+            doc="LoRA+: B learns 16x faster than A (Hayou et al. 2024)"),
 )
 
 
@@ -320,7 +338,8 @@ def variant(name: str) -> Variant | None:
 
 def setups(adapters_only: bool = False) -> tuple[str, ...]:
     """Every name a training setup goes by: "full" (unless ``adapters_only``), then each registered
-    method followed by its variants: ("full", "lora", "qlora", "dora", "adalora", ...)."""
+    method followed by its variants: ("full", "lora", "qlora", "loftq", "olora", "loraplus", "dora",
+    "adalora", ...)."""
     out = [] if adapters_only else [v.name for v in VARIANTS if v.method is None]
     for name in _REGISTRY:
         out.append(name)
