@@ -8,7 +8,8 @@ adapter dtype and the update is cast back to the base output's dtype.
 
 Tensor names follow PEFT: ``lora_A.weight``/``lora_B.weight`` for Linear, GPT-2 Conv1D and Conv, and
 ``lora_embedding_A``/``lora_embedding_B`` for Embedding. The registry entry at the end of this file says
-the rest: the layer kinds, the inits that ride on LoRA (PiSSA), and its PEFT format (``peft_type`` "LORA").
+the rest: the layer kinds, the inits that ride on LoRA (PiSSA, OLoRA, LoftQ: ``lora_init.py``), its
+LoRA+ optimizer groups (``loraplus.py``) and its PEFT format (``peft_type`` "LORA").
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ def lora_to_peft(cfg: AdapterConfig, adapters: Mapping[str, nn.Module]) -> dict[
     return {"use_rslora": cfg.use_rslora, "use_dora": False}
 
 
-# Inits whose adapters need only the trained tensors (and PiSSA's residual, recomputed from W).
+# Inits that only set starting values (DoRA shares them); LoRA adds those computed from W below.
 LORA_INITS = {
     "default": Init(True, "A Kaiming-uniform (a=sqrt(5)), B = 0"),
     "gaussian": Init("gaussian", "A ~ N(0, 1/r), B = 0"),
