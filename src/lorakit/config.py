@@ -135,8 +135,10 @@ class AdapterConfig:
             e.g. a classifier head.
         use_rslora: rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023).
         init: an initialisation the method accepts (its registry entry's ``inits``); LoRA's:
-            "default" (A Kaiming-uniform a=sqrt(5), B = 0), "gaussian" (A ~ N(0, 1/r), B = 0) or
-            "pissa" (principal singular vectors of W, the residual kept in the base weight).
+            "default" (A Kaiming-uniform a=sqrt(5), B = 0), "gaussian" (A ~ N(0, 1/r), B = 0),
+            "pissa" (principal singular vectors of W, the residual kept in the base weight), "olora"
+            (QR of W, likewise) or "loftq" (s B A fits a quantized base's error W - Q(W));
+            ``lorakit.adapters.lora_init``.
         bias: only "none" (biases stay frozen).
         init_r, target_r, tinit, tfinal, delta_t, beta1, beta2, orth_reg_weight, total_step: AdaLoRA
             (see ``lorakit.adapters.adalora``; top-level fields from before the registry).

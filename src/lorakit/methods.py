@@ -2,9 +2,9 @@
 
 An entry (:class:`Method`) holds all lorakit knows about a method: the builder of its adapter for one
 base module, the layer kinds it adapts, the config fields of its own (``AdapterConfig.method_options``)
-and the rules between fields, the initialisations that ride on it (``AdapterConfig.init``: PiSSA is one
-of LoRA's; OLoRA and LoftQ would be too), its trainer callbacks, its PEFT file format, and a slot for
-the optimizer settings that ride on it (LoRA+ would be one). Config validation, target matching, the
+and the rules between fields, the initialisations that ride on it (``AdapterConfig.init``: PiSSA, OLoRA
+and LoftQ are LoRA's), its trainer callbacks, its PEFT file format, and the optimizer settings that ride
+on it (LoRA+: lora's and dora's ``method_options.loraplus_lr_ratio``). Config validation, target matching, the
 adapter files, the trainer's method callbacks, the planner, the quickstart and the CLI's ``--method``
 choices ask this registry::
 
@@ -51,6 +51,8 @@ PEFT_PREFIX = "base_model.model."
 Builder = Callable[["WeightAccess", "AdapterConfig", str], "nn.Module"]
 # factory(model, adapter_name, cfg) -> the trainer callbacks the method needs (AdaLoRA's budget)
 CallbackFactory = Callable[["nn.Module", str, "AdapterConfig"], list]
+# groups(model, cfg, lr, weight_decay) -> optimizer param groups, or None for the plain ones (LoRA+)
+OptimizerGroups = Callable[["nn.Module", "AdapterConfig", float, float], "list[dict[str, Any]] | None"]
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,21 @@ class Option:
 @dataclass(frozen=True)
 class Init:
     """An initialisation that rides on a method (``AdapterConfig.init``); ``peft_value`` is what PEFT's
-    ``init_lora_weights`` holds for it in adapter_config.json. The method's builder carries it out."""
+    ``init_lora_weights`` holds for it in adapter_config.json. The method's builder carries it out.
+
+    ``changes_base``: the init moves part of the base weight into the adapter (PiSSA, OLoRA). Such an
+    adapter is saved converted, as PEFT's ``path_initial_model_for_weight_conversion`` does: a rank-2r
+    LoRA with ``init_lora_weights: true`` that is right on the unchanged base (the adapter keeps its
+    initial factors for it; ``lorakit.io.adapter_files``).
+
+    ``reads_full_precision``: the init fits the adapter to the error of a quantized base (LoftQ), so it
+    needs the weights as they were before quantization; the trainer keeps them for it (and a run config
+    with such an init needs a quant section)."""
 
     peft_value: bool | str
     doc: str = ""
+    changes_base: bool = False
+    reads_full_precision: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,9 +144,9 @@ class Method:
         inits: ``AdapterConfig.init`` values it accepts.
         validate: ``(cfg) -> None``, the rules between fields (raise ConfigError naming the field).
         callbacks: trainer callbacks the method needs (the trainer imports no method).
-        optimizer: slot for optimizer settings that ride on the method (LoRA+: B's learning rate a
-            multiple of A's); ``(model, adapter_name, cfg, lr) -> param groups``. None for every
-            built-in method, and the trainer does not read it yet.
+        optimizer: optimizer settings that ride on the method (LoRA+: B's learning rate a multiple
+            of A's); ``(model, cfg, lr, weight_decay) -> param groups``, or None when ``cfg`` asks for
+            nothing special (the trainer then uses its plain groups; ``train.build.optimizer_groups``).
         doc: one line with the paper, for listings.
     """
 
@@ -145,7 +158,7 @@ class Method:
     inits: Mapping[str, Init] = field(default_factory=lambda: {"default": Init(True)})
     validate: Callable[[AdapterConfig], None] | None = None
     callbacks: CallbackFactory | None = None
-    optimizer: Callable[..., list] | None = None
+    optimizer: OptimizerGroups | None = None
     doc: str = ""
 
     def build(self, access: WeightAccess, cfg: AdapterConfig, module_name: str) -> nn.Module:
@@ -250,6 +263,11 @@ def inits() -> tuple[str, ...]:
     return tuple(dict.fromkeys(i for m in _REGISTRY.values() for i in m.inits))
 
 
+def init_entry(cfg: AdapterConfig) -> Init:
+    """The registry's :class:`Init` for ``cfg.init`` under ``cfg.method`` (a validated config has one)."""
+    return get(cfg.method).inits[cfg.init]
+
+
 def by_peft_type(peft_type: str) -> list[Method]:
     """Methods whose adapters are written with ``peft_type``."""
     return [m for m in _REGISTRY.values() if m.peft is not None and m.peft.peft_type == peft_type]
@@ -279,12 +297,25 @@ class Variant:
     """A training setup with a method-like name that is not an adapter method.
 
     ``method``: the adapter method it trains (None: no adapter, every weight trains); ``quantized``:
-    the frozen base is stored in NF4."""
+    the frozen base is stored in NF4; ``init`` / ``options``: the adapter's ``init`` and
+    ``method_options`` it sets (LoftQ, OLoRA, LoRA+), see :meth:`adapter_fields`."""
 
     name: str
     method: str | None
     quantized: bool = False
     doc: str = ""
+    init: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def adapter_fields(self, adapter: Mapping[str, Any]) -> dict[str, Any]:
+        """The fields this setup sets in a config's adapter section ``adapter`` (its method, init and
+        options; options merged over the section's own ``method_options``)."""
+        out: dict[str, Any] = {"method": self.method}
+        if self.init is not None:
+            out["init"] = self.init
+        if self.options:
+            out["method_options"] = {**dict(adapter.get("method_options") or {}), **self.options}
+        return out
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -292,6 +323,11 @@ VARIANTS: tuple[Variant, ...] = (
     Variant(
         "qlora", "lora", quantized=True, doc="LoRA on an NF4-quantized frozen base (Dettmers et al. 2023)"
     ),
+    Variant("loftq", "lora", quantized=True, init="loftq",
+            doc="QLoRA with LoftQ's init: the adapter starts at the base's quantization error (Li et al. 2023)"),
+    Variant("olora", "lora", init="olora", doc="LoRA with OLoRA's QR init (Buyukakyuz 2024)"),
+    Variant("loraplus", "lora", options={"loraplus_lr_ratio": 16},
+            doc="LoRA+: B learns 16x faster than A (Hayou et al. 2024)"),
 )
 
 
@@ -302,7 +338,8 @@ def variant(name: str) -> Variant | None:
 
 def setups(adapters_only: bool = False) -> tuple[str, ...]:
     """Every name a training setup goes by: "full" (unless ``adapters_only``), then each registered
-    method followed by its variants: ("full", "lora", "qlora", "dora", "adalora", ...)."""
+    method followed by its variants: ("full", "lora", "qlora", "loftq", "olora", "loraplus", "dora",
+    "adalora", ...)."""
     out = [] if adapters_only else [v.name for v in VARIANTS if v.method is None]
     for name in _REGISTRY:
         out.append(name)

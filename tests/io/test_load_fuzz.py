@@ -257,7 +257,7 @@ JUNK = {
     "layers": st.one_of(st.text(max_size=4), st.floats().filter(lambda f: f != int(f) if math.isfinite(f) else True),
                         _DICTS, st.lists(st.text(max_size=3), min_size=1, max_size=2)),
     "pattern": st.one_of(st.text(max_size=6), _INTS, _LISTS, st.booleans()),
-    "init": st.one_of(st.text(max_size=8).filter(lambda t: t not in ("gaussian", "eva", "orthogonal", "pissa")
+    "init": st.one_of(st.text(max_size=8).filter(lambda t: t not in ("gaussian", "eva", "orthogonal", "pissa", "olora")
                                                  and not t.startswith("pissa_niter_")), _INTS, _LISTS, _DICTS),
 }
 KINDS = {

@@ -35,6 +35,21 @@ def test_derive_configs_changes_only_the_method():
         derive_configs(base, ["prefix"])
 
 
+def test_derive_configs_names_the_inits_and_loraplus():
+    """loftq = QLoRA with LoftQ's init, olora = LoRA with OLoRA's, loraplus = LoRA with B's lr x16; each
+    derived config is a valid run config."""
+    from lorakit.train.config import RunConfig
+
+    base = {"model": {"name": "tiny-llama"}, "data": {"train": "x.jsonl"}, "output": {"dir": "out"},
+            "adapter": {"r": 8, "target_modules": ["q_proj"]}}
+    d = derive_configs(base, ["loftq", "olora", "loraplus"])
+    assert d["loftq"]["adapter"]["init"] == "loftq" and d["loftq"]["quant"]["dtype"] == "nf4"
+    assert d["olora"]["adapter"]["init"] == "olora" and "quant" not in d["olora"]
+    assert d["loraplus"]["adapter"]["method_options"] == {"loraplus_lr_ratio": 16}
+    for cfg in d.values():
+        assert RunConfig.from_dict(cfg).adapter.method == "lora"
+
+
 @pytest.mark.slow
 def test_compare_two_builtin_configs(tmp_path):
     configs = {"lora": _config(tmp_path, "lora"), "dora": _config(tmp_path, "dora")}

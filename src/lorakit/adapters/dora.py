@@ -38,6 +38,7 @@ from torch import nn
 
 from lorakit.adapters.base import copy_peft_state
 from lorakit.adapters.lora import LORA_INITS, LoraLinear, lora_from_peft, lora_to_peft
+from lorakit.adapters.loraplus import LORAPLUS_OPTIONS, loraplus_groups, validate_loraplus
 from lorakit.config import AdapterConfig
 from lorakit.errors import AdapterStateError
 from lorakit.methods import Method, PeftCodec, json_field, register
@@ -303,6 +304,9 @@ DORA = register(
         kinds=("linear",),
         peft=PeftCodec("LORA", _dora_to_peft, lora_from_peft, claims=_is_dora, rank_keys=("lora_A.weight",)),
         inits=LORA_INITS,
+        options=LORAPLUS_OPTIONS,
+        optimizer=loraplus_groups,
+        validate=validate_loraplus,
         doc="DoRA, weight-decomposed low-rank adaptation (Liu et al. 2024)",
     )
 )

@@ -8,7 +8,8 @@ adapter dtype and the update is cast back to the base output's dtype.
 
 Tensor names follow PEFT: ``lora_A.weight``/``lora_B.weight`` for Linear, GPT-2 Conv1D and Conv, and
 ``lora_embedding_A``/``lora_embedding_B`` for Embedding. The registry entry at the end of this file says
-the rest: the layer kinds, the inits that ride on LoRA (PiSSA), and its PEFT format (``peft_type`` "LORA").
+the rest: the layer kinds, the inits that ride on LoRA (PiSSA, OLoRA, LoftQ: ``lora_init.py``), its
+LoRA+ optimizer groups (``loraplus.py``) and its PEFT format (``peft_type`` "LORA").
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters.base import copy_peft_state
+from lorakit.adapters.lora_init import WEIGHT_INITS, pissa_init  # noqa: F401  (pissa_init: moved there)
+from lorakit.adapters.loraplus import LORAPLUS_OPTIONS, loraplus_groups, validate_loraplus
 from lorakit.config import AdapterConfig, ConfigError
 from lorakit.methods import Init, Method, PeftCodec, json_field, register
 from lorakit.weights import WeightAccess
@@ -163,33 +166,18 @@ def reset_lora(a: torch.Tensor, b: torch.Tensor, r: int, init: str) -> None:
     nn.init.zeros_(b)
 
 
-@torch.no_grad()
-def pissa_init(adapter: LoraLinear, access: WeightAccess, module_name: str) -> None:
-    """PiSSA (Meng et al. 2024, https://arxiv.org/abs/2404.02948): A, B from the top-r singular
-    triplets of W, W replaced by the residual, so scale * B A + W_res = W and outputs are unchanged."""
-    if access.kind != "linear" or access.quantized:
-        raise ConfigError(f"init='pissa' needs a dense linear base; {module_name!r} is {access.kind}"
-                          + (" (quantized)" if access.quantized else ""))
-    w = access.dense_weight(torch.float32)
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    r, root_scale = adapter.r, math.sqrt(adapter.scaling)
-    sqrt_s = s[:r].sqrt()
-    adapter.lora_A.weight.copy_(sqrt_s[:, None] * vh[:r] / root_scale)
-    adapter.lora_B.weight.copy_(u[:, :r] * sqrt_s[None, :] / root_scale)
-    access.set_dense_weight(w - adapter.delta_weight(access))
-
-
 def build_lora(access: WeightAccess, cfg: AdapterConfig, module_name: str) -> nn.Module:
     r, alpha = cfg.rank_for(module_name), cfg.alpha_for(module_name)
+    init = "default" if cfg.init in WEIGHT_INITS else cfg.init  # weight inits act on linears only
     if access.kind == "embedding":
-        return LoraEmbedding(access.in_features, access.out_features, r, alpha, cfg.use_rslora, cfg.init,
+        return LoraEmbedding(access.in_features, access.out_features, r, alpha, cfg.use_rslora, init,
                              padding_idx=getattr(access.module, "padding_idx", None), device=access.device)
     if access.kind == "conv":
-        return LoraConv(access.module, r, alpha, cfg.dropout, cfg.use_rslora, cfg.init)
+        return LoraConv(access.module, r, alpha, cfg.dropout, cfg.use_rslora, init)
     adapter = LoraLinear(access.in_features, access.out_features, r, alpha, cfg.dropout, cfg.use_rslora,
-                         "default" if cfg.init == "pissa" else cfg.init, device=access.device)
-    if cfg.init == "pissa":
-        pissa_init(adapter, access, module_name)
+                         init, device=access.device)
+    if cfg.init in WEIGHT_INITS:  # PiSSA, OLoRA, LoftQ: computed from the base weight (lora_init.py)
+        WEIGHT_INITS[cfg.init](adapter, access, module_name)
     return adapter
 
 
@@ -206,7 +194,7 @@ def lora_to_peft(cfg: AdapterConfig, adapters: Mapping[str, nn.Module]) -> dict[
     return {"use_rslora": cfg.use_rslora, "use_dora": False}
 
 
-# Inits whose adapters need only the trained tensors (and PiSSA's residual, recomputed from W).
+# Inits that only set starting values (DoRA shares them); LoRA adds those computed from W below.
 LORA_INITS = {
     "default": Init(True, "A Kaiming-uniform (a=sqrt(5)), B = 0"),
     "gaussian": Init("gaussian", "A ~ N(0, 1/r), B = 0"),
@@ -220,12 +208,21 @@ LORA = register(
         peft=PeftCodec(
             "LORA", lora_to_peft, lora_from_peft, rank_keys=("lora_A.weight", "lora_embedding_A")
         ),
-        # inits that change the base weight ride here too: OLoRA ("olora") and LoftQ ("loftq") would be
-        # entries beside PiSSA, carried out by build_lora; neither is implemented yet.
+        # inits computed from the base weight (lorakit/adapters/lora_init.py): PiSSA and OLoRA move a
+        # rank-r part of W into the adapter (saved files are converted to rank 2r, right on the unchanged
+        # base); LoftQ fits the adapter to a quantized base's error and leaves the base as it is.
         inits={
             **LORA_INITS,
-            "pissa": Init("pissa", "PiSSA: A, B from the top-r singular triplets of W, W keeps the residual"),
+            "pissa": Init("pissa", "PiSSA: A, B from the top-r singular triplets of W, W keeps the residual",
+                          changes_base=True),
+            "olora": Init("olora", "OLoRA: B, A from the QR decomposition of W, W keeps the residual",
+                          changes_base=True),
+            "loftq": Init(True, "LoftQ: s B A = SVD_r(W - Q(W)) on a quantized base (needs a quant section)",
+                          reads_full_precision=True),
         },
+        options=LORAPLUS_OPTIONS,
+        optimizer=loraplus_groups,
+        validate=validate_loraplus,
         doc="LoRA, low-rank adaptation (Hu et al. 2021)",
     )
 )

@@ -28,6 +28,7 @@ from torch import nn
 from lorakit.config import AdapterConfig, ConfigError, show
 from lorakit.io.atomic import atomic_directory
 from lorakit.io.checks import check_dtype, check_ranks, first, target_filters
+from lorakit.io.conversion import converted_config, converted_state, needs_conversion
 from lorakit.io.errors import AdapterConfigError, AdapterFileError, AdapterNotFoundError
 from lorakit.io.model_card import CARD_NAME, model_card
 from lorakit.io.peft_format import (
@@ -92,6 +93,8 @@ def save_adapter(
     as ``adapter_config.json`` + ``adapter_model.safetensors`` that PEFT and lorakit load, plus a model
     card ``README.md`` (``run``: the training run's ``data``, ``steps`` and ``metrics`` for it). Only adapter
     and ``modules_to_save`` tensors are written; the write is atomic. Returns the directory written.
+    An adapter whose init changed the base weight (PiSSA, OLoRA) is written as the rank-2r LoRA that is
+    right on the unchanged base (``lorakit.io.conversion``, PEFT's weight conversion).
 
     ``task_type`` / ``base_model_name_or_path`` default to what the adapter was loaded with, else the
     model class (e.g. ``LlamaForCausalLM`` -> "CAUSAL_LM") and ``model.config._name_or_path``.
@@ -100,15 +103,19 @@ def save_adapter(
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise AdapterStateError(f"no adapter named {adapter_name!r} to save; the model has {list(configs)}")
+    cfg = configs[adapter_name]
     state = {
         k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state(model, adapter_name).items()
     }
+    if needs_conversion(cfg):  # PiSSA / OLoRA: written as a rank-2r LoRA right on the unchanged base
+        state.update(converted_state(model, adapter_name))
+        cfg = converted_config(cfg)
     if not state:
         raise AdapterStateError(f"adapter {adapter_name!r} has no tensors in the model (nothing to save)")
     meta = state_of(model).peft_meta.get(adapter_name, {})
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     config = config_to_peft(
-        configs[adapter_name],
+        cfg,
         model,
         adapter_name,
         task_type=task_type or meta.get("task_type") or task_type_of(model),

@@ -43,12 +43,15 @@ def derive_configs(base: dict[str, Any], methods: Sequence[str]) -> dict[str, di
         v = variant(m)
         if v is not None and v.method is None:  # full fine-tuning
             cfg["adapter"] = {"method": m}
-        elif v is not None and v.quantized:  # the method on an NF4 base
-            adapter["method"] = v.method
+        elif v is not None and v.quantized:  # the method on an NF4 base (LoftQ: with its init)
+            adapter.update(v.adapter_fields(adapter))
             cfg["adapter"] = adapter
             skip = list(adapter.get("modules_to_save") or []) + ["classifier", "score", "lm_head", "pooler.dense"]
             cfg["quant"] = {"dtype": "nf4", "blocksize": 64, "double_quant": True, "compute_dtype": "float32",
                             "skip": sorted(set(skip))}
+        elif v is not None:  # the method with an init or options of its own (OLoRA, LoRA+)
+            adapter.update(v.adapter_fields(adapter))
+            cfg["adapter"] = adapter
         elif m == "adalora":
             r = int(adapter.get("r", 8))
             adapter.update(method="adalora", init_r=max(r + 1, (3 * r) // 2), target_r=r, dropout=0.0)

@@ -67,6 +67,8 @@ def quickstart_config(out_dir: str, method: str = "lora", size: str = "full", mo
     adapter: dict[str, Any] = {"method": setup.method if setup else method, "r": 8, "alpha": 16,
                                "dropout": 0.1, "target_modules": ["query", "value"],
                                "modules_to_save": ["classifier"]}
+    if setup is not None:
+        adapter.update(setup.adapter_fields(adapter))  # e.g. LoftQ's / OLoRA's init, LoRA+'s ratio
     steps_per_epoch = -(-n_train * len(INTENTS) // 16)
     if method == "adalora":
         adapter.update(init_r=12, target_r=8, dropout=0.0, tinit=steps_per_epoch // 2,

@@ -15,7 +15,10 @@ from typing import Any
 
 import torch
 
+from lorakit import methods
+from lorakit.adapters.lora_init import dense_weights, full_precision
 from lorakit.config import ConfigError
+from lorakit.state import active_adapter, adapter_configs
 from lorakit.surgery.inject import inject
 from lorakit.train.config import RunConfig
 from lorakit.train.data import DataError, RawData, read_records, split_validation
@@ -85,6 +88,7 @@ def build_run_model(
     )
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id  # sequence classifiers find the last token by it
+    dense: dict[str, torch.Tensor] = {}
     if cfg.quant is not None:
         try:
             from lorakit.quant import quantize
@@ -92,6 +96,10 @@ def build_run_model(
             raise ConfigError(
                 f"the config has a quant section but lorakit.quant is not available ({e})"
             ) from None
+        if cfg.adapter is not None and methods.init_entry(cfg.adapter).reads_full_precision:  # LoftQ
+            from lorakit.quant import eligible_layers
+
+            dense = dense_weights(eligible_layers(model, cfg.quant))
         quantize(model, cfg.quant)
     acfg = cfg.adapter
     if acfg is None:  # full fine-tuning: every parameter trains
@@ -101,7 +109,9 @@ def build_run_model(
             names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
             heads = [h for h in CLASSIFIER_HEADS if h in names]
             acfg = acfg.replace(modules_to_save=tuple(heads))  # a fresh head must train (PEFT's SEQ_CLS does too)
-        inject(model, acfg)
+        with full_precision(dense):
+            inject(model, acfg)
+        dense.clear()
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
@@ -121,8 +131,23 @@ def build_run_model(
     return model.to(device).train()
 
 
-def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters in a fixed order: matrices with weight decay, biases / norms / vectors without."""
+def optimizer_groups(
+    model: torch.nn.Module, weight_decay: float, lr: float | None = None
+) -> list[dict[str, Any]]:
+    """Trainable parameters in a fixed order: matrices with weight decay, biases / norms / vectors without.
+
+    When the active adapter's method has optimizer settings that its config turns on (its registry
+    entry's ``optimizer``: LoRA+ with ``method_options.loraplus_lr_ratio``), those groups, with their
+    own learning rates from ``lr``, are used instead."""
+    name = active_adapter(model)
+    cfg = adapter_configs(model).get(name) if name is not None else None
+    special = methods.get(cfg.method).optimizer if cfg is not None else None
+    if special is not None:
+        groups = special(model, cfg, 1.0 if lr is None else lr, weight_decay)
+        if groups is not None and lr is None:
+            raise ConfigError(f"adapter {name!r} has its own optimizer groups (LoRA+): pass lr to optimizer_groups")
+        if groups is not None:
+            return groups
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:

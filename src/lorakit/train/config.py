@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from lorakit import methods
 from lorakit.config import AdapterConfig, ConfigError, QuantConfig
 from lorakit.errors import did_you_mean, show
 from lorakit.train.data import DataError, parse_fields
@@ -282,6 +283,11 @@ class RunConfig:
             raise ConfigError(f"training.betas={list(t.betas)} is invalid; expected two numbers in [0, 1)")
         if self.adapter is None and self.quant is not None:
             raise ConfigError("adapter.method='full' cannot train a quantized base; drop the quant section")
+        if self.adapter is not None and self.quant is None and methods.init_entry(self.adapter).reads_full_precision:
+            raise ConfigError(
+                f"adapter.init={self.adapter.init!r} fits the adapter to the quantization error of the base; "
+                "add a quant section (e.g. quant: {dtype: nf4})"
+            )
         if d.batching == "pack" and d.task != "sft":
             raise ConfigError("data.batching='pack' is for causal-LM SFT; use 'group' for classification")
 

@@ -142,7 +142,7 @@ class _Run:
             self.ddp = DDP(self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(
-            optimizer_groups(self.model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps
+            optimizer_groups(self.model, t.weight_decay, t.lr), lr=t.lr, betas=t.betas, eps=t.eps
         )
         self.global_batch = t.batch_size * t.grad_accumulation * d.world_size
         self._build_batches(pad_id(tok))
