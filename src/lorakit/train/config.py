@@ -47,8 +47,8 @@ def default_workers() -> int:
 @dataclass(frozen=True)
 class ModelSection:
     """name: builtin name (tiny-llama, llama-15m, minilm, ...), a local HF model directory or a hub id.
-    dtype: weights of the frozen base ("auto": float32 on CPU, bfloat16/float16 follow mixed precision
-    on GPU). tokenizer: a directory to load the tokenizer from (default: the model's, byte-level for
+    dtype: weights of the frozen base ("auto": bfloat16 when the training precision is bf16, on CPU or GPU, so
+    autocast does not cast every frozen weight at every matmul; float32 otherwise; trainable tensors stay float32). tokenizer: a directory to load the tokenizer from (default: the model's, byte-level for
     builtins)."""
 
     name: str
@@ -81,7 +81,10 @@ class TrainingSection:
     """The optimisation. batch_size is per process and micro-batch; one optimizer step sees
     batch_size x grad_accumulation x world_size rows. warmup_steps overrides warmup_ratio.
     eval_every: steps between evaluations (None: at the end of each epoch). max_nonfinite: consecutive
-    steps with a non-finite loss that stop the run. num_workers None: min(4, cpus - 1)."""
+    steps with a non-finite loss that stop the run. num_workers None: min(4, cpus - 1).
+    compile: torch.compile the model (opt-in; compile time is paid at the first steps and again for new batch
+    shapes; where the compiler is unavailable it warns and trains eagerly — see benchmarks/bench_mfu.py for
+    whether it pays)."""
 
     epochs: int = 3
     max_steps: int | None = None
@@ -106,6 +109,7 @@ class TrainingSection:
     max_nonfinite: int = 3
     seed: int = 0
     device: str = "auto"
+    compile: bool = False
 
 
 @dataclass(frozen=True)
