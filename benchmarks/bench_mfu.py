@@ -67,7 +67,7 @@ def matmul_rate(model: torch.nn.Module, n: int, dtype: torch.dtype, repeats: int
     """FLOP/s of ``torch.mm`` on this model's distinct linear shapes (N x in @ in x out), FLOP-weighted."""
     shapes: dict[tuple[int, int], int] = {}
     for mod in model.modules():
-        if isinstance(mod, torch.nn.Linear) and mod.in_features > 64:
+        if isinstance(mod, torch.nn.Linear) and not mod.weight.requires_grad:
             key = (mod.in_features, mod.out_features)
             shapes[key] = shapes.get(key, 0) + 1
     flops = secs = 0.0
