@@ -82,9 +82,9 @@ class TrainingSection:
     batch_size x grad_accumulation x world_size rows. warmup_steps overrides warmup_ratio.
     eval_every: steps between evaluations (None: at the end of each epoch). max_nonfinite: consecutive
     steps with a non-finite loss that stop the run. num_workers None: min(4, cpus - 1).
-    compile: torch.compile the model (opt-in; compile time is paid at the first steps and again for new batch
-    shapes; where the compiler is unavailable it warns and trains eagerly — see benchmarks/bench_mfu.py for
-    whether it pays)."""
+    compile: torch.compile the model (opt-in; where the compiler is unavailable it warns and trains eagerly).
+    Measured on a 2-core AVX512-BF16 CPU (benchmarks/bench_mfu.py): the llama-15m LoRA step -21%, but the
+    compile time is ~50 steps' worth and new batch shapes recompile, so it does not pay for short runs."""
 
     epochs: int = 3
     max_steps: int | None = None
