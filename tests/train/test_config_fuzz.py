@@ -102,6 +102,7 @@ BASE: dict = {
         "seed": 0,
         "device": "auto",
         "compile": False,
+        "distributed": "ddp",
     },
     "output": {"dir": "out", "save_every": 10, "keep_last": 2, "progress": False, "plot": False},
 }
@@ -337,6 +338,8 @@ SCHEMA: dict[str, dict] = {
         "seed": _SEED,
         "device": _device,
         "compile": _bool,
+        "distributed": _good(lambda v: v is None or (isinstance(v, str) and v in ("none", "ddp", "fsdp")),
+                             st.sampled_from([None, "none", "ddp", "fsdp"])),
     },
     "output": {"dir": _text(), "save_every": _int(0, optional=True), "keep_last": _int(1),
                "progress": _bool, "plot": _bool},

@@ -71,6 +71,8 @@ def load_data(cfg: RunConfig, tokenizer: Any) -> tuple[EncodedDataset, EncodedDa
 def _model_dtype(cfg: RunConfig, precision: Precision, device: torch.device) -> torch.dtype | None:
     name = cfg.model.dtype
     if name == "auto":  # the frozen base in the autocast dtype when that is bf16 (see the module docstring)
+        if cfg.training.distributed == "fsdp" and device.type == "cpu":
+            return None  # FSDP's own MixedPrecisionPolicy casts; a bf16 base beside fp32 adapters is untested there
         return torch.bfloat16 if precision.name == "bf16" else None
     return parse_dtype("model.dtype", name)
 
