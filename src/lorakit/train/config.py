@@ -49,8 +49,8 @@ def default_workers() -> int:
 @dataclass(frozen=True)
 class ModelSection:
     """name: builtin name (tiny-llama, llama-15m, minilm, ...), a local HF model directory or a hub id.
-    dtype: weights of the frozen base ("auto": float32 on CPU, bfloat16/float16 follow mixed precision
-    on GPU). tokenizer: a directory to load the tokenizer from (default: the model's, byte-level for
+    dtype: weights of the frozen base ("auto": bfloat16 when the training precision is bf16, on CPU or GPU, so
+    autocast does not cast every frozen weight at every matmul; float32 otherwise; trainable tensors stay float32). tokenizer: a directory to load the tokenizer from (default: the model's, byte-level for
     builtins)."""
 
     name: str
@@ -85,7 +85,10 @@ class TrainingSection:
     distributed: none, ddp or fsdp (FSDP2: the base and adapters sharded across processes); None picks ddp
     under torchrun with several processes, none for one.
     eval_every: steps between evaluations (None: at the end of each epoch). max_nonfinite: consecutive
-    steps with a non-finite loss that stop the run. num_workers None: min(4, cpus - 1)."""
+    steps with a non-finite loss that stop the run. num_workers None: min(4, cpus - 1).
+    compile: torch.compile the model (opt-in; where the compiler is unavailable it warns and trains eagerly).
+    Measured on a 2-core AVX512-BF16 CPU (benchmarks/bench_mfu.py): the llama-15m LoRA step -21%, but the
+    compile time is ~50 steps' worth and new batch shapes recompile, so it does not pay for short runs."""
 
     epochs: int = 3
     max_steps: int | None = None
@@ -110,6 +113,7 @@ class TrainingSection:
     max_nonfinite: int = 3
     seed: int = 0
     device: str = "auto"
+    compile: bool = False
     distributed: str | None = None  # none | ddp | fsdp (None: ddp under several processes, none for one)
 
 

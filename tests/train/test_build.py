@@ -1,0 +1,71 @@
+"""build_run_model: the frozen base in bf16 when the precision is bf16 (``model.dtype: auto``), adapters fp32;
+``training.compile`` compiles in place or warns and falls back to eager (issue 16 items 6, 7)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from lorakit.train.build import build_run_model, compiler_unavailable, maybe_compile
+from lorakit.train.precision import resolve_precision
+
+CPU = torch.device("cpu")
+BF16 = resolve_precision("bf16", CPU, cpu_flags=("avx512_bf16",))
+FP32 = resolve_precision("no", CPU)
+
+
+def _cfg(tmp_path, **training):
+    from train.test_trainer import run_config
+
+    return run_config(tmp_path, **training)
+
+
+def _dtypes(model: torch.nn.Module) -> tuple[set[torch.dtype], set[torch.dtype]]:
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    return frozen, trained
+
+
+def test_bf16_precision_stores_the_frozen_base_in_bf16_and_adapters_in_fp32(tmp_path):
+    frozen, trained = _dtypes(build_run_model(_cfg(tmp_path), 2, 256, BF16, CPU))
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+
+
+def test_fp32_precision_or_an_explicit_dtype_keeps_the_base_as_asked(tmp_path):
+    cfg = _cfg(tmp_path)
+    assert _dtypes(build_run_model(cfg, 2, 256, FP32, CPU))[0] == {torch.float32}
+    pinned = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="float32"))
+    assert _dtypes(build_run_model(pinned, 2, 256, BF16, CPU))[0] == {torch.float32}
+
+
+def test_bf16_base_computes_what_the_fp32_base_computes_under_autocast(tmp_path):
+    """Reference: the same seeded model with an fp32 base under the same bf16 autocast (same values, the base
+    rounded to bf16 once instead of at every matmul)."""
+    cfg = _cfg(tmp_path)
+    a = build_run_model(cfg, 2, 256, BF16, CPU)
+    b = build_run_model(cfg, 2, 256, FP32, CPU)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        la = a(input_ids=ids, labels=ids, use_cache=False).loss
+        lb = b(input_ids=ids, labels=ids, use_cache=False).loss
+    assert abs(float(la) - float(lb)) < 2e-2 * float(lb)
+
+
+def test_compile_where_the_compiler_is_missing_warns_and_trains_eagerly(tmp_path, monkeypatch):
+    import lorakit.train.build as build
+
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    assert "C++ compiler" in (compiler_unavailable(CPU) or "")
+    model = build_run_model(_cfg(tmp_path), 2, 256, FP32, CPU)
+    with pytest.warns(UserWarning, match=r"training.compile=true: .*C\+\+ compiler.*eager"):
+        assert maybe_compile(model, CPU) is False
+    assert getattr(model, "_compiled_call_impl", None) is None
+
+
+def test_compile_true_compiles_the_model_in_place(tmp_path):
+    if compiler_unavailable(CPU):
+        pytest.skip(compiler_unavailable(CPU))
+    model = build_run_model(_cfg(tmp_path, compile=True), 2, 256, FP32, CPU)
+    assert getattr(model, "_compiled_call_impl", None) is not None  # nn.Module.compile: same module, compiled call
