@@ -290,6 +290,7 @@ class _Run:
             pg, self.state.step, elapsed, start_tokens, setup, peak_memory(d.device), adapter_dir, rank_diff,
             self.report.as_dict(),
         )
+        summary.update(self.state.summary)  # what callbacks resolved (AdaLoRA's schedule in steps)
         if d.is_main:
             write_summary(summary, out, self.log.records, cfg.output.plot, f"{cfg.model.name} ({self.task})")
         return result_of(out, summary, pg, self.state.step)
