@@ -81,13 +81,14 @@ class TrainingSection:
     """The optimisation. batch_size is per process and micro-batch; one optimizer step sees
     batch_size x grad_accumulation x world_size rows. warmup_steps overrides warmup_ratio.
     eval_every: steps between evaluations (None: at the end of each epoch). max_nonfinite: consecutive
-    steps with a non-finite loss that stop the run. num_workers None: min(4, cpus - 1)."""
+    steps with a non-finite loss that stop the run. num_workers None: min(4, cpus - 1). lr "auto": a rate
+    by method and model size (``lorakit.train.lr_rule``; the summary records it as ``lr_auto``)."""
 
     epochs: int = 3
     max_steps: int | None = None
     batch_size: int = 4
     grad_accumulation: int = 8
-    lr: float = 2e-4
+    lr: float | str = 2e-4  # or "auto": by method and model size (lorakit.train.lr_rule)
     optimizer: str = "adamw"
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
@@ -250,8 +251,11 @@ class RunConfig:
         for name, value in positive.items():
             if value is not None and value < 1:
                 raise ConfigError(f"{name}={show(value)} is invalid; expected a positive integer")
+        if isinstance(t.lr, str) and t.lr != "auto":
+            raise ConfigError(
+                f"training.lr={show(t.lr)} is invalid; expected a positive number (e.g. 2e-4) or 'auto'"
+            )
         nonneg = {
-            "training.lr": t.lr,
             "training.weight_decay": t.weight_decay,
             "training.eps": t.eps,
             "training.warmup_steps": t.warmup_steps,
@@ -262,7 +266,7 @@ class RunConfig:
         for name, value in nonneg.items():
             if value is not None and value < 0:
                 raise ConfigError(f"{name}={show(value)} is invalid; expected a number >= 0")
-        if t.lr <= 0:
+        if t.lr != "auto" and t.lr <= 0:
             raise ConfigError(f"training.lr={t.lr!r} is invalid; expected a positive number (e.g. 2e-4)")
         if not 0.0 <= t.warmup_ratio < 1.0:
             raise ConfigError(
