@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-3, help="LoRA's learning rate")
     p.add_argument("--adalora-lr", type=float, default=None, help="AdaLoRA's (default: --lr)")
+    p.add_argument("--methods", default="lora,adalora", help="which of lora,adalora to run (for two processes)")
     p.add_argument("--orth-form", default="squared", choices=("squared", "peft"))
     p.add_argument("--orth-reg-weight", type=float, default=0.5)
     p.add_argument("--out", default="/tmp/lorakit_bench_adalora")
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             self.model = state.model
 
     results, report = {}, None
-    for method in ("lora", "adalora"):
+    for method in args.methods.split(","):
         grab = Grab()
         lr = args.lr if method == "lora" else (args.adalora_lr or args.lr)
         cfg = RunConfig.from_dict(
