@@ -297,8 +297,8 @@ class AdaLoraController:
           R is the paper's Eq. 4; the paper adds γ Σ_k R(P_k, Q_k) (a sum over matrices), which is this
           form with γ n in place of γ; the mean keeps one γ right for models of any depth.
         * "peft": γ x mean over the 2n tensors of the unsquared norms ||QQᵀ - I||_F and ||PᵀP - I||_F,
-          what PEFT's ``AdaLoraModel.forward`` adds (and the paper's released code, whose default γ is 0.1;
-          PEFT's is 0.5): the same loss, hence the same training trajectory as PEFT.
+          what PEFT's ``AdaLoraModel.forward`` adds (taken from the paper's released code; PEFT's default
+          γ is 0.5): the same loss, hence the same training trajectory as PEFT.
         """
         if self.cfg.option("orth_form") == "peft":
             norms = [n for a in self.layers.values() for n in a.orth_norms()]
