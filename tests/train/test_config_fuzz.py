@@ -101,6 +101,7 @@ BASE: dict = {
         "max_nonfinite": 3,
         "seed": 0,
         "device": "auto",
+        "distributed": "ddp",
     },
     "output": {"dir": "out", "save_every": 10, "keep_last": 2, "progress": False, "plot": False},
 }
@@ -335,6 +336,8 @@ SCHEMA: dict[str, dict] = {
         "max_nonfinite": _int(1),
         "seed": _SEED,
         "device": _device,
+        "distributed": _good(lambda v: v is None or (isinstance(v, str) and v in ("none", "ddp", "fsdp")),
+                             st.sampled_from([None, "none", "ddp", "fsdp"])),
     },
     "output": {"dir": _text(), "save_every": _int(0, optional=True), "keep_last": _int(1),
                "progress": _bool, "plot": _bool},

@@ -49,3 +49,27 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def held_tensor_bytes() -> int:
+    """Bytes of every tensor storage this process's Python objects hold (each storage once, at its current
+    size: a storage resized to 0, as FSDP2 does to gathered weights after use, counts 0). Counts shards,
+    leftover full copies, optimizer state and buffers alike; wrapper tensors without storage of their own
+    (a DTensor) count through their local tensor. Meta tensors count 0."""
+    import gc
+
+    import torch
+
+    seen: dict[tuple[str, int], int] = {}
+    for obj in gc.get_objects():
+        if not issubclass(type(obj), torch.Tensor):  # type(): no __class__ lookups on proxies
+            continue
+        try:
+            st = obj.untyped_storage()
+            if st.device.type == "meta":
+                continue
+            key, size = (str(st.device), st.data_ptr()), st.nbytes()
+        except (RuntimeError, NotImplementedError, TypeError):
+            continue  # a wrapper subclass (DTensor; its local tensor is another object here), a freed storage
+        seen[key] = max(seen.get(key, 0), size)
+    return sum(seen.values())

@@ -30,6 +30,9 @@ from lorakit.quant.nf4 import (
 )
 
 _QUANT_BUFFERS = ("qweight", "absmax", "absmax2", "absmax_offset")
+# the storage a sharded trainer (FSDP2 shards nn.Parameters on dim 0) needs as frozen parameters; the 0-d
+# ``absmax_offset`` stays a buffer (4 bytes, replicated)
+SHARDABLE_STORAGE = ("qweight", "absmax", "absmax2")
 
 
 def _absmax_fp32(spec: QuantSpec, absmax, absmax2, offset) -> torch.Tensor:
@@ -162,7 +165,8 @@ class NF4Linear(nn.Module):
 
     Buffers (all in state_dict, safetensors-serialisable): ``qweight`` (uint8 packed codes, int8 for
     int8), ``absmax`` (fp32, or uint8 codes with double quant), ``absmax2`` and ``absmax_offset``
-    (fp32, double quant only). They are not parameters and never receive gradients.
+    (fp32, double quant only). They are not parameters and never receive gradients; ``storage_as_parameters``
+    re-registers them as frozen parameters (same names, same state_dict) for FSDP2 to shard.
     """
 
     def __init__(
@@ -237,12 +241,33 @@ class NF4Linear(nn.Module):
             raise QuantError(f"weight shape {tuple(weight.shape)} != layer shape {spec.shape}")
         codes, absmax = quantize_blockwise(weight.detach(), spec.blocksize, spec.quant_type)
         dev = weight.device if self.qweight.is_meta else self.qweight.device  # meta: a loading shell
-        self.qweight = codes.to(dev)
+        self._set_storage("qweight", codes.to(dev))
         if spec.double_quant:
             q, absmax2, offset = double_quantize(absmax, spec.double_quant_blocksize)
-            self.absmax, self.absmax2, self.absmax_offset = q.to(dev), absmax2.to(dev), offset.to(dev)
+            self._set_storage("absmax", q.to(dev))
+            self._set_storage("absmax2", absmax2.to(dev))
+            self._set_storage("absmax_offset", offset.to(dev))
         else:
-            self.absmax = absmax.to(dev)
+            self._set_storage("absmax", absmax.to(dev))
+
+    def _set_storage(self, name: str, value: torch.Tensor) -> None:
+        """Replace one storage tensor, keeping how it is registered (buffer, or frozen parameter)."""
+        if name in self._parameters:
+            self._parameters[name] = nn.Parameter(value, requires_grad=False)
+        else:
+            setattr(self, name, value)
+
+    def storage_as_parameters(self) -> NF4Linear:
+        """Register ``qweight`` / ``absmax`` / ``absmax2`` as frozen ``nn.Parameter``s (requires_grad=False)
+        instead of buffers, under the same names (state_dict keys unchanged), so FSDP2's ``fully_shard``
+        shards them on dim 0 like the other frozen weights; its mixed-precision policy leaves non-float
+        parameters uncast. Idempotent; the kernels read them the same way."""
+        for name in SHARDABLE_STORAGE:
+            t = self._buffers.get(name)
+            if t is not None:
+                del self._buffers[name]
+                self._parameters[name] = nn.Parameter(t, requires_grad=False)
+        return self
 
     # ---- the weight-access interface -----------------------------------------------------------
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -310,7 +335,7 @@ class NF4Linear(nn.Module):
         for k, old in saved.items():
             new = getattr(self, k)
             if new.dtype != old.dtype:
-                setattr(self, k, old.to(new.device))
+                self._set_storage(k, old.to(new.device))
         return self
 
     # ---- accounting -------------------------------------------------------------------------------

@@ -109,19 +109,33 @@ def write_json(obj: Any, path: str) -> None:
         os.fsync(f.fileno())
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable parameter and every tensor inside an adapter or a trained copy, by name."""
+def trainable_names(model: torch.nn.Module) -> set[str]:
+    """State-dict names of every trainable parameter and every tensor inside an adapter or a trained copy."""
     params = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {
-        n: t.detach().cpu().clone()
-        for n, t in model.state_dict(keep_vars=True).items()
-        if n in params or ".adapters." in n or ".copies." in n
-    }
+    return {n for n in model.state_dict(keep_vars=True) if n in params or ".adapters." in n or ".copies." in n}
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter and every tensor inside an adapter or a trained copy, by name (of an
+    unsharded model; ``lorakit.train.fsdp.full_trainable_state`` gathers a sharded one)."""
+    names = trainable_names(model)
+    return {n: t.detach().cpu().clone() for n, t in model.state_dict(keep_vars=True).items() if n in names}
+
+
+def _copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
+    """target <- value; a sharded (FSDP2 DTensor) target receives its own shard of the full ``value``."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor):
+        part = distribute_tensor(value.to(target.device, target.dtype), target.device_mesh, target.placements)
+        target.to_local().copy_(part.to_local())
+    else:
+        target.copy_(value)
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     own = model.state_dict(keep_vars=True)
-    missing = sorted(set(trainable_state(model)) - set(state))
+    missing = sorted(trainable_names(model) - set(state))
     extra = sorted(set(state) - set(own))
     if missing or extra:
         raise CheckpointError(
@@ -135,7 +149,7 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
                 raise CheckpointError(
                     f"checkpoint tensor {name}: shape {tuple(value.shape)} != {tuple(target.shape)}"
                 )
-            target.copy_(value)
+            _copy_into(target, value)
 
 
 def list_checkpoints(root: str) -> list[tuple[int, str]]:
@@ -151,15 +165,22 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
 
 
 def save_checkpoint(
-    root: str, step: int, model: torch.nn.Module, state: dict[str, Any], keep_last: int = 2
+    root: str,
+    step: int,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    keep_last: int = 2,
+    trainable: dict[str, torch.Tensor] | None = None,
 ) -> str:
-    """Write a checkpoint atomically and keep only the newest ``keep_last``; returns its path."""
+    """Write a checkpoint atomically and keep only the newest ``keep_last``; returns its path.
+    ``trainable``: the adapter tensors when already gathered (a sharded model), else read from ``model``."""
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:08d}")
     tmp = os.path.join(root, f".tmp-step-{step:08d}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    write_safetensors(trainable_state(model), os.path.join(tmp, "trainable.safetensors"))
+    tensors_of_model = trainable if trainable is not None else trainable_state(model)
+    write_safetensors(tensors_of_model, os.path.join(tmp, "trainable.safetensors"))
     tensors: dict[str, torch.Tensor] = {}
     structure = encode(state, tensors)
     write_safetensors(tensors, os.path.join(tmp, "state.safetensors"))

@@ -35,6 +35,7 @@ MIXED_PRECISION = ("auto", "no", "fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 TASKS = ("sft", "classification")
 BATCHING = ("group", "pad", "pack")
+DISTRIBUTED = ("none", "ddp", "fsdp")  # data parallelism: one process, replicas (DDP), shards (FSDP2)
 # The run config's adapter defaults (r 8, alpha 16, dropout 0.1 on q/v); AdapterConfig's own defaults (dropout 0.0) are PEFT's.
 ADAPTER_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16.0, "dropout": 0.1, "target_modules": None}
 
@@ -80,6 +81,8 @@ class DataSection:
 class TrainingSection:
     """The optimisation. batch_size is per process and micro-batch; one optimizer step sees
     batch_size x grad_accumulation x world_size rows. warmup_steps overrides warmup_ratio.
+    distributed: none, ddp or fsdp (FSDP2: the base and adapters sharded across processes); None picks ddp
+    under torchrun with several processes, none for one.
     eval_every: steps between evaluations (None: at the end of each epoch). max_nonfinite: consecutive
     steps with a non-finite loss that stop the run. num_workers None: min(4, cpus - 1). lr "auto": a rate
     by method and model size (``lorakit.train.lr_rule``; the summary records it as ``lr_auto``)."""
@@ -107,6 +110,7 @@ class TrainingSection:
     max_nonfinite: int = 3
     seed: int = 0
     device: str = "auto"
+    distributed: str | None = None  # none | ddp | fsdp (None: ddp under several processes, none for one)
 
 
 @dataclass(frozen=True)
@@ -230,6 +234,8 @@ class RunConfig:
                 ) from None
         check_choice("training.mixed_precision", t.mixed_precision, MIXED_PRECISION)
         check_choice("training.schedule", t.schedule, SCHEDULES)
+        if t.distributed is not None:
+            check_choice("training.distributed", t.distributed, DISTRIBUTED)
         check_choice("training.optimizer", t.optimizer, ("adamw",))
         check_choice("data.task", d.task, TASKS)
         check_choice("data.batching", d.batching, BATCHING)

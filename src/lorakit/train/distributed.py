@@ -1,13 +1,18 @@
-"""Multi-process data parallelism under ``torchrun`` (DistributedDataParallel over the adapter parameters).
+"""Multi-process training under ``torchrun``: the process group, and data parallelism over the adapters.
 
 ``torchrun --nproc_per_node=N -m lorakit train CONFIG.yaml`` starts N processes with RANK / WORLD_SIZE /
-LOCAL_RANK set; each joins a process group (gloo on CPU, nccl on CUDA), holds the whole model, trains on a
-disjoint slice of every global batch, and DDP all-reduces the trainable gradients (frozen base weights
-have no gradients, so only adapter tensors travel). Only rank 0 writes files.
+LOCAL_RANK set; each joins a process group (gloo on CPU, nccl on CUDA) and trains on a disjoint slice of
+every global batch. ``training.distributed`` picks how the model is split:
 
-Not built: FSDP (sharding the frozen base across devices for bases too large for one device). The way to
-add it is ``torch.distributed.fsdp.fully_shard`` on each decoder layer with the adapters inside the same
-unit; until then a base must fit on each device (quantize it with a ``quant`` section if it does not).
+- ``ddp`` (the default under several processes): every process holds the whole model and
+  DistributedDataParallel all-reduces the trainable gradients (frozen base weights have no gradients, so
+  only adapter tensors travel);
+- ``fsdp``: the base (NF4 storage included) and the adapters are sharded across processes with PyTorch's
+  FSDP2, per decoder block (``lorakit.train.fsdp``), so per-process memory of the base falls with N;
+- ``none``: one process.
+
+Only rank 0 writes files. A collective that fails because a peer died raises ``PeerLostError`` (one
+line, naming the last checkpoint) instead of a backend traceback.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # setup() joined the process group, so teardown() leaves it
 
     @property
     def is_main(self) -> bool:
@@ -51,16 +57,32 @@ def setup(device_spec: str = "auto") -> Dist:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_spec, local)
-    if world > 1 and not dist.is_initialized():
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
-    return Dist(rank, world, local, device)
+    return Dist(rank, world, local, device, owns)
+
+
+class PeerLostError(RuntimeError):
+    """A collective with the other processes failed: one of them stopped (killed, crashed) or hangs."""
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """True for the errors a collective raises when a peer process died or timed out (gloo / NCCL)."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("gloo", "Connection reset", "Connection closed", "NCCL", "Timed out")
+    )
 
 
 def teardown(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
+    """Leave the process group if :func:`setup` joined it (a caller's own group stays for its next run)."""
+    if d.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -76,19 +76,26 @@ def evaluate(
     d: Dist,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     num_labels: int = 0,
+    lockstep: bool = False,
 ) -> dict[str, float]:
-    """Metrics over the whole validation set; rank r evaluates rows r, r + world, ... and sums are reduced."""
+    """Metrics over the whole validation set; rank r evaluates rows r, r + world, ... and sums are reduced.
+    ``lockstep`` (a sharded model, whose forward is collective): every rank runs as many batches as rank 0,
+    a rank out of rows forwarding row 0 and discarding it."""
     was_training = model.training
     model.eval()
     rows = list(range(d.rank, len(dataset), d.world_size))
     loss_sum = 0.0
     count = 0
     confusion = torch.zeros(max(num_labels, 1), max(num_labels, 1), dtype=torch.long)
-    for s in range(0, len(rows), batch_size):
-        examples = [dataset[i] for i in rows[s : s + batch_size]]
+    most = -(-len(dataset) // d.world_size) if lockstep else len(rows)  # rank 0 holds the most rows
+    for s in range(0, most, batch_size):
+        chunk = rows[s : s + batch_size]
+        examples = [dataset[i] for i in chunk or [0]]
         batch = {k: v.to(d.device) for k, v in collate(examples).items()}
         with autocast():
             loss, logits = forward_loss(model, batch, task)
+        if not chunk:
+            continue
         loss_sum += float(loss)
         if task == "classification":
             count += len(examples)

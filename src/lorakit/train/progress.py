@@ -58,6 +58,7 @@ class Resumable:
     callbacks: list[Callback]
     global_batch: int
     seed: int
+    optimizer_io: Any = None  # state_dict() / load_state_dict() for the optimizer, when not its own (FSDP)
 
     def state_dict(self) -> dict[str, Any]:
         """What ``lorakit.train.checkpoint.save_checkpoint`` writes beside the adapter (RNG states too)."""
@@ -66,7 +67,7 @@ class Resumable:
             "global_batch": self.global_batch,
             "seed": self.seed,
             "progress": dataclasses.asdict(self.progress),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": (self.optimizer_io or self.optimizer).state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": ckpt.rng_state(),
@@ -82,7 +83,7 @@ class Resumable:
                 raise ckpt.CheckpointError(
                     f"cannot resume {path}: it was written with {key}={s[key]}, now {want}"
                 )
-        self.optimizer.load_state_dict(s["optimizer"])
+        (self.optimizer_io or self.optimizer).load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
         if self.scaler and s["scaler"]:
             self.scaler.load_state_dict(s["scaler"])

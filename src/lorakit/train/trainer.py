@@ -38,7 +38,7 @@ import torch
 
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed as dd
-from lorakit.train import rundir
+from lorakit.train import fsdp, rundir
 from lorakit.train.build import build_run_model, load_data, optimizer_groups
 from lorakit.train.callbacks import Callback, TrainState
 from lorakit.train.collate import BatchPlan, Collator
@@ -86,12 +86,20 @@ def train(
     cfg = config if isinstance(config, RunConfig) else load_run_config(config, overrides)
     d = dd.setup(cfg.training.device)
     try:
+        fsdp.resolve_mode(cfg.training.distributed, d)  # a mode this launch cannot run: refused before any work
         where, resume_from = rundir.prepare(cfg.output.dir, resume, overwrite, d.is_main)
         dd.barrier(d)
         try:
             result = _Run(cfg, d, where, resume_from, list(callbacks)).run()
-        except BaseException:
+        except BaseException as e:
             where.discard(d.is_main)  # an overwrite that failed before its swap leaves the old run as it was
+            if d.enabled and dd.is_peer_failure(e):
+                last = ckpt.latest_checkpoint(os.path.join(cfg.output.dir, "checkpoints"))
+                first = (str(e).splitlines() or [type(e).__name__])[0][:300]
+                raise dd.PeerLostError(
+                    f"rank {d.rank}: lost contact with the other processes ({first}); another rank stopped "
+                    f"(see its log). Last checkpoint: {last or 'none'}; continue with --resume"
+                ) from None
             raise
         # rank 0 still writes files after the loop; destroying the process group while a peer is
         # mid-collective aborts that process ("terminate called without an active exception")
@@ -114,19 +122,26 @@ class _Run:
         self.cfg, self.d, t = cfg, d, cfg.training
         self.dir, self.resume_from = where, resume_from
         _seed_all(t.seed)
+        self.mode = fsdp.resolve_mode(t.distributed, d)  # none | ddp | fsdp
         self.precision = resolve_precision(t.mixed_precision, d.device)
         tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
         self.train_ds, self.val_ds, reports = load_data(cfg, tok)
         self.task = cfg.data.task
         self.num_labels = len(self.train_ds.label_names or [])
+        if self.mode == "fsdp":
+            fsdp.check_rows(len(self.train_ds), d, cfg.data.train)
         self.model = build_run_model(cfg, max(self.num_labels, 2), pad_id(tok), self.precision, d.device)
         self.report = efficiency_report(self.model)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ddp = self.model
-        if d.enabled:
+        if self.mode == "fsdp":  # the model itself is sharded in place; its forward gathers block by block
+            blocks = fsdp.check_model(self.model, cfg.adapter.method if cfg.adapter else "full")
+            bf16 = self.precision.name == "bf16" and d.device.type == "cuda"
+            fsdp.shard(self.model, blocks, d, bf16)
+        elif d.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.ddp = DDP(self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.lr_auto = None if t.lr != "auto" else auto_lr(
             cfg.adapter.method if cfg.adapter else None, self.report.base_params, cfg.quant is not None
         )
@@ -142,7 +157,8 @@ class _Run:
         self.callbacks = method_callbacks(self.model) + user_cbs
         self.state = TrainState(model=self.model, total_steps=self.total, optimizer=self.opt)
         self.res = Resumable(
-            self.state, Progress(), self.opt, self.sched, self.scaler, self.callbacks, self.global_batch, t.seed
+            self.state, Progress(), self.opt, self.sched, self.scaler, self.callbacks, self.global_batch, t.seed,
+            fsdp.ShardedOptimizerState(self.model, self.opt) if self.mode == "fsdp" else None,
         )
         if d.is_main:
             for r in reports:
@@ -277,13 +293,15 @@ class _Run:
             self._save()
         self._promote()
         out = self.dir.path
-        rank_diff = dd.max_rank_difference(self.params, d)
         for cb in self.callbacks:
             cb.on_train_end(self.state)
         adapter_dir = None
-        if d.is_main:
-            card = {"data": cfg.data.train, "steps": self.state.step, "metrics": pg.last_eval}
-            adapter_dir = ckpt.save_final_adapter(self.model, os.path.join(out, "adapter"), cfg.model.name, card)
+        # under FSDP every rank gathers the full adapter; rank 0 writes it (never a shard)
+        with fsdp.gathered_adapters(self.model) if self.mode == "fsdp" else contextlib.nullcontext():
+            rank_diff = dd.max_rank_difference([p for p in self.model.parameters() if p.requires_grad], d)
+            if d.is_main:
+                card = {"data": cfg.data.train, "steps": self.state.step, "metrics": pg.last_eval}
+                adapter_dir = ckpt.save_final_adapter(self.model, os.path.join(out, "adapter"), cfg.model.name, card)
         setup = {
             "world_size": d.world_size,
             "global_batch": self.global_batch,
@@ -310,7 +328,8 @@ class _Run:
         bs = self.cfg.training.eval_batch_size or self.cfg.training.batch_size
         autocast = self.precision.autocast(self.d.device)
         m = evaluate(
-            self.model, self.val_ds, self.eval_collate, self.task, bs, self.d, autocast, self.num_labels
+            self.model, self.val_ds, self.eval_collate, self.task, bs, self.d, autocast, self.num_labels,
+            lockstep=self.mode == "fsdp",
         )
         for cb in self.callbacks:
             cb.on_evaluate(self.state, m)
@@ -322,10 +341,12 @@ class _Run:
         if self.progress.saved_step == self.state.step:  # e.g. the end of the run right after a periodic save
             return
         self.progress.saved_step = self.state.step
+        sharded = self.mode == "fsdp"  # gathering the adapter and optimizer state is collective
+        trainable = fsdp.full_trainable_state(self.model) if sharded else None
+        state = self.res.state_dict() if sharded or self.d.is_main else None
         if self.d.is_main:
             root = os.path.join(self.dir.path, "checkpoints")
-            state = self.res.state_dict()
-            ckpt.save_checkpoint(root, self.state.step, self.model, state, self.cfg.output.keep_last)
+            ckpt.save_checkpoint(root, self.state.step, self.model, state, self.cfg.output.keep_last, trainable)
         self._promote()
         dd.barrier(self.d)
 
@@ -345,7 +366,7 @@ class _Run:
         local, extra_val = 0.0, 0.0
         for i, batch in enumerate(micro):
             batch = {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
-            sync = not d.enabled or i == len(micro) - 1
+            sync = self.ddp is self.model or i == len(micro) - 1  # DDP: all-reduce on the last micro-batch
             with self.ddp.no_sync() if not sync else contextlib.nullcontext():
                 with autocast():
                     loss_sum, _ = forward_loss(self.ddp, batch, self.task)

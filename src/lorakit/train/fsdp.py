@@ -1,0 +1,180 @@
+"""FSDP2 sharded training: the frozen base (NF4 storage included) and the adapters split across ranks.
+
+``training.distributed: fsdp`` under ``torchrun`` wraps each decoder block
+(``lorakit.models.families.decoder_blocks``) and then the whole model with PyTorch's FSDP2
+``torch.distributed.fsdp.fully_shard``: every parameter -- frozen base weights, NF4 packed codes and scales
+(re-registered as frozen parameters by ``NF4Linear.storage_as_parameters``), adapter tensors -- is kept as a
+dim-0 shard (a ``DTensor``) of 1/world_size per rank, all-gathered one block at a time for forward and
+backward and freed after; adapter gradients are reduce-scattered (averaged, as DDP does). Per-rank memory of
+the base therefore falls with the number of ranks. On CUDA with bf16 the ``MixedPrecisionPolicy`` computes in
+bf16 and reduces gradients in fp32, the adapter masters stay fp32 (non-float NF4 codes are never cast).
+
+What crosses the shard boundary is gathered with PyTorch's own tools, collectively on every rank:
+:func:`full_trainable_state` (``DTensor.full_tensor``) for checkpoints, :func:`gathered_adapters` (full
+adapter tensors swapped in while rank 0 writes the PEFT file, so the file is never a shard), and
+``torch.distributed.checkpoint.state_dict`` ``get/set_optimizer_state_dict`` with ``full_state_dict`` for
+the optimizer, saved keyed by parameter name and re-sharded on load, so a resumed run continues bit for bit
+under the same world size.
+
+Limits: the model is built whole on each rank before it is sharded (host memory holds one full copy per
+rank while it loads); AdaLoRA (its rank allocator edits whole tensors between steps) and full fine-tuning
+are refused here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.config import ConfigError
+from lorakit.train.distributed import Dist
+
+MODES = ("none", "ddp", "fsdp")
+
+
+def resolve_mode(requested: str | None, d: Dist) -> str:
+    """The data-parallel mode of this run: ``training.distributed`` checked against the process count
+    (None: ddp under several processes, none for one). Raises ``ConfigError`` before any work."""
+    if requested is None:
+        return "ddp" if d.enabled else "none"
+    if requested == "fsdp" and not d.enabled:
+        raise ConfigError(
+            "training.distributed='fsdp' shards the model across processes but this is one process; start it "
+            "with torchrun --nproc_per_node=N -m lorakit train ... (N >= 2)"
+        )
+    if requested == "none" and d.enabled:
+        raise ConfigError(
+            f"training.distributed='none' but torchrun started {d.world_size} processes; use ddp or fsdp, "
+            "or run one process"
+        )
+    return requested
+
+
+def check_model(model: nn.Module, adapter_method: str | None) -> list[nn.Module]:
+    """The decoder blocks FSDP wraps one by one; ``ConfigError`` when lorakit cannot find them, or for a
+    method the sharded trainer cannot run."""
+    from lorakit.models.families import decoder_blocks
+
+    if adapter_method in ("adalora", "full"):
+        why = "its rank allocator edits whole tensors between steps" if adapter_method == "adalora" else (
+            "full fine-tuning is not sharded by lorakit")
+        raise ConfigError(
+            f"training.distributed='fsdp' does not run adapter.method={adapter_method!r} ({why}); use lora or "
+            "dora, or distributed: ddp"
+        )
+    try:
+        blocks = decoder_blocks(model)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(
+            f"training.distributed='fsdp': cannot find the decoder blocks of {type(model).__name__} ({e}); "
+            "use distributed: ddp"
+        ) from None
+    if not blocks:
+        raise ConfigError(f"training.distributed='fsdp': {type(model).__name__} has no decoder blocks to shard")
+    return blocks
+
+
+def check_rows(n_rows: int, d: Dist, path: str) -> None:
+    """Every rank needs rows of its own: refuse fewer training rows than processes, before any work."""
+    if n_rows < d.world_size:
+        raise ValueError(
+            f"{path}: {n_rows} training rows for {d.world_size} processes; each process needs at least one row"
+        )
+
+
+def shard(model: nn.Module, blocks: list[nn.Module], d: Dist, bf16: bool) -> nn.Module:
+    """``fully_shard`` each block, then the root (embeddings, final norm, head); returns ``model``, now
+    holding DTensor shards on ``d.device``. ``bf16``: bf16 compute, fp32 gradient reduction (GPU)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from lorakit.quant.linear import NF4Linear
+
+    for m in model.modules():
+        if isinstance(m, NF4Linear):
+            m.storage_as_parameters()
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    kw: dict[str, Any] = {"mesh": mesh}
+    if mp is not None:
+        kw["mp_policy"] = mp
+    for block in blocks:
+        fully_shard(block, **kw)
+    # the root (embeddings, head) too is freed after forward, not kept gathered until backward as FSDP2's
+    # default for the root does: an evaluation (no backward) would leave it whole on every rank
+    fully_shard(model, reshard_after_forward=True, **kw)
+    return model
+
+
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``lorakit.train.checkpoint.trainable_state`` of a sharded model: the same names, full tensors on the
+    CPU of every rank. Collective: every rank calls it."""
+    from lorakit.train.checkpoint import trainable_names
+
+    names = trainable_names(model)
+    out = {}
+    for n, t in model.state_dict(keep_vars=True).items():
+        if n in names:
+            t = t.detach()
+            out[n] = (t.full_tensor() if _is_dtensor(t) else t).cpu().clone()
+    return out
+
+
+@contextlib.contextmanager
+def gathered_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside, every trainable parameter is its full (gathered) tensor, so code that reads the model --
+    ``lorakit.io.save_adapter`` -- sees the whole adapter, never a shard; the shards are put back after.
+    Collective on entry: every rank enters."""
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    try:
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and p.requires_grad and _is_dtensor(p):
+                    full = p.detach().full_tensor()
+                    module._parameters[name] = nn.Parameter(full, requires_grad=True)
+                    swapped.append((module, name, p))
+        yield model
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
+
+
+class ShardedOptimizerState:
+    """The optimizer's state under FSDP in and out of a checkpoint: full tensors keyed by parameter name
+    (``get_optimizer_state_dict`` with ``full_state_dict``), re-sharded on load. Both are collective."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=False)
+        sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+        return _to_cpu(sd)
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=sd, options=opts)
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj
