@@ -33,20 +33,17 @@ warnings.filterwarnings("ignore")
 DATA = os.environ.get("LORAKIT_DATASETS", "/work/shared/datasets")
 
 
-def run_config(method: str, rows: int, out: str, seed: int, lr: float = 1e-3) -> dict:
+def run_config(
+    method: str, rows: int, out: str, seed: int, lr: float = 1e-3, orth_form: str = "squared",
+    orth_reg_weight: float = 0.5,
+) -> dict:
     adapter = {"method": method, "dropout": 0.0, "target_modules": "all-linear"}
     if method == "lora":
         adapter.update(r=8, alpha=16.0)
-    else:
-        steps = rows // 16  # one epoch of full batches of 16
+    else:  # the schedule is AdapterConfig's default: tinit 10%, tfinal 40%, delta_t 1% of the steps
         adapter.update(
-            init_r=12,
-            target_r=8,
-            alpha=24.0,
-            delta_t=5,
-            orth_reg_weight=0.5,
-            tinit=steps // 10,
-            tfinal=steps // 5,
+            init_r=12, target_r=8, alpha=24.0, orth_reg_weight=orth_reg_weight,
+            method_options={"orth_form": orth_form},
         )
     return {
         "model": {"name": "minilm"},
@@ -79,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=2048, help="training rows (seeded subset of SST-2 train)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="LoRA's learning rate")
+    p.add_argument("--adalora-lr", type=float, default=None, help="AdaLoRA's (default: --lr)")
+    p.add_argument("--methods", default="lora,adalora", help="which of lora,adalora to run (for two processes)")
+    p.add_argument("--orth-form", default="squared", choices=("squared", "peft"))
+    p.add_argument("--orth-reg-weight", type=float, default=0.5)
     p.add_argument("--out", default="/tmp/lorakit_bench_adalora")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -95,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             self.model = state.model
 
     results, report = {}, None
-    for method in ("lora", "adalora"):
+    for method in args.methods.split(","):
         grab = Grab()
-        cfg = RunConfig.from_dict(run_config(method, args.rows, args.out, args.seed, args.lr))
+        lr = args.lr if method == "lora" else (args.adalora_lr or args.lr)
+        cfg = RunConfig.from_dict(
+            run_config(method, args.rows, args.out, args.seed, lr, args.orth_form, args.orth_reg_weight)
+        )
         res = train(cfg, overwrite=True, callbacks=[grab])
         model = grab.model
         with open(os.path.join(cfg.output.dir, "metrics.jsonl")) as f:
@@ -114,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             "trainable_params": res.summary["efficiency"]["trainable_params"],
             "adapter_tensors_kept": kept,
             "wall_time_s": res.summary["wall_time_s"],
+            "lr": lr,
+            "schedule": res.summary.get("adalora_schedule"),
         }
         if method == "adalora":
             report = rank_report(model)

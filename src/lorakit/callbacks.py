@@ -40,6 +40,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer | None = None
     loss: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)  # written to metrics.jsonl by the trainer
+    summary: dict[str, Any] = field(default_factory=dict)  # entries added to summary.json at the end
 
 
 class Callback:

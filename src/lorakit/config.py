@@ -107,6 +107,19 @@ def _check_options(value: Any) -> None:
         )
 
 
+def _check_steps(field_name: str, value: Any, minimum: int) -> None:
+    """A step count (int >= minimum) or a fraction of the total steps (a float strictly in (0, 1); 0.0 is
+    read as 0 steps where 0 is allowed). A float >= 1 is refused: 1.0 could mean all steps or one step."""
+    if isinstance(value, float) and not isinstance(value, bool):
+        if 0.0 < value < 1.0 or (value == 0.0 and minimum == 0):
+            return
+        raise ConfigError(
+            f"{field_name}={show(value)} is invalid; a float is a fraction of the total steps and must be in "
+            f"(0, 1); write a step count as an integer (e.g. {field_name}={max(minimum, 10)})"
+        )
+    check_int(field_name, value, minimum=minimum)
+
+
 def _as_tuple(value: TargetSpec) -> str | tuple[str, ...] | None:
     if value is None or isinstance(value, str):
         return value
@@ -141,7 +154,10 @@ class AdapterConfig:
             ``lorakit.adapters.lora_init``.
         bias: only "none" (biases stay frozen).
         init_r, target_r, tinit, tfinal, delta_t, beta1, beta2, orth_reg_weight, total_step: AdaLoRA
-            (see ``lorakit.adapters.adalora``; top-level fields from before the registry).
+            (see ``lorakit.adapters.adalora``; top-level fields from before the registry). ``tinit``,
+            ``tfinal``, ``delta_t``: an integer is a step count, a float in (0, 1) a fraction of the total
+            steps (resolved once the trainer knows them); defaults 0.1 / 0.4 / 0.01 (warm up 10%, prune,
+            fine-tune the last 40% at the final ranks, mask every 1%: see ``adalora_budget``).
         method_options: the method's own fields (name -> value), as its registry entry declares them
             (``Option``); unknown names and bad values are errors. Read them with :meth:`option`.
     """
@@ -163,9 +179,9 @@ class AdapterConfig:
     # AdaLoRA
     init_r: int = 12
     target_r: int = 8
-    tinit: int = 0
-    tfinal: int = 0
-    delta_t: int = 1
+    tinit: int | float = 0.1
+    tfinal: int | float = 0.4
+    delta_t: int | float = 0.01
     beta1: float = 0.85
     beta2: float = 0.85
     orth_reg_weight: float = 0.5
@@ -218,10 +234,10 @@ class AdapterConfig:
             )
         _check_names("modules_to_save", self.modules_to_save)
         check_bool("use_rslora", self.use_rslora)
-        for name in ("init_r", "target_r", "delta_t"):
+        for name in ("init_r", "target_r"):
             check_int(name, getattr(self, name))
-        for name in ("tinit", "tfinal"):
-            check_int(name, getattr(self, name), minimum=0)
+        for name in ("tinit", "tfinal", "delta_t"):
+            _check_steps(name, getattr(self, name), minimum=1 if name == "delta_t" else 0)
         check_int("total_step", self.total_step, optional=True)
         for name in ("beta1", "beta2"):
             check_number(

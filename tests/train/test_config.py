@@ -71,7 +71,7 @@ def test_round_trip_through_dict(tmp_path):
         ({"quant": {"dtyp": "nf4"}}, "did you mean 'dtype'?"),
         ({"training": {"epochs": "three"}}, "training.epochs='three' has the wrong type: expected int, got str"),
         ({"training": {"epochs": 2.5}}, "training.epochs=2.5 has the wrong type: expected int"),
-        ({"training": {"lr": "fast"}}, "training.lr='fast' has the wrong type: expected float"),
+        ({"training": {"lr": "fast"}}, "training.lr='fast' is invalid; expected a positive number (e.g. 2e-4) or 'auto'"),
         ({"training": {"gradient_checkpointing": "yes please"}}, "expected bool"),
         ({"data": {"train": "x", "fields": ["text"]}}, "data.fields=['text'] has the wrong type: expected dict"),
         ({"training": {"batch_size": 0}}, "training.batch_size=0 is invalid"),

@@ -30,12 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.adalora_budget import BudgetSchedule, RankAllocator
+from lorakit.adapters.adalora_budget import BudgetSchedule, RankAllocator, resolve_schedule
 from lorakit.adapters.adalora_peft import ADALORA_PEFT
 from lorakit.callbacks import Callback, TrainState
 from lorakit.config import AdapterConfig, ConfigError
-from lorakit.methods import Method, register
+from lorakit.methods import Method, Option, register
 from lorakit.state import active_adapter, adapter_configs, state_of
+from lorakit.validation import check_choice
 from lorakit.weights import WeightAccess
 
 _KEYS = ("lora_A", "lora_E", "lora_B")
@@ -120,9 +121,13 @@ class AdaLoraLinear(nn.Module):
 
     def orth_penalty(self) -> torch.Tensor:
         """||PᵀP - I||²_F + ||QQᵀ - I||²_F (the paper's Eq. 4, squared Frobenius norms)."""
+        return sum(n**2 for n in self.orth_norms())
+
+    def orth_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(||QQᵀ - I||_F, ||PᵀP - I||_F), unsquared: the terms PEFT's penalty averages."""
         a, b = self.lora_A, self.lora_B
         eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-        return ((a @ a.t() - eye) ** 2).sum() + ((b.t() @ b - eye) ** 2).sum()
+        return torch.linalg.matrix_norm(a @ a.t() - eye), torch.linalg.matrix_norm(b.t() @ b - eye)
 
     def peft_state(self) -> dict[str, torch.Tensor]:
         """The kept ranks only (PEFT saves an AdaLoRA adapter the same way, with its rank_pattern)."""
@@ -263,25 +268,41 @@ class AdaLoraController:
         if isinstance(total_step, bool) or not isinstance(total_step, int) or total_step <= 0:
             raise ConfigError(f"total_step={total_step!r} is invalid; expected a positive integer")
         n = len(self.layers)
+        tinit, tfinal, delta_t = resolve_schedule(self.cfg.tinit, self.cfg.tfinal, self.cfg.delta_t, total_step)
         self.schedule = BudgetSchedule(
-            self.cfg.init_r * n,
-            self.cfg.target_r * n,
-            self.cfg.tinit,
-            self.cfg.tfinal,
-            total_step,
-            self.cfg.delta_t,
+            self.cfg.init_r * n, self.cfg.target_r * n, tinit, tfinal, total_step, delta_t
         )
-        if self.cfg.total_step != total_step:
-            self.cfg = self.cfg.replace(total_step=total_step)
+        resolved = dict(total_step=total_step, tinit=tinit, tfinal=tfinal, delta_t=delta_t)
+        if any(getattr(self.cfg, k) != v or type(getattr(self.cfg, k)) is not int for k, v in resolved.items()):
+            # the steps it ran with, saved with the adapter (PEFT's adapter_config.json holds step counts)
+            self.cfg = self.cfg.replace(**resolved)
             state = state_of(self.model)
             state.configs = {**state.configs, self.adapter_name: self.cfg}
 
-    def orth_loss(self) -> torch.Tensor:
-        """orth_reg_weight x mean over matrices of (||PᵀP - I||²_F + ||QQᵀ - I||²_F).
+    def schedule_summary(self) -> dict[str, Any]:
+        """The resolved schedule in steps (for the run summary and the rank report); {} before T is set."""
+        s = self.schedule
+        if s is None:
+            return {}
+        return {
+            "total_step": s.total_step, "tinit": s.tinit, "tfinal": s.tfinal, "delta_t": s.delta_t,
+            "final_masking_step": s.final_step, "init_budget": s.init_budget, "target_budget": s.target_budget,
+            "orth_form": self.cfg.option("orth_form"), "orth_reg_weight": self.cfg.orth_reg_weight,
+        }
 
-        The paper's squared form (Eq. 4); PEFT's ``AdaLoraModel.forward`` adds the unsquared Frobenius norms
-        instead, averaged over the A and B tensors separately.
+    def orth_loss(self) -> torch.Tensor:
+        """The orthogonal regulariser, weight γ = ``orth_reg_weight``, in the form ``method_options.orth_form``:
+
+        * "squared" (default): γ x mean over the n matrices of R(P, Q) = ||PᵀP - I||²_F + ||QQᵀ - I||²_F.
+          R is the paper's Eq. 4; the paper adds γ Σ_k R(P_k, Q_k) (a sum over matrices), which is this
+          form with γ n in place of γ; the mean keeps one γ right for models of any depth.
+        * "peft": γ x mean over the 2n tensors of the unsquared norms ||QQᵀ - I||_F and ||PᵀP - I||_F,
+          what PEFT's ``AdaLoraModel.forward`` adds (taken from the paper's released code; PEFT's default
+          γ is 0.5): the same loss, hence the same training trajectory as PEFT.
         """
+        if self.cfg.option("orth_form") == "peft":
+            norms = [n for a in self.layers.values() for n in a.orth_norms()]
+            return self.cfg.orth_reg_weight * sum(norms) / len(norms)
         total = sum(a.orth_penalty() for a in self.layers.values())
         return self.cfg.orth_reg_weight * total / len(self.layers)
 
@@ -370,6 +391,7 @@ class AdaLoraCallback(Callback):
                 f"total_step - tfinal = {ctl.cfg.total_step - ctl.cfg.tfinal}; ranks stay unfinished",
                 stacklevel=2,
             )
+        state.summary["adalora_schedule"] = ctl.schedule_summary()
 
     def extra_loss(self, state: TrainState) -> torch.Tensor | None:
         return self.controller.orth_loss() if self.controller.cfg.orth_reg_weight > 0 else None
@@ -382,6 +404,7 @@ class AdaLoraCallback(Callback):
         if ctl.schedule is not None and state.step >= ctl.schedule.final_step:
             ctl.step(state.step)  # the final masking, if the step due for it was skipped (no step came after)
         state.metrics["adalora_ranks"] = sum(ctl.finalize().values())
+        state.summary["adalora_schedule"] = {**ctl.schedule_summary(), "kept_ranks": state.metrics["adalora_ranks"]}
 
     def state_dict(self) -> dict[str, Any]:
         return self.controller.state_dict()
@@ -419,16 +442,25 @@ def _controller(model: nn.Module, adapter_name: str | None, total_step: int | No
 
 
 # ---- the registry entry (its PEFT format, "ADALORA", is in adalora_peft.py) ----
+ORTH_FORMS = ("squared", "peft")
+
+
+def _check_orth_form(field_name: str, value: Any) -> None:
+    check_choice(field_name, value, ORTH_FORMS)
+
+
 def _validate(cfg: AdapterConfig) -> None:
     """The rules between AdaLoRA's fields (each field alone is checked by AdapterConfig)."""
     if cfg.target_r > cfg.init_r:
         raise ConfigError(
             f"target_r={cfg.target_r} is larger than init_r={cfg.init_r}; AdaLoRA only prunes ranks"
         )
-    if cfg.total_step is not None and cfg.total_step <= cfg.tinit + cfg.tfinal:
+    if cfg.total_step is not None:
+        resolve_schedule(cfg.tinit, cfg.tfinal, cfg.delta_t, cfg.total_step)  # raises naming the fields
+    elif isinstance(cfg.tinit, float) and isinstance(cfg.tfinal, float) and cfg.tinit + cfg.tfinal >= 1.0:
         raise ConfigError(
-            f"total_step={cfg.total_step} is too small: it must exceed tinit + tfinal "
-            f"= {cfg.tinit} + {cfg.tfinal} so the budget has steps to shrink over"
+            f"tinit={cfg.tinit} + tfinal={cfg.tfinal} cover all the steps; as fractions they must add up "
+            "to less than 1 so the budget has steps to fall over"
         )
     if cfg.use_rslora:
         raise ConfigError("use_rslora cannot be combined with method='adalora' (it scales by alpha/ranknum)")
@@ -442,6 +474,7 @@ ADALORA = register(
         peft=ADALORA_PEFT,
         validate=_validate,
         callbacks=adalora_callbacks,
+        options={"orth_form": Option("squared", _check_orth_form, "'squared' (paper's R, mean) or 'peft'")},
         doc="AdaLoRA, adaptive budget allocation (Zhang et al. 2023)",
     )
 )

@@ -5,6 +5,11 @@ rank override (as in LoRA) but a mask per ``"<module path>.lora_E"`` over the in
 kept). The masks reach each adapter through ``load_peft_state(state, rank_mask=...)`` (``layer_kwargs``),
 and a file's ranks are checked against them before anything is built (``file_rank``). Field names and
 defaults follow peft 0.21's AdaLoraConfig.
+
+The schedule is written in steps (PEFT's ints) once the run's length is known, which training fixes.
+An adapter saved before that still holds lorakit's fractions (floats in (0, 1)) and a placeholder
+``total_step`` of 1, which PEFT needs to load it (it reads the schedule only when it trains); reading such a
+file back gives the fractions and no total_step.
 """
 
 from __future__ import annotations
@@ -39,6 +44,12 @@ def _from_peft(d: Mapping[str, Any]) -> dict[str, Any]:
     if json_field(d, "use_rslora", bool, False):
         raise ConfigError("use_rslora=true cannot be combined with peft_type='ADALORA'")
     target_r, init_r = json_field(d, "target_r", int, 8), json_field(d, "init_r", int, 12)
+    schedule = {
+        "tinit": json_field(d, "tinit", (int, float), 0),
+        "tfinal": json_field(d, "tfinal", (int, float), 0),
+        "delta_t": json_field(d, "deltaT", (int, float), 1),
+    }
+    fractions = any(isinstance(v, float) for v in schedule.values())
     for key, mask in adalora_rank_masks(json_field(d, "rank_pattern", dict, {})).items():
         if len(mask) != init_r:
             raise ConfigError(f"rank_pattern[{key!r}] has {len(mask)} entries; expected init_r={init_r}")
@@ -48,13 +59,11 @@ def _from_peft(d: Mapping[str, Any]) -> dict[str, Any]:
         r=target_r,
         init_r=init_r,
         target_r=target_r,
-        tinit=json_field(d, "tinit", int, 0),
-        tfinal=json_field(d, "tfinal", int, 0),
-        delta_t=json_field(d, "deltaT", int, 1),
+        **schedule,
         beta1=json_field(d, "beta1", (int, float), 0.85),
         beta2=json_field(d, "beta2", (int, float), 0.85),
         orth_reg_weight=json_field(d, "orth_reg_weight", (int, float), 0.5),
-        total_step=json_field(d, "total_step", int),
+        total_step=None if fractions else json_field(d, "total_step", int),
     )
 
 
@@ -71,7 +80,12 @@ def _to_peft(cfg: AdapterConfig, adapters: Mapping[str, nn.Module]) -> dict[str,
             masks[f"{name}.lora_E"] = [True] * kept + [False] * (cfg.init_r - kept)
     if all(all(m) for m in masks.values()):
         masks = {}  # nothing pruned: PEFT's rank_pattern stays null
-    total = cfg.total_step if cfg.total_step is not None else cfg.tinit + cfg.tfinal + 1  # PEFT needs > 0
+    if cfg.total_step is not None:
+        total = cfg.total_step
+    elif any(isinstance(v, float) for v in (cfg.tinit, cfg.tfinal, cfg.delta_t)):
+        total = 1  # a placeholder PEFT needs (> 0); the fractions say the schedule is not resolved yet
+    else:
+        total = cfg.tinit + cfg.tfinal + 1  # PEFT needs total_step > tinit + tfinal
     return dict(
         rank_pattern=masks or None,
         init_r=cfg.init_r,

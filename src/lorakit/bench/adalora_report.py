@@ -38,6 +38,7 @@ class RankRow:
 class RankReport:
     adapter_name: str
     rows: tuple[RankRow, ...]
+    schedule: dict[str, Any] | None = None  # total_step, tinit, tfinal, delta_t in steps (None: not resolved)
 
     @property
     def total(self) -> int:
@@ -48,8 +49,10 @@ class RankReport:
         lines = [
             f"AdaLoRA ranks of adapter {self.adapter_name!r}: {self.total} of "
             f"{sum(r.init_r for r in self.rows)} singular values kept over {len(self.rows)} matrices",
-            f"{'module':<{width}}  {'init_r':>6}  {'rank':>4}",
         ]
+        if self.schedule:
+            lines.append("schedule: " + ", ".join(f"{k} {v}" for k, v in self.schedule.items()))
+        lines += [f"{'module':<{width}}  {'init_r':>6}  {'rank':>4}"]
         lines += [f"{r.module:<{width}}  {r.init_r:>6}  {r.rank:>4}" for r in self.rows]
         return "\n".join(lines)
 
@@ -94,16 +97,21 @@ class RankReport:
         return {
             "adapter_name": self.adapter_name,
             "total": self.total,
+            "schedule": self.schedule,
             "rows": [asdict(r) for r in self.rows],
         }
 
 
 def rank_report(model: nn.Module, adapter_name: str | None = None) -> RankReport:
     """The kept rank of every AdaLoRA matrix of the model's active (or named) adapter."""
-    name, _ = resolve_adapter(model, adapter_name)
+    name, cfg = resolve_adapter(model, adapter_name)
+    steps = (cfg.total_step, cfg.tinit, cfg.tfinal, cfg.delta_t)
+    schedule = None  # the steps it ran with: the controller writes them in the config once T is known
+    if cfg.total_step is not None and all(type(v) is int for v in steps):
+        schedule = dict(zip(("total_step", "tinit", "tfinal", "delta_t"), steps))
     rows = []
     for path, a in adalora_layers(model, name).items():
         m = _LAYER_RE.search(f".{path}.")  # kind: the path inside the numbered block (attention.self.query)
         kind = f"{path}."[m.end() - 1 :].rstrip(".") if m else path
         rows.append(RankRow(path, int(m.group(1)) if m else None, kind, a.init_r, a.r))
-    return RankReport(name, tuple(rows))
+    return RankReport(name, tuple(rows), schedule)

@@ -9,6 +9,11 @@ and adapter file size. Output: ``compare.md`` (table), ``compare.json`` and ``co
 ``--methods full,lora,dora,qlora,adalora`` derives the configurations from one base config:
 full = every base parameter trains (no adapter); qlora = the base config's adapter on an NF4 base;
 dora/adalora = the same targets and rank with that method (AdaLoRA: init_r = 1.5 r -> target_r = r).
+
+Learning rate: each derived configuration trains with ``training.lr: auto`` (a rate for its method and
+model size, ``lorakit.train.lr_rule``: full fine-tuning needs a rate about 5x lower than an adapter, so
+one shared rate would cripple one side), unless ``--set training.lr=...`` says otherwise. Configuration
+files given without ``--methods`` keep the lr they set, and use auto when they set none.
 """
 
 from __future__ import annotations
@@ -29,9 +34,26 @@ COLUMNS = ("name", "method", "metric_name", "metric", "metric_before", "baseline
            "loss_first", "loss_last", "steps", "lr", "precision", "trainable_params", "trainable_pct",
            "train_seconds", "step_seconds", "peak_rss_mib", "latency_unmerged_ms", "latency_merged_ms",
            "adapter_bytes")
-def derive_configs(base: dict[str, Any], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+def lr_is_set(path: str | None, overrides: Sequence[str]) -> bool:
+    """Whether a ``--set training.lr=...`` override, or the config file at ``path``, names training.lr."""
+    if any(o.split("=", 1)[0].strip() == "training.lr" for o in overrides):
+        return True
+    if path is None:
+        return False
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    training = data.get("training") if isinstance(data, dict) else None
+    return isinstance(training, dict) and training.get("lr") is not None
+
+
+def derive_configs(
+    base: dict[str, Any], methods: Sequence[str], lr: float | str | None = "auto"
+) -> dict[str, dict[str, Any]]:
     """One run config (dict) per setup in ``methods`` (any of ``lorakit.methods.setups()``: the registered
-    methods and their variants, e.g. full and qlora), derived from ``base`` (a loaded YAML run config)."""
+    methods and their variants, e.g. full and qlora), derived from ``base`` (a loaded YAML run config).
+    ``lr`` goes into every one (default "auto": each method's own rate); None keeps the base config's."""
     known = setups()
     out: dict[str, dict[str, Any]] = {}
     for m in methods:
@@ -59,6 +81,8 @@ def derive_configs(base: dict[str, Any], methods: Sequence[str]) -> dict[str, di
         else:
             adapter["method"] = m
             cfg["adapter"] = adapter
+        if lr is not None:
+            cfg.setdefault("training", {})["lr"] = lr
         out[m] = cfg
     return out
 

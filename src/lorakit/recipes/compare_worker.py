@@ -113,7 +113,7 @@ def measure(raw: dict[str, Any]) -> dict[str, Any]:
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
         "steps": result.steps,
-        "lr": cfg.training.lr,
+        "lr": (result.summary.get("lr_auto") or {}).get("lr", cfg.training.lr),  # the rate it trained with
         "precision": result.summary.get("precision"),
         "trainable_params": int(eff.get("trainable_params", 0)),
         "trainable_pct": 100.0 * float(eff.get("ratio", 0.0)),

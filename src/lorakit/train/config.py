@@ -85,7 +85,8 @@ class TrainingSection:
     distributed: none, ddp or fsdp (FSDP2: the base and adapters sharded across processes); None picks ddp
     under torchrun with several processes, none for one.
     eval_every: steps between evaluations (None: at the end of each epoch). max_nonfinite: consecutive
-    steps with a non-finite loss that stop the run. num_workers None: min(4, cpus - 1).
+    steps with a non-finite loss that stop the run. num_workers None: min(4, cpus - 1). lr "auto": a rate
+    by method and model size (``lorakit.train.lr_rule``; the summary records it as ``lr_auto``).
     compile: torch.compile the model (opt-in; where the compiler is unavailable it warns and trains eagerly).
     Measured on a 2-core AVX512-BF16 CPU (benchmarks/bench_mfu.py): the llama-15m LoRA step -21%, but the
     compile time is ~50 steps' worth and new batch shapes recompile, so it does not pay for short runs."""
@@ -94,7 +95,7 @@ class TrainingSection:
     max_steps: int | None = None
     batch_size: int = 4
     grad_accumulation: int = 8
-    lr: float = 2e-4
+    lr: float | str = 2e-4  # or "auto": by method and model size (lorakit.train.lr_rule)
     optimizer: str = "adamw"
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
@@ -261,8 +262,11 @@ class RunConfig:
         for name, value in positive.items():
             if value is not None and value < 1:
                 raise ConfigError(f"{name}={show(value)} is invalid; expected a positive integer")
+        if isinstance(t.lr, str) and t.lr != "auto":
+            raise ConfigError(
+                f"training.lr={show(t.lr)} is invalid; expected a positive number (e.g. 2e-4) or 'auto'"
+            )
         nonneg = {
-            "training.lr": t.lr,
             "training.weight_decay": t.weight_decay,
             "training.eps": t.eps,
             "training.warmup_steps": t.warmup_steps,
@@ -273,7 +277,7 @@ class RunConfig:
         for name, value in nonneg.items():
             if value is not None and value < 0:
                 raise ConfigError(f"{name}={show(value)} is invalid; expected a number >= 0")
-        if t.lr <= 0:
+        if t.lr != "auto" and t.lr <= 0:
             raise ConfigError(f"training.lr={t.lr!r} is invalid; expected a positive number (e.g. 2e-4)")
         if not 0.0 <= t.warmup_ratio < 1.0:
             raise ConfigError(

@@ -44,6 +44,7 @@ from lorakit.train.callbacks import Callback, TrainState
 from lorakit.train.collate import BatchPlan, Collator
 from lorakit.train.config import RunConfig, load_run_config
 from lorakit.train.evaluate import evaluate, forward_loss, n_targets
+from lorakit.train.lr_rule import auto_lr
 from lorakit.train.metrics import peak_memory
 from lorakit.train.nonfinite import Skip, grad_skip, grads_not_finite
 from lorakit.train.precision import resolve_precision
@@ -141,8 +142,12 @@ class _Run:
 
             self.ddp = DDP(self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.lr_auto = None if t.lr != "auto" else auto_lr(
+            cfg.adapter.method if cfg.adapter else None, self.report.base_params, cfg.quant is not None
+        )
+        lr = self.lr_auto.lr if self.lr_auto else t.lr
         self.opt = torch.optim.AdamW(
-            optimizer_groups(self.model, t.weight_decay, t.lr), lr=t.lr, betas=t.betas, eps=t.eps
+            optimizer_groups(self.model, t.weight_decay, lr), lr=lr, betas=t.betas, eps=t.eps
         )
         self.global_batch = t.batch_size * t.grad_accumulation * d.world_size
         self._build_batches(pad_id(tok))
@@ -160,6 +165,8 @@ class _Run:
         if d.is_main:
             for r in reports:
                 print(r.table())
+            if self.lr_auto is not None:
+                print(f"training.lr=auto: {self.lr_auto.lr:g} for {self.lr_auto.why}")
             print(
                 f"model {cfg.model.name}: {self.report.trainable_params:,} trainable of "
                 f"{self.report.total_params:,} parameters ({100 * self.report.ratio:.4f}%); precision "
@@ -308,6 +315,9 @@ class _Run:
             pg, self.state.step, elapsed, start_tokens, setup, peak_memory(d.device), adapter_dir, rank_diff,
             self.report.as_dict(),
         )
+        if self.lr_auto is not None:
+            summary["lr_auto"] = self.lr_auto.as_dict()
+        summary.update(self.state.summary)  # what callbacks resolved (AdaLoRA's schedule in steps)
         if d.is_main:
             write_summary(summary, out, self.log.records, cfg.output.plot, f"{cfg.model.name} ({self.task})")
         return result_of(out, summary, pg, self.state.step)
