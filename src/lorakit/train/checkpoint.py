@@ -225,7 +225,8 @@ def latest_checkpoint(root: str) -> str | None:
     return found[-1][1] if found else None
 
 
-ARTIFACTS = ("checkpoints", "adapter", "metrics.jsonl", "summary.json", "loss_curve.png", "run_config.json")
+ARTIFACTS = ("checkpoints", "adapter", "metrics.jsonl", "summary.json", "loss_curve.png", "run_config.json",
+             "tb", "mlruns", "tracking.json")  # the last three: lorakit.train.tracking.ARTIFACTS
 
 
 def save_final_adapter(

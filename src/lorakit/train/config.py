@@ -29,6 +29,7 @@ from lorakit.config import AdapterConfig, ConfigError, QuantConfig
 from lorakit.errors import did_you_mean, show
 from lorakit.train.data import DataError, parse_fields
 from lorakit.train.tasks import SFT_FORMATS
+from lorakit.train.tracking import TOOLS
 from lorakit.validation import DTYPES, check_choice, mapping, named, read_section, yaml_floats
 
 MIXED_PRECISION = ("auto", "no", "fp32", "bf16", "fp16")
@@ -81,7 +82,9 @@ class TrainingSection:
     """The optimisation. batch_size is per process and micro-batch; one optimizer step sees
     batch_size x grad_accumulation x world_size rows. warmup_steps overrides warmup_ratio.
     eval_every: steps between evaluations (None: at the end of each epoch). max_nonfinite: consecutive
-    steps with a non-finite loss that stop the run. num_workers None: min(4, cpus - 1)."""
+    steps with a non-finite loss that stop the run. num_workers None: min(4, cpus - 1).
+    report_to: experiment trackers fed every metrics.jsonl record, any of tensorboard, mlflow, trackio (a
+    string is one; none by default; ``lorakit.train.tracking``)."""
 
     epochs: int = 3
     max_steps: int | None = None
@@ -106,6 +109,7 @@ class TrainingSection:
     max_nonfinite: int = 3
     seed: int = 0
     device: str = "auto"
+    report_to: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -125,8 +129,18 @@ def _yaml_no(training: dict[str, Any]) -> dict[str, Any]:
     """``mixed_precision: no`` (and ``--set training.mixed_precision=no``) reads as False in YAML 1.1: the
     documented value "no" is what was written."""
     if training.get("mixed_precision") is False:
-        return {**training, "mixed_precision": "no"}
-    return training
+        training = {**training, "mixed_precision": "no"}
+    return _report_to(training)
+
+
+def _report_to(training: dict[str, Any]) -> dict[str, Any]:
+    """``report_to``: a string is one tracker ("none", as in HF Trainer, and null are none)."""
+    value = training.get("report_to", ())
+    if value is None or value == "none":
+        value = ()
+    elif isinstance(value, str):
+        value = (value,)
+    return {**training, "report_to": value} if "report_to" in training else training
 
 
 @dataclass(frozen=True)
@@ -231,6 +245,10 @@ class RunConfig:
         check_choice("training.schedule", t.schedule, SCHEDULES)
         check_choice("training.optimizer", t.optimizer, ("adamw",))
         check_choice("data.task", d.task, TASKS)
+        for i, name in enumerate(t.report_to):
+            check_choice(f"training.report_to[{i}]", name, TOOLS)
+        if len(set(t.report_to)) != len(t.report_to):
+            raise ConfigError(f"training.report_to={list(t.report_to)} names a tracker twice")
         check_choice("data.batching", d.batching, BATCHING)
         check_choice("model.dtype", self.model.dtype, ("auto", *DTYPES))
         positive = {
