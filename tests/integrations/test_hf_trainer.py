@@ -23,7 +23,7 @@ from helpers import logits_of
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-from lorakit.integrations import LorakitCallback  # noqa: E402
+from lorakit.integrations import LorakitCallback, byte_tokenizer  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
 X = torch.tensor([[257, 49, 43, 50, 61, 51, 258], [257, 55, 43, 56, 61, 49, 53]])
@@ -39,16 +39,19 @@ def one_thread():
 
 
 def tokenizer():
-    """A real HF tokenizer for the builtin byte vocabulary (the data below is already token ids; the
-    Trainers use it for padding and saving)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    return byte_tokenizer()
 
-    vocab = {chr(i): i for i in range(32, 127)} | {"<pad>": 256, "<s>": 257, "</s>": 258, "<unk>": 259}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+
+def test_byte_tokenizer_equals_lorakit_byte_tokenizer():
+    from lorakit.models.tokenizer import ByteTokenizer
+
+    ours, hf = ByteTokenizer(), byte_tokenizer()
+    for text in ["1+2=3", "héllo wörld ✓ 日本", "a <s> b</s> <pad>", "  spaces\n\ttab", ""]:
+        assert hf(text)["input_ids"] == ours.encode(text), text
+        assert hf(text, add_special_tokens=False)["input_ids"] == ours.encode(text, add_special_tokens=False)
+        assert hf(text, "pair")["input_ids"] == ours.encode(text, "pair")
+        assert hf.decode(ours.encode(text, add_special_tokens=False)) == text
+    assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id, len(hf)) == (256, 257, 258, 260)
 
 
 def rows(n=24):
