@@ -156,6 +156,22 @@ def test_resumed_run_continues_the_same_run_and_step_axis(tmp_path):
     assert ml == expected
 
 
+def test_overwrite_run_replaces_the_tracked_run(tmp_path):
+    """--overwrite writes into a staging dir that is swapped in at the first checkpoint: the trackers
+    follow it, and the old run's tb/ and mlruns/ go with the old run."""
+    first = config(tmp_path, ["tensorboard", "mlflow"], max_steps=2, eval_every=None, lr=1e-3)
+    train(first)
+    second = config(tmp_path, ["tensorboard", "mlflow"], eval_every=None)  # 4 steps, checkpoint at 2
+    train(second, overwrite=True)
+    out = second.output.dir
+    expected = jsonl(out)
+    assert sorted(expected["loss"]) == [1, 2, 3, 4]
+    tb, _ = tensorboard_series(out)
+    assert tb == as_float32(expected)
+    run, ml, artifacts = mlflow_series(out)  # one run: the new one, whole
+    assert ml == expected and run.data.params["training.lr"] == "0.01" and "summary.json" in artifacts
+
+
 TRACKIO_SCRIPT = textwrap.dedent("""
     import json, sys
     from lorakit.train.config import RunConfig

@@ -57,6 +57,11 @@ class StepLog:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
+    def pause(self) -> None:
+        """The run's directory is about to move: the trackers close what they hold open in it."""
+        for sink in self.sinks:
+            sink.pause()
+
     def move(self, path: str) -> None:
         """The run's directory moved (an --overwrite run swapped in): append to ``path`` from now on."""
         if self.metrics.path and self.metrics.path != path:

@@ -53,7 +53,11 @@ class Tracker(Protocol):
 
     def log(self, record: dict[str, Any]) -> None: ...
 
-    def move(self, out: str) -> None: ...
+    def pause(self) -> None:
+        """The run's directory is about to move: close any file open inside it."""
+
+    def move(self, out: str) -> None:
+        """The run's directory is now ``out``."""
 
     def finish(self, artifacts: Sequence[str]) -> None: ...
 
@@ -130,6 +134,7 @@ class TensorBoardTracker:
         # a resumed run drops the events after its checkpoint, as metrics.jsonl drops those records
         purge = None if resume_step is None else resume_step + 1
         self.writer = SummaryWriter(log_dir=os.path.join(out, "tb"), purge_step=purge, flush_secs=10)
+        self.paused = False
         if resume_step is None:
             self.writer.add_text("config", _code(json.dumps(config, indent=2)), 0)
 
@@ -138,8 +143,18 @@ class TensorBoardTracker:
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
 
+    def pause(self) -> None:
+        """TensorBoard's writer reopens its file by path: close it before the directory moves."""
+        self.writer.close()
+        self.paused = True
+
     def move(self, out: str) -> None:
-        """The event file stays open across the rename of its directory: nothing to do."""
+        """Go on in a new event file in ``out/tb`` (readers join a directory's event files)."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        if self.paused:
+            self.writer = SummaryWriter(log_dir=os.path.join(out, "tb"), flush_secs=10)
+            self.paused = False
 
     def finish(self, artifacts: Sequence[str]) -> None:
         for path in artifacts:
@@ -220,6 +235,9 @@ class MlflowTracker:
         with _file_store_allowed():
             self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
 
+    def pause(self) -> None:
+        """Nothing stays open in the file store between calls."""
+
     def move(self, out: str) -> None:
         """The file store moved with the run's directory (an --overwrite run swapped in): reconnect."""
         self._connect(out)
@@ -260,6 +278,9 @@ class TrackioTracker:
     def log(self, record: dict[str, Any]) -> None:
         step, values = scalars(record)
         self.run.log(values, step=step)
+
+    def pause(self) -> None:
+        """Trackio's store is not in the run's directory: nothing to do."""
 
     def move(self, out: str) -> None:
         """Trackio's store is not in the run's directory: nothing to do."""

@@ -186,8 +186,8 @@ class _Run:
                 return done
             if self.d.is_main:
                 print(f"resuming from step {self.state.step} of {self.total} ({self.resume_from})")
-        self._begin()
         try:
+            self._begin()
             self.log.start_clock()
             start_tokens = self.progress.tokens
             for gb, fetch, per_epoch in self._global_batches():
@@ -196,7 +196,8 @@ class _Run:
             self.log.close_bar()
             return self._finish(self.log.elapsed(), start_tokens)
         except BaseException:
-            self.log.abort_sinks()
+            if hasattr(self, "log"):  # the trackers were opened: close them, the run marked failed
+                self.log.abort_sinks()
             raise
 
     def _begin(self) -> None:
@@ -333,6 +334,8 @@ class _Run:
 
     def _promote(self) -> None:
         """An --overwrite run replaces the previous one now that it has a checkpoint (or has ended)."""
+        if self.dir.staging is not None:
+            self.log.pause()
         self.dir.promote(self.d.is_main)
         self.log.move(os.path.join(self.dir.path, "metrics.jsonl"))
 
