@@ -170,6 +170,8 @@ def test_overwrite_run_replaces_the_tracked_run(tmp_path):
     assert tb == as_float32(expected)
     run, ml, artifacts = mlflow_series(out)  # one run: the new one, whole
     assert ml == expected and run.data.params["training.lr"] == "0.01" and "summary.json" in artifacts
+    assert run.info.run_name == "out" and run.info.artifact_uri.startswith("file://" + out + "/mlruns/")
+    assert not os.path.exists(tmp_path / ".out.staging")
 
 
 TRACKIO_SCRIPT = textwrap.dedent("""

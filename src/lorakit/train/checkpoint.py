@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorakit.state import adapter_configs
+from lorakit.train import tracking
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -226,7 +227,7 @@ def latest_checkpoint(root: str) -> str | None:
 
 
 ARTIFACTS = ("checkpoints", "adapter", "metrics.jsonl", "summary.json", "loss_curve.png", "run_config.json",
-             "tb", "mlruns", "tracking.json")  # the last three: lorakit.train.tracking.ARTIFACTS
+             *tracking.ARTIFACTS)
 
 
 def save_final_adapter(

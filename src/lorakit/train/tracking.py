@@ -92,17 +92,25 @@ def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def open_trackers(
-    names: Sequence[str], out: str, config: dict[str, Any], resume_step: int | None
+    names: Sequence[str],
+    out: str,
+    config: dict[str, Any],
+    resume_step: int | None,
+    run_name: str | None = None,
+    staged: bool = False,
 ) -> list[Tracker]:
-    """Start (``resume_step`` None) or continue the trackers ``names`` of the run in ``out``; rank 0 only."""
+    """Start (``resume_step`` None) or continue the trackers ``names`` of the run writing into ``out``;
+    rank 0 only. ``run_name``: the run's name in MLflow / Trackio (default: ``out``'s basename);
+    ``staged``: ``out`` is an --overwrite run's staging directory, to be moved (``Tracker.move``)."""
     if not names:
         return []
     check_installed(names)
     state = _read_state(out) if resume_step is not None else {}
+    name = run_name or os.path.basename(os.path.normpath(out))
     made: list[Tracker] = []
-    for name in names:
-        cls = {"tensorboard": TensorBoardTracker, "mlflow": MlflowTracker, "trackio": TrackioTracker}[name]
-        made.append(cls(out, config, resume_step, state))
+    for tool in names:
+        cls = {"tensorboard": TensorBoardTracker, "mlflow": MlflowTracker, "trackio": TrackioTracker}[tool]
+        made.append(cls(out, name, config, resume_step, state, staged))
     _write_state(out, state)
     return made
 
@@ -128,7 +136,10 @@ def _write_state(out: str, state: dict[str, Any]) -> None:
 class TensorBoardTracker:
     """Scalars per record, the config as text; the summary as text and the loss curve as an image."""
 
-    def __init__(self, out: str, config: dict[str, Any], resume_step: int | None, state: dict[str, Any]):
+    def __init__(
+        self, out: str, name: str, config: dict[str, Any], resume_step: int | None, state: dict[str, Any],
+        staged: bool = False,
+    ):
         from torch.utils.tensorboard import SummaryWriter
 
         # a resumed run drops the events after its checkpoint, as metrics.jsonl drops those records
@@ -193,43 +204,58 @@ def _file_store_allowed() -> Iterator[None]:
 
 class MlflowTracker:
     """One MLflow run in the file store ``<out>/mlruns``: metrics per record, the config as params and an
-    artifact; summary.json and loss_curve.png as artifacts at the end."""
+    artifact; summary.json and loss_curve.png as artifacts at the end.
+
+    MLflow records each run's artifact location as an absolute path, so a store must not move: an
+    --overwrite run (``staged``) keeps its records in memory until its directory is swapped in, then
+    opens the store there and logs them."""
 
     EXPERIMENT = "lorakit"
 
-    def __init__(self, out: str, config: dict[str, Any], resume_step: int | None, state: dict[str, Any]):
-        self._connect(out)
-        run_id = state.get("mlflow_run_id") if resume_step is not None else None
-        if run_id is None:
-            with _file_store_allowed():
-                exp = self.client.get_experiment_by_name(self.EXPERIMENT)
-                exp_id = exp.experiment_id if exp else self.client.create_experiment(self.EXPERIMENT)
-                run = self.client.create_run(exp_id, run_name=os.path.basename(os.path.normpath(out)))
-                run_id = run.info.run_id
-                self._log_config(run_id, config, out)
-        else:
-            with _file_store_allowed():
-                self.client.update_run(run_id, status="RUNNING")
-        self.run_id = state["mlflow_run_id"] = run_id
+    def __init__(
+        self, out: str, name: str, config: dict[str, Any], resume_step: int | None, state: dict[str, Any],
+        staged: bool = False,
+    ):
+        self.name, self.config, self.state = name, config, state
+        self.pending: list[dict[str, Any]] | None = [] if staged else None
+        self.run_id: str | None = None
+        if not staged:
+            self._open(out, state.get("mlflow_run_id") if resume_step is not None else None)
 
-    def _connect(self, out: str) -> None:
+    def _open(self, out: str, run_id: str | None) -> None:
+        from mlflow.store.tracking.file_store import FileStore
         from mlflow.tracking import MlflowClient
 
-        self.uri = "file://" + os.path.abspath(os.path.join(out, "mlruns"))
+        uri = "file://" + os.path.abspath(os.path.join(out, "mlruns"))
         with _file_store_allowed():
-            self.client = MlflowClient(tracking_uri=self.uri)
+            # MLflow caches one store object per URI for the process, and a cached one does not recreate
+            # a directory replaced since (an --overwrite run in the same process): FileStore's own
+            # constructor lays the store out on disk first
+            FileStore(uri)
+            self.client = MlflowClient(tracking_uri=uri)
+            if run_id is None:
+                exp = self.client.get_experiment_by_name(self.EXPERIMENT)
+                exp_id = exp.experiment_id if exp else self.client.create_experiment(self.EXPERIMENT)
+                run_id = self.client.create_run(exp_id, run_name=self.name).info.run_id
+                self._log_config(run_id)
+            else:
+                self.client.update_run(run_id, status="RUNNING")
+        self.run_id = self.state["mlflow_run_id"] = run_id
 
-    def _log_config(self, run_id: str, config: dict[str, Any], out: str) -> None:
+    def _log_config(self, run_id: str) -> None:
         from mlflow.entities import Param
 
-        params = [Param(k[:250], v[:6000]) for k, v in flat_config(config).items()]
+        params = [Param(k[:250], v[:6000]) for k, v in flat_config(self.config).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(run_id, params=params[i : i + 100])
-        self.client.log_dict(run_id, config, "run_config.json")
+        self.client.log_dict(run_id, self.config, "run_config.json")
 
     def log(self, record: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
+        if self.pending is not None:
+            self.pending.append(record)
+            return
         step, values = scalars(record)
         now = int(time.time() * 1000)
         with _file_store_allowed():
@@ -239,8 +265,14 @@ class MlflowTracker:
         """Nothing stays open in the file store between calls."""
 
     def move(self, out: str) -> None:
-        """The file store moved with the run's directory (an --overwrite run swapped in): reconnect."""
-        self._connect(out)
+        """The run's directory was swapped in at ``out``: open the store there and log what waited."""
+        if self.pending is None:
+            raise RuntimeError("MlflowTracker.move: only a staged (--overwrite) run moves")
+        pending, self.pending = self.pending, None
+        self._open(out, None)
+        _write_state(out, self.state)
+        for record in pending:
+            self.log(record)
 
     def finish(self, artifacts: Sequence[str]) -> None:
         with _file_store_allowed():
@@ -249,8 +281,9 @@ class MlflowTracker:
             self.client.set_terminated(self.run_id)
 
     def abort(self) -> None:
-        with _file_store_allowed():
-            self.client.set_terminated(self.run_id, status="FAILED")
+        if self.run_id is not None:  # a staged run that never swapped in has no MLflow run
+            with _file_store_allowed():
+                self.client.set_terminated(self.run_id, status="FAILED")
 
 
 class TrackioTracker:
@@ -259,15 +292,16 @@ class TrackioTracker:
 
     PROJECT = "lorakit"
 
-    def __init__(self, out: str, config: dict[str, Any], resume_step: int | None, state: dict[str, Any]):
+    def __init__(
+        self, out: str, name: str, config: dict[str, Any], resume_step: int | None, state: dict[str, Any],
+        staged: bool = False,
+    ):
         import trackio
 
         self.trackio = trackio
-        name = state.get("trackio_run") if resume_step is not None else None
-        resume = "must" if name else "never"
-        if name is None:
-            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-            name = f"{os.path.basename(os.path.normpath(out))}-{stamp}"
+        resumed = state.get("trackio_run") if resume_step is not None else None
+        resume = "must" if resumed else "never"
+        name = resumed or f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"  # unique in the project
         self.run = trackio.init(
             project=self.PROJECT, name=name, config=flat_config(config), resume=resume, embed=False,
             auto_log_cpu=False, auto_log_gpu=False,

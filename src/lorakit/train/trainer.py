@@ -209,7 +209,10 @@ class _Run:
             ckpt.write_json(cfg.to_dict(), os.path.join(out, "run_config.json"))
         resumed = self.resume_from is not None
         resume_step = self.state.step if resumed else None
-        trackers = open_trackers(cfg.training.report_to, out, cfg.to_dict(), resume_step) if main else []
+        trackers = []
+        if main:
+            name, staged = os.path.basename(self.dir.final), self.dir.staging is not None
+            trackers = open_trackers(cfg.training.report_to, out, cfg.to_dict(), resume_step, name, staged)
         self.log = StepLog(
             os.path.join(out, "metrics.jsonl") if main else None,
             resume_step,
