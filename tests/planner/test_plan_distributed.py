@@ -1,6 +1,6 @@
 """The planner plans only what ``lorakit train`` runs: DDP across GPUs (every GPU holds the whole model, its
-gradients and optimizer states, plus DDP's gradient buckets), FSDP refused until the trainer shards, and
-exactly the optimizers the trainer accepts."""
+gradients and optimizer states, plus DDP's gradient buckets), FSDP (sharded weights, gradients and optimizer
+states plus the parameters gathered in flight), and exactly the optimizers the trainer accepts."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from lorakit.cli.main import main
 from lorakit.config import ConfigError
 from lorakit.planner.arch import PlanError, resolve_arch
-from lorakit.planner.cost import GIB, OPTIMIZERS, Setup, trainable_params
-from lorakit.planner.plan import plan
+from lorakit.planner.cost import GIB, OPTIMIZERS, Setup, gather_bytes, trainable_params
+from lorakit.planner.plan import launch_command, plan
 from lorakit.train.config import RunConfig
 
 
@@ -49,15 +49,56 @@ def test_ddp_is_the_default_and_more_gpus_never_make_a_model_fit():
     assert any("DDP" in line for line in p.assumptions)
 
 
-def test_fsdp_is_refused_in_one_line(capsys):
-    with pytest.raises(PlanError, match=r"distributed='fsdp' is not supported yet") as e:
-        plan("tiny-llama", tokens=1000, gpus=2, distributed="fsdp")
-    assert "\n" not in str(e.value) and "ddp" in str(e.value)
-    with pytest.raises(PlanError, match="distributed='zero'"):
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_fsdp_shards_weights_gradients_and_states_but_not_activations(method):
+    kw = dict(tokens=10**6, method=method, gpu="H200-141GB")
+    one = plan("7B", gpus=1, **kw).selected
+    four = plan("7B", gpus=4, distributed="fsdp", **kw).selected
+    m1, m4 = one.memory, four.memory
+    for name in ("master_weights", "gradients", "optimizer_states"):
+        assert getattr(m4, name) == pytest.approx(getattr(m1, name) / 4), name
+    assert m4.activations == m1.activations and m4.transient == m1.transient
+    arch, setup = resolve_arch("7B"), Setup(method=method, distributed="fsdp")
+    gathered = gather_bytes(arch, setup)
+    assert m4.gathered == gathered and m4.weights == pytest.approx(m1.weights / 4 + gathered)
+    assert m4.comm_buffers == 0 and m1.gathered == 0  # no DDP buckets; one process gathers nothing
+    # the root (embeddings + head, 2 x 32000 x 4096 in bf16) stays gathered; two blocks are in flight
+    assert gathered > 2 * 32000 * 4096 * 2
+    assert four.hours == pytest.approx(one.hours / 4)
+
+
+def test_fsdp_makes_a_model_too_large_for_one_gpu_fit_on_several(capsys):
+    # full fine-tuning of 7B needs ~127 GiB on one GPU: never on 80 GB cards under DDP, on a few under FSDP
+    ddp = plan("7B", tokens=10**6, method="lora", gpu="A100-80GB")
+    assert ddp.methods["full"].fits_on["A100-80GB"] is None
+    p = plan("7B", tokens=10**6, method="full", gpu="A100-80GB", distributed="fsdp")
+    k = p.selected.gpus
+    assert k is not None and 2 <= k <= 4 and p.selected.memory.total <= 80 * GIB
+    assert launch_command(p) == (
+        f"torchrun --nproc_per_node={k} -m lorakit train CONFIG.yaml --set training.distributed=fsdp"
+    )
+    assert any("FSDP2" in line for line in p.assumptions)
+    assert main(["plan", "--model", "7B", "--tokens", "1M", "--method", "full", "--gpu", "A100-80GB",
+                 "--distributed", "fsdp"]) == 0
+    out = capsys.readouterr().out
+    assert f"run it: torchrun --nproc_per_node={k} " in out and "gathered" in out
+
+
+def test_launch_command_spreads_a_large_job_over_nodes_and_is_plain_on_one_gpu():
+    p = plan("70B", tokens=10**6, method="lora", gpu="RTX4090-24GB", distributed="fsdp")
+    k = p.selected.gpus
+    assert k > 8
+    nodes = -(-k // 8)
+    cmd = launch_command(p)
+    assert cmd.startswith(f"torchrun --nnodes={nodes} --nproc_per_node={-(-k // nodes)} --node_rank=RANK ")
+    assert "--rdzv-endpoint=HOST:29500" in cmd and cmd.endswith("--set training.distributed=fsdp")
+    assert launch_command(plan("tiny-llama", tokens=1000)) == "lorakit train CONFIG.yaml"
+
+
+def test_unknown_distributed_is_one_line(capsys):
+    with pytest.raises(PlanError, match="distributed='zero'") as e:
         plan("tiny-llama", tokens=1000, distributed="zero")
-    assert main(["plan", "--model", "tiny-llama", "--tokens", "1000", "--distributed", "fsdp"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "fsdp" in err and "\n" not in err
+    assert "\n" not in str(e.value) and "fsdp" in str(e.value)
 
 
 def test_planner_offers_exactly_the_optimizers_the_trainer_accepts(capsys):
@@ -98,7 +139,8 @@ def test_cli_ddp_plan_json(capsys):
     assert sel["memory"]["comm_buffers"] > 0 and sel["single_gpu_memory"]["comm_buffers"] == 0
 
 
-def test_setup_rejects_fsdp_directly():
-    with pytest.raises(PlanError, match="fsdp"):
-        Setup(distributed="fsdp")
-    assert dataclasses.replace(Setup(), distributed="ddp").distributed == "ddp"
+def test_setup_accepts_exactly_the_trainers_strategies():
+    for name in ("ddp", "fsdp"):
+        assert dataclasses.replace(Setup(), distributed=name).distributed == name
+    with pytest.raises(PlanError, match="expected one of"):
+        Setup(distributed="deepspeed")

@@ -8,7 +8,8 @@ import argparse
 def add_model_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     parser.add_argument(
         "--model", default=default, required=default is None,
-        help="local Hugging Face model directory, or a builtin: tiny-llama, tiny-gpt2, tiny-bert, llama-15m, minilm",
+        help="a builtin (tiny-llama, tiny-gpt2, tiny-bert, llama-15m, minilm), a local Hugging Face model "
+        "directory, or a hub id (from the local cache, else downloaded)",
     )
 
 

@@ -86,12 +86,13 @@ def resolve_model_path(name_or_path: str) -> str | None:
     return model_source(name_or_path).path if name_or_path not in BUILTIN_SPECS else None
 
 
-def model_source(name_or_path: str) -> ModelSource:
-    """Where a non-random-init model name points and whether to load it offline."""
+def model_source(name_or_path: str, needs: hub.Needs = hub.WEIGHTS) -> ModelSource:
+    """Where a non-random-init model name points and whether to load it offline, for a load that reads
+    ``needs`` (``lorakit.models.hub``: WEIGHTS, CONFIG or TOKENIZER)."""
     if name_or_path == "minilm":
         return ModelSource(minilm_path(), local_only=True)
     try:
-        return hub.model_source(name_or_path, BUILTIN_NAMES)
+        return hub.model_source(name_or_path, BUILTIN_NAMES, needs)
     except hub.ModelNotFoundError as e:
         raise ModelError(str(e)) from None
 
@@ -154,7 +155,7 @@ def require_causal_lm(name_or_path: str) -> None:
     if name_or_path in BUILTIN_SPECS:
         family, archs = BUILTIN_SPECS[name_or_path]["family"], []
     else:
-        source = model_source(name_or_path)  # a hub id to download: only its config.json is fetched here
+        source = model_source(name_or_path, hub.CONFIG)  # a hub id: only its config.json is fetched here
         tf = _transformers()
         try:
             with _quiet_transformers():

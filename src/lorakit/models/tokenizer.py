@@ -31,6 +31,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from lorakit.models import hub
 from lorakit.models.builtin import BOS_ID, BUILTIN_SPECS, EOS_ID, PAD_ID, ModelError, model_source
 
 UNK_ID = 259
@@ -156,12 +157,13 @@ def load_tokenizer(model_name_or_dir: str) -> Any:
     """The tokenizer for a model: the byte tokenizer for random-init builtins, else HF's AutoTokenizer.
 
     ``minilm`` resolves to its pip-installed directory; a local directory is loaded with
-    ``local_files_only=True``; any other string is treated as a hub id (works only when online).
+    ``local_files_only=True``; a hub id loads from the local Hugging Face cache when its tokenizer files
+    are there (no network), else downloads when the hub is reachable (``lorakit.models.hub``).
     """
     if model_name_or_dir in BUILTIN_SPECS:
         return ByteTokenizer()
     try:
-        source = model_source(model_name_or_dir)
+        source = model_source(model_name_or_dir, hub.TOKENIZER)
     except ModelError as e:
         raise TokenizerError(str(e)) from None
     try:

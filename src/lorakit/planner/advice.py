@@ -62,6 +62,8 @@ def recommendations(p: Plan, table: dict[str, Gpu], complexity: str) -> list[str
         f"; full fine-tuning needs {full.gpus} x {gpu.name} and costs {_money(full.training_cost)}"
         if full.fits
         else f"; full fine-tuning does not fit one {gpu.name} (DDP keeps a whole copy on every GPU)"
+        if p.setup.distributed == "ddp"
+        else f"; full fine-tuning does not fit {gpu.name} GPUs even sharded"
     )
     out.append(
         f"Cheapest method that fits: {cheapest.method} at {_money(cheapest.training_cost)} "
@@ -172,9 +174,15 @@ def assumptions(p: Plan, mfu: float | None) -> list[str]:
         + ".",
         f"Micro-batch {s.micro_batch} x {s.seq_len} tokens per GPU, {s.precision}, gradient checkpointing "
         f"{'on' if s.grad_checkpointing else 'off'}, {s.attention} attention, {s.optimizer}.",
-        "Multi-GPU: DDP, as lorakit train runs under torchrun: every GPU holds the whole model, its gradients "
-        "and optimizer states, plus DDP's gradient buckets (a copy of the trainable gradients); more GPUs cut "
-        "time, not memory per GPU (no FSDP sharding yet); communication time not modelled.",
+        (
+            "Multi-GPU: DDP, as lorakit train runs under torchrun: every GPU holds the whole model, its gradients "
+            "and optimizer states, plus DDP's gradient buckets (a copy of the trainable gradients); more GPUs cut "
+            "time, not memory per GPU (distributed='fsdp' shards it); communication time not modelled."
+            if s.distributed == "ddp"
+            else "Multi-GPU: FSDP2 as lorakit train runs it (fully_shard per decoder block, then the root): "
+            "weights (NF4 storage included), gradients and optimizer states split across GPUs, plus the root's "
+            "parameters and two blocks gathered in flight; activations are per GPU; communication time not modelled."
+        ),
         "Data: every row padded or packed to seq_len when dataset_rows is given.",
         "Serving: bf16 weights + 20% KV-cache headroom per replica, always on "
         "(serving_hours_per_month, default 730); merged adapter = its own base copy.",

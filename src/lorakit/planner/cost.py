@@ -18,11 +18,15 @@ Memory (bytes, per GPU)
   (2sbh in 16-bit, the paper's "full recomputation"), plus one layer's activations during recompute.
 - Plus logits and loss, the backward's transient gradient buffers, and the framework overhead of the
   GPU table.
-- K GPUs run DDP, as ``lorakit train`` does under torchrun: every GPU holds the whole model, its
-  gradients and optimizer states, plus DDP's gradient buckets, a flat copy of the trainable gradients
-  (``gradient_as_bucket_view`` off, PyTorch's default; its docs: setting it "saves" memory "equal to the
-  total gradients size"). More GPUs cut time, never memory per GPU. ``Memory.sharded`` keeps the ZeRO-3 /
-  FSDP split (Rajbhandari et al. 2020) for when the trainer shards; it is not offered until then.
+- K GPUs run as ``lorakit train`` does under torchrun (``training.distributed``):
+  DDP: every GPU holds the whole model, its gradients and optimizer states, plus DDP's gradient buckets, a
+  flat copy of the trainable gradients (``gradient_as_bucket_view`` off, PyTorch's default; its docs: setting
+  it "saves" memory "equal to the total gradients size"). More GPUs cut time, never memory per GPU.
+  FSDP (PyTorch's FSDP2, ``fully_shard`` per decoder block, then the root): weights (NF4 storage included),
+  gradients and optimizer states split K ways (ZeRO-3, Rajbhandari et al. 2020), plus the parameters
+  gathered in flight: the root's own (embeddings, final norm, output head: FSDP2 keeps the root unsharded
+  from forward to backward) and two blocks (the one computing and the one prefetched), in their storage
+  dtype. Activations are not sharded.
 
 Compute (per token)
 - Forward = 2 N_mm + attention (4 L s d_attn for QK^T and AV; half of it for causal kernels that skip
@@ -47,12 +51,7 @@ GIB = 2**30
 PRECISIONS = ("bf16-mixed", "fp32")
 ATTENTIONS = ("sdpa", "eager")  # "sdpa": memory-efficient/Flash, no s x s matrix; "eager": keeps it
 OPTIMIZERS = {"adamw": 8}  # optimizer -> state bytes per trainable param: exactly what lorakit train runs
-DISTRIBUTED = ("ddp",)  # multi-GPU strategies lorakit train runs ("fsdp", Memory.sharded, when it shards)
-KNOWN_DISTRIBUTED = ("ddp", "fsdp")  # what may be asked for: fsdp is refused with FSDP_REFUSED until then
-FSDP_REFUSED = (
-    "distributed='fsdp' is not supported yet: lorakit train runs DDP only (every GPU holds the whole model, "
-    "its gradients and optimizer states); plan with distributed='ddp', or fit one GPU with method='qlora'"
-)
+DISTRIBUTED = ("ddp", "fsdp")  # multi-GPU strategies lorakit train runs (training.distributed)
 NF4_BITS = {True: 4 + 8 / 64 + 32 / (64 * 256), False: 4 + 32 / 64}
 DEFAULT_MFU = 0.35  # assumption: model FLOPs utilisation of a well-configured single-node fine-tune
 # assumption: throughput relative to LoRA at the same FLOPs. QLoRA dequantizes every base weight per
@@ -82,8 +81,6 @@ class Setup:
     double_quant: bool = True
 
     def __post_init__(self) -> None:
-        if self.distributed == "fsdp":
-            raise PlanError(FSDP_REFUSED)
         checks = [
             ("method", self.method, METHODS),
             ("precision", self.precision, PRECISIONS),
@@ -160,6 +157,7 @@ class Memory:
     overhead: float
     gpus: int = 1
     comm_buffers: float = 0.0  # DDP's gradient buckets (K > 1 GPUs)
+    gathered: float = 0.0  # FSDP: unsharded parameters in flight (see gather_bytes)
 
     @property
     def total(self) -> float:
@@ -172,6 +170,7 @@ class Memory:
             + self.transient
             + self.overhead
             + self.comm_buffers
+            + self.gathered
         )
 
     def replicated(self, gpus: int) -> Memory:
@@ -187,8 +186,7 @@ class Memory:
 
     def sharded(self, gpus: int, gather_bytes: float) -> Memory:
         """Per-GPU memory when weights, gradients and optimizer states are split ``gpus`` ways (ZeRO-3 /
-        FSDP, Rajbhandari et al. 2020), plus ``gather_bytes`` of gathered weights in flight. Kept for
-        FSDP training; the planner does not offer it while ``lorakit train`` cannot shard."""
+        FSDP, Rajbhandari et al. 2020), plus ``gather_bytes`` of gathered weights in flight."""
         if gpus <= 0:
             raise PlanError(f"gpus={gpus!r} must be a positive integer")
         if self.gpus != 1:
@@ -205,6 +203,7 @@ class Memory:
             self.transient,
             self.overhead,
             gpus,
+            gathered=gather_bytes,
         )
 
     def as_gib(self) -> dict[str, float]:
@@ -217,6 +216,7 @@ class Memory:
             "transient",
             "overhead",
             "comm_buffers",
+            "gathered",
         )
         out = {n: getattr(self, n) / GIB for n in names}
         out["total"] = self.total / GIB
@@ -318,29 +318,41 @@ def memory(arch: Arch, setup: Setup, gpu: Gpu | None = None, gpus: int = 1) -> M
     step_temp = 4.0 * n  # the optimizer step's fp32 temporaries (foreach AdamW), when activations are gone
     transient = max(transient, step_temp - acts)
     overhead = gpu.overhead_gb * GIB if gpu else 0.0
-    return per_gpu(Memory(weights, master, grads, opt, acts, transient, overhead), setup, gpus)
+    mem1 = Memory(weights, master, grads, opt, acts, transient, overhead)
+    return per_gpu(mem1, setup, gpus, gather_bytes(arch, setup))
 
 
-def per_gpu(mem1: Memory, setup: Setup, gpus: int) -> Memory:
-    """Memory per GPU on ``gpus`` GPUs under ``setup.distributed``, from the single-GPU memory ``mem1``.
-    The one place a strategy turns into memory (FSDP: ``mem1.sharded(gpus, gather_bytes(...))``)."""
+def per_gpu(mem1: Memory, setup: Setup, gpus: int, gather: float = 0.0) -> Memory:
+    """Memory per GPU on ``gpus`` GPUs under ``setup.distributed``, from the single-GPU memory ``mem1``;
+    ``gather``: :func:`gather_bytes` (FSDP only). The one place a strategy turns into memory."""
     if setup.distributed == "ddp":
         return mem1.replicated(gpus)
+    if setup.distributed == "fsdp":
+        return mem1.sharded(gpus, gather)
     raise PlanError(f"distributed={setup.distributed!r} is not supported; expected one of {list(DISTRIBUTED)}")
 
 
 def gather_bytes(arch: Arch, setup: Setup) -> float:
-    """Weights gathered in flight under ZeRO-3/FSDP: about two blocks in the compute dtype (prefetch)."""
-    return 2.0 * sum(m.d_in * m.d_out for m in matrices(arch) if m.layer == 0) * setup.act_bytes
+    """Parameters FSDP holds unsharded at the peak: the root's (everything outside the blocks: embeddings,
+    final norm, head) and two blocks (computing + prefetched), in their storage dtype (NF4 for QLoRA's
+    block linears, the compute dtype otherwise; full fine-tuning's bf16 weights)."""
+    pc, pw = count_params(arch), setup.act_bytes
+    block = sum(m.d_in * m.d_out for m in matrices(arch) if m.layer == 0)
+    block_bytes = block * (NF4_BITS[setup.double_quant] / 8 if setup.method == "qlora" else pw)
+    root = pc.embeddings + pc.head + 2 * arch.hidden  # + the final norm (at most weight and bias)
+    return float(root * pw + 2 * block_bytes)
 
 
-def gpus_needed(mem1: Memory, gpu: Gpu, setup: Setup, max_gpus: int = 64) -> int | None:
+def gpus_needed(
+    mem1: Memory, gpu: Gpu, setup: Setup, max_gpus: int = 64, gather: float = 0.0
+) -> int | None:
     """The fewest GPUs (<= ``max_gpus``) on which the per-GPU memory under ``setup.distributed`` (with
-    this GPU's framework overhead) fits, or None. Under DDP that is 1 or None: more GPUs add no memory."""
+    this GPU's framework overhead; FSDP's ``gather`` bytes in flight) fits, or None. Under DDP that is 1 or
+    None: more GPUs add no memory."""
     cap = gpu.memory_gb * GIB
     mem1 = dataclasses.replace(mem1, overhead=gpu.overhead_gb * GIB)
     for k in range(1, max_gpus + 1):
-        if per_gpu(mem1, setup, k).total <= cap:
+        if per_gpu(mem1, setup, k, gather).total <= cap:
             return k
         if k == 1 and setup.distributed == "ddp":  # per-GPU memory only grows with k
             return None

@@ -4,8 +4,9 @@ It turns a model (builtin, HF config directory, or a size like "7B"), a data siz
 memory per GPU, the GPUs that fit, training time and cost, serving cost, ROI and payback, and
 recommendations tied to those numbers. Every method (full, LoRA, QLoRA, DoRA) is planned side by side
 so the recommendation can name the cheapest one that fits. It plans only what ``lorakit train`` runs:
-AdamW, and DDP over several GPUs (every GPU holds the whole model, so more GPUs cut time, not memory per
-GPU). The formulas and their sources are in :mod:`lorakit.planner.cost`; every default that is a guess is
+AdamW, and over several GPUs DDP (every GPU holds the whole model, so more GPUs cut time, not memory per
+GPU) or FSDP (weights, gradients and optimizer states sharded, so a base too large for one GPU fits on
+several); :func:`launch_command` is the ``torchrun`` line that runs the plan. The formulas and their sources are in :mod:`lorakit.planner.cost`; every default that is a guess is
 listed in ``Plan.assumptions``.
 """
 
@@ -21,8 +22,8 @@ from lorakit.planner.arch import Arch, ParamCount, PlanError, count_params, reso
 from lorakit.planner.cost import (
     ATTENTIONS,
     DEFAULT_MFU,
+    DISTRIBUTED,
     GIB,
-    KNOWN_DISTRIBUTED,
     METHOD_EFFICIENCY,
     METHODS,
     OPTIMIZERS,
@@ -31,6 +32,7 @@ from lorakit.planner.cost import (
     Setup,
     flops_per_step_extra,
     flops_per_token,
+    gather_bytes,
     gpus_needed,
     memory,
     train_hours,
@@ -39,14 +41,18 @@ from lorakit.planner.gpus import Gpu, get_gpu, load_gpus
 from lorakit.planner.roi import Roi, serving_cost_per_month
 
 MAX_GPUS = 64  # assumption: the largest job considered (8 nodes x 8 GPUs)
-_DDP_NOTE = "under DDP every GPU holds the whole model (lorakit train cannot shard it yet)"
+_NOTES = {
+    "ddp": "under DDP every GPU holds the whole model; distributed='fsdp' shards it",
+    "fsdp": "under FSDP weights, gradients and optimizer states are sharded; activations are not",
+}
+GPUS_PER_NODE = 8  # assumption: the node size a launch command spreads a larger job over
 # The values each string parameter of plan() accepts; the command line offers them as its choices.
 CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS,
     "precision": PRECISIONS,
     "attention": ATTENTIONS,
     "optimizer": tuple(OPTIMIZERS),
-    "distributed": KNOWN_DISTRIBUTED,
+    "distributed": DISTRIBUTED,
     "task_complexity": tuple(RANKS),
 }
 
@@ -125,7 +131,23 @@ class Plan:
 
         d = conv(self)
         d["selected"] = self.setup.method
+        d["launch"] = launch_command(self)
         return d
+
+
+def launch_command(p: Plan, config: str = "CONFIG.yaml") -> str:
+    """The command that runs the selected method as planned: ``lorakit train`` on one GPU, ``torchrun``
+    with ``training.distributed`` set on several (multi-node flags beyond :data:`GPUS_PER_NODE` GPUs)."""
+    k = p.selected.gpus or 1
+    if k == 1:
+        return f"lorakit train {config}"
+    nodes = -(-k // GPUS_PER_NODE)
+    if nodes == 1:
+        where = f"--nproc_per_node={k}"
+    else:
+        per = -(-k // nodes)
+        where = f"--nnodes={nodes} --nproc_per_node={per} --node_rank=RANK --rdzv-endpoint=HOST:29500"
+    return f"torchrun {where} -m lorakit train {config} --set training.distributed={p.setup.distributed}"
 
 
 def _positive(name: str, value: Any, integer: bool = False) -> None:
@@ -210,8 +232,9 @@ def plan(
         grad_checkpointing: recompute each block's activations in the backward instead of keeping them.
         attention: attention kernel: sdpa keeps no s x s matrix (memory-efficient / Flash), eager does.
         optimizer: what lorakit train runs: AdamW.
-        distributed: how ``gpus`` > 1 train: ddp (what lorakit train runs: every GPU holds the whole model,
-            so memory per GPU does not shrink); fsdp is refused until sharded training exists.
+        distributed: how ``gpus`` > 1 train (``training.distributed``): ddp (every GPU holds the whole
+            model, so memory per GPU does not shrink) or fsdp (FSDP2: weights, gradients and optimizer
+            states sharded across the GPUs, so a model too large for one GPU fits on several).
         adapters_per_base: unmerged adapters sharing one served base, 1 meaning merged.
         serving_hours_per_month: hours a month the served model runs.
         task: "causal-lm", "classification" or "base" (default: the model's own).
@@ -324,7 +347,7 @@ def _check_fits(sel: MethodPlan, arch: Arch, setup: Setup, gpu: Gpu, gpus: int |
     if not any(sel.fits_on.values()):
         need = sel.single_gpu_memory.activations + sel.single_gpu_memory.transient
         raise PlanError(
-            f"method={setup.method!r} on {arch.name} fits on no GPU in the table ({_DDP_NOTE}): one GPU "
+            f"method={setup.method!r} on {arch.name} fits on no GPU in the table ({_NOTES[setup.distributed]}): one GPU "
             f"needs {sel.single_gpu_memory.total / GIB:,.1f} GiB, {need / GIB:,.1f} GiB of it activations "
             f"(seq_len {setup.seq_len} x micro_batch {setup.micro_batch}); try qlora, gradient checkpointing "
             "or a smaller micro-batch/sequence"
@@ -335,7 +358,7 @@ def _check_fits(sel: MethodPlan, arch: Arch, setup: Setup, gpu: Gpu, gpus: int |
         where = ", ".join(f"{k} x{v}" for k, v in sel.fits_on.items() if v)
         raise PlanError(
             f"method={setup.method!r} on {arch.name} does not fit {gpus or 1} x {gpu.name} "
-            f"({per_gpu:,.1f} GiB per GPU of {gpu.memory_gb} GiB; {_DDP_NOTE})"
+            f"({per_gpu:,.1f} GiB per GPU of {gpu.memory_gb} GiB; {_NOTES[setup.distributed]})"
             + (f"; it needs {first} of them" if first else "")
             + f"; it fits on: {where}"
         )
@@ -353,10 +376,10 @@ def _method_plan(
     """One method's memory, GPUs, FLOPs, time, cost and ROI; ``gpus`` None: the fewest that fit."""
     from lorakit.planner.cost import trainable_params
 
-    mem1 = memory(arch, setup, None, 1)
-    fits_on = {name: gpus_needed(mem1, g, setup, MAX_GPUS) for name, g in table.items()}
+    mem1, gather = memory(arch, setup, None, 1), gather_bytes(arch, setup)
+    fits_on = {name: gpus_needed(mem1, g, setup, MAX_GPUS, gather) for name, g in table.items()}
     if gpu.name not in fits_on:
-        fits_on[gpu.name] = gpus_needed(mem1, gpu, setup, MAX_GPUS)
+        fits_on[gpu.name] = gpus_needed(mem1, gpu, setup, MAX_GPUS, gather)
     cap = gpu.memory_gb * GIB
     if gpus is None:
         k = fits_on[gpu.name]

@@ -7,7 +7,7 @@ import os
 
 from lorakit.io.atomic import atomic_write, atomic_write_text
 from lorakit.planner.cost import GIB
-from lorakit.planner.plan import Plan
+from lorakit.planner.plan import Plan, launch_command
 
 
 def _fmt_money(x: float | None) -> str:
@@ -82,6 +82,7 @@ def table(p: Plan) -> str:
         f"{sel.method} memory per GPU (GiB): {breakdown}; total {mem['total']:,.2f}",
         f"{sel.method} FLOPs/token {sel.flops_per_token:,.4g} (6N = {6 * p.params.matmul:,.4g}); total "
         f"{sel.total_flops:,.4g} at MFU {sel.mfu:.2f}",
+        f"run it: {launch_command(p)}",
         "",
         "Recommendations:",
     ]
@@ -143,6 +144,7 @@ def markdown(p: Plan, chart_name: str | None = "plan_chart.png") -> str:
         out += [f"![cost and memory per method]({chart_name})", ""]
     out += md + ["", f"## Memory per GPU for {sel.method} (GiB)", "", "| component | GiB |", "|---|---|"]
     out += [f"| {k} | {v:,.2f} |" for k, v in mem.items()]
+    out += ["", "## Run it", "", f"    {launch_command(p)}"]
     out += ["", "## Recommendations", ""] + [f"- {r}" for r in p.recommendations]
     out += ["", "## Assumptions", ""] + [f"- {r}" for r in p.assumptions]
     out += [
@@ -153,8 +155,9 @@ def markdown(p: Plan, chart_name: str | None = "plan_chart.png") -> str:
         "add grads + AdamW m, v; mixed-precision full FT = 2+2+4+4+4 = 16 B/param (ZeRO).",
         "- Activations: per-token tally of saved tensors after Korthikanti et al. 2022, sbh(34 + 5as/h) for a "
         "16-bit GPT layer; checkpointing keeps 2sbh per layer plus one recomputed layer.",
-        "- Multi-GPU (DDP): memory per GPU = one GPU's + DDP's gradient buckets (a copy of the trainable "
-        "gradients); time divided by the GPUs.",
+        "- Multi-GPU: DDP memory per GPU = one GPU's + DDP's gradient buckets (a copy of the trainable "
+        "gradients); FSDP = weights, gradients and optimizer states / GPUs + the root's parameters and two "
+        "blocks gathered in flight, activations unchanged; time divided by the GPUs.",
         "- FLOPs/token: full 6N_mm + 3 attention; LoRA 4N_mm + 3 attention + 6 N_adapter; +1 forward when "
         "checkpointing. Time = FLOPs / (GPUs x peak x MFU); cost = hours x GPUs x price.",
         "- ROI = (benefit - cost) / cost over the horizon, cost = training + serving; payback = training cost / "
