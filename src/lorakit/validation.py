@@ -201,6 +201,8 @@ def coerce(name: str, value: Any, tp: Any) -> Any:
             return {coerce(name, k, kt): coerce(f"{name}[{show(k)}]", v, vt) for k, v in value.items()}
     elif origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis and isinstance(value, (list, tuple)):  # tuple[X, ...]
+            return tuple(coerce(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value))
         if isinstance(value, (list, tuple)) and len(value) == len(args):
             return tuple(coerce(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
     raise ConfigError(

@@ -103,6 +103,7 @@ BASE: dict = {
         "device": "auto",
         "compile": False,
         "distributed": "ddp",
+        "report_to": [],
     },
     "output": {"dir": "out", "save_every": 10, "keep_last": 2, "progress": False, "plot": False},
 }
@@ -203,6 +204,20 @@ def _layers(v) -> bool:
     if v is None or _int(0)(v):
         return True
     return isinstance(v, list) and bool(v) and all(_int(0)(i) for i in v)
+
+
+TRACKERS = ("tensorboard", "mlflow", "trackio")
+
+
+def _report_to_ok(v) -> bool:
+    """None / "none" / one tracker name / a list of distinct tracker names."""
+    if v is None or isinstance(v, str) and (v == "none" or v in TRACKERS):
+        return True
+    return isinstance(v, list) and all(isinstance(s, str) and s in TRACKERS for s in v) and len(set(v)) == len(v)
+
+
+_REPORT_TO = _good(_report_to_ok, st.one_of(st.sampled_from([None, "none", *TRACKERS]),
+                                            st.lists(st.sampled_from(TRACKERS), unique=True, max_size=3)))
 
 
 def _str_list(v) -> bool:
@@ -340,6 +355,7 @@ SCHEMA: dict[str, dict] = {
         "compile": _bool,
         "distributed": _good(lambda v: v is None or (isinstance(v, str) and v in ("none", "ddp", "fsdp")),
                              st.sampled_from([None, "none", "ddp", "fsdp"])),
+        "report_to": _REPORT_TO,
     },
     "output": {"dir": _text(), "save_every": _int(0, optional=True), "keep_last": _int(1),
                "progress": _bool, "plot": _bool},

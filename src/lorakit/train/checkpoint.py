@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorakit.state import adapter_configs
+from lorakit.train import tracking
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -246,7 +247,8 @@ def latest_checkpoint(root: str) -> str | None:
     return found[-1][1] if found else None
 
 
-ARTIFACTS = ("checkpoints", "adapter", "metrics.jsonl", "summary.json", "loss_curve.png", "run_config.json")
+ARTIFACTS = ("checkpoints", "adapter", "metrics.jsonl", "summary.json", "loss_curve.png", "run_config.json",
+             *tracking.ARTIFACTS)
 
 
 def save_final_adapter(

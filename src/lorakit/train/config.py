@@ -30,6 +30,7 @@ from lorakit.config import AdapterConfig, ConfigError, QuantConfig
 from lorakit.errors import did_you_mean, show
 from lorakit.train.data import DataError, parse_fields
 from lorakit.train.tasks import SFT_FORMATS
+from lorakit.train.tracking import TOOLS
 from lorakit.validation import DTYPES, check_choice, mapping, named, read_section, yaml_floats
 
 MIXED_PRECISION = ("auto", "no", "fp32", "bf16", "fp16")
@@ -89,7 +90,9 @@ class TrainingSection:
     by method and model size (``lorakit.train.lr_rule``; the summary records it as ``lr_auto``).
     compile: torch.compile the model (opt-in; where the compiler is unavailable it warns and trains eagerly).
     Measured on a 2-core AVX512-BF16 CPU (benchmarks/bench_mfu.py): the llama-15m LoRA step -21%, but the
-    compile time is ~50 steps' worth and new batch shapes recompile, so it does not pay for short runs."""
+    compile time is ~50 steps' worth and new batch shapes recompile, so it does not pay for short runs.
+    report_to: experiment trackers fed every metrics.jsonl record, any of tensorboard, mlflow, trackio (a
+    string is one; none by default; ``lorakit.train.tracking``)."""
 
     epochs: int = 3
     max_steps: int | None = None
@@ -116,6 +119,7 @@ class TrainingSection:
     device: str = "auto"
     compile: bool = False
     distributed: str | None = None  # none | ddp | fsdp (None: ddp under several processes, none for one)
+    report_to: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -135,8 +139,18 @@ def _yaml_no(training: dict[str, Any]) -> dict[str, Any]:
     """``mixed_precision: no`` (and ``--set training.mixed_precision=no``) reads as False in YAML 1.1: the
     documented value "no" is what was written."""
     if training.get("mixed_precision") is False:
-        return {**training, "mixed_precision": "no"}
-    return training
+        training = {**training, "mixed_precision": "no"}
+    return _report_to(training)
+
+
+def _report_to(training: dict[str, Any]) -> dict[str, Any]:
+    """``report_to``: a string is one tracker ("none", as in HF Trainer, and null are none)."""
+    value = training.get("report_to", ())
+    if value is None or value == "none":
+        value = ()
+    elif isinstance(value, str):
+        value = (value,)
+    return {**training, "report_to": value} if "report_to" in training else training
 
 
 @dataclass(frozen=True)
@@ -243,6 +257,10 @@ class RunConfig:
             check_choice("training.distributed", t.distributed, DISTRIBUTED)
         check_choice("training.optimizer", t.optimizer, ("adamw",))
         check_choice("data.task", d.task, TASKS)
+        for i, name in enumerate(t.report_to):
+            check_choice(f"training.report_to[{i}]", name, TOOLS)
+        if len(set(t.report_to)) != len(t.report_to):
+            raise ConfigError(f"training.report_to={list(t.report_to)} names a tracker twice")
         check_choice("data.batching", d.batching, BATCHING)
         check_choice("model.dtype", self.model.dtype, ("auto", *DTYPES))
         positive = {

@@ -4,23 +4,38 @@ and the progress bar on stderr.
 A step record holds the step, epoch, loss, the learning rate that step used, the gradient norm (None for a
 skipped step), the real tokens trained on so far, this step's tokens per second, the seconds since the
 loop began, and whatever callbacks put in ``TrainState.metrics``.
+
+``sinks`` (the experiment trackers of ``lorakit.train.tracking``) get each record as metrics.jsonl holds it,
+when it is written there, so a tracker and the file cannot disagree.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from lorakit.train.metrics import MetricsLog
+from lorakit.train.tracking import Tracker
 
 
 class StepLog:
     """The metrics log (``path`` None on ranks other than 0) and, when asked for, the progress bar."""
 
-    def __init__(self, path: str | None, resume_step: int | None, log_every: int, total: int) -> None:
-        """``resume_step``: a resumed run's step, whose later records ``path`` drops (None: a new log)."""
+    def __init__(
+        self,
+        path: str | None,
+        resume_step: int | None,
+        log_every: int,
+        total: int,
+        sinks: Sequence[Tracker] = (),
+    ) -> None:
+        """``resume_step``: a resumed run's step, whose later records ``path`` drops (None: a new log).
+        ``sinks``: trackers fed every record written (rank 0 only: pass none where ``path`` is None)."""
         self.metrics = MetricsLog(path, resume_step)
+        self.sinks = list(sinks)
         self.log_every, self.total = log_every, total
         self.bar: Any = None
         self.start = time.perf_counter()
@@ -42,10 +57,37 @@ class StepLog:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
+    def pause(self) -> None:
+        """The run's directory is about to move: the trackers close what they hold open in it."""
+        for sink in self.sinks:
+            sink.pause()
+
     def move(self, path: str) -> None:
         """The run's directory moved (an --overwrite run swapped in): append to ``path`` from now on."""
-        if self.metrics.path:
+        if self.metrics.path and self.metrics.path != path:
             self.metrics.path = path
+            for sink in self.sinks:
+                sink.move(os.path.dirname(path))
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+        for sink in self.sinks:
+            sink.log(self.metrics.records[-1])  # the cleaned record, exactly as metrics.jsonl has it
+
+    def finish_sinks(self, artifacts: Sequence[str]) -> None:
+        """The run ended: hand the trackers its artifacts (files that exist) and close them."""
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.finish([a for a in artifacts if os.path.isfile(a)])
+
+    def abort_sinks(self) -> None:
+        """The run failed: close the trackers, marking the run failed where the tool has a status."""
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            try:
+                sink.abort()
+            except Exception as e:  # the run's own error matters more than a tracker's
+                print(f"warning: closing {type(sink).__name__} failed: {e}", file=sys.stderr)
 
     def step(
         self,
@@ -62,7 +104,7 @@ class StepLog:
         """Log optimizer step ``step`` (every ``log_every`` and the last) and advance the bar."""
         rate = real / max(seconds, 1e-9)
         if self.metrics.path is not None and (step % self.log_every == 0 or step == self.total):
-            self.metrics.write(
+            self._write(
                 {
                     "step": step,
                     "epoch": epoch,
@@ -82,7 +124,7 @@ class StepLog:
     def evaluation(self, step: int, metrics: dict[str, float] | None) -> None:
         """Log the evaluation metrics at ``step`` (None: there was no validation set)."""
         if metrics and self.metrics.path is not None:
-            self.metrics.write({"step": step, **metrics})
+            self._write({"step": step, **metrics})
 
     def close_bar(self) -> None:
         if self.bar is not None:

@@ -52,6 +52,7 @@ from lorakit.train.progress import Progress, Resumable
 from lorakit.train.schedule import make_scheduler, warmup_steps
 from lorakit.train.steplog import StepLog
 from lorakit.train.summary import TrainResult, already_complete, result_of, run_summary, write_summary
+from lorakit.train.tracking import check_installed, open_trackers
 
 __all__ = ["NonFiniteLossError", "TrainResult", "train"]
 
@@ -121,6 +122,7 @@ class _Run:
 
         self.cfg, self.d, t = cfg, d, cfg.training
         self.dir, self.resume_from = where, resume_from
+        check_installed(t.report_to)  # before the model loads: a missing tracker fails at once
         _seed_all(t.seed)
         self.mode = fsdp.resolve_mode(t.distributed, d)  # none | ddp | fsdp
         self.precision = resolve_precision(t.mixed_precision, d.device)
@@ -207,14 +209,19 @@ class _Run:
                 return done
             if self.d.is_main:
                 print(f"resuming from step {self.state.step} of {self.total} ({self.resume_from})")
-        self._begin()
-        self.log.start_clock()
-        start_tokens = self.progress.tokens
-        for gb, fetch, per_epoch in self._global_batches():
-            self._train_step(gb, fetch)
-            self._evaluate_or_save(end_of_epoch=self.progress.batch_index == per_epoch)
-        self.log.close_bar()
-        return self._finish(self.log.elapsed(), start_tokens)
+        try:
+            self._begin()
+            self.log.start_clock()
+            start_tokens = self.progress.tokens
+            for gb, fetch, per_epoch in self._global_batches():
+                self._train_step(gb, fetch)
+                self._evaluate_or_save(end_of_epoch=self.progress.batch_index == per_epoch)
+            self.log.close_bar()
+            return self._finish(self.log.elapsed(), start_tokens)
+        except BaseException:
+            if hasattr(self, "log"):  # the trackers were opened: close them, the run marked failed
+                self.log.abort_sinks()
+            raise
 
     def _begin(self) -> None:
         """The output directory, the metrics log, the callbacks' start and the evaluation before training."""
@@ -224,11 +231,17 @@ class _Run:
             ckpt.remove_partial(os.path.join(out, "checkpoints"))
             ckpt.write_json(cfg.to_dict(), os.path.join(out, "run_config.json"))
         resumed = self.resume_from is not None
+        resume_step = self.state.step if resumed else None
+        trackers = []
+        if main:
+            name, staged = os.path.basename(self.dir.final), self.dir.staging is not None
+            trackers = open_trackers(cfg.training.report_to, out, cfg.to_dict(), resume_step, name, staged)
         self.log = StepLog(
             os.path.join(out, "metrics.jsonl") if main else None,
-            self.state.step if resumed else None,
+            resume_step,
             cfg.training.log_every,
             self.total,
+            trackers,
         )
         for cb in self.callbacks:
             cb.on_train_begin(self.state)
@@ -320,6 +333,7 @@ class _Run:
         summary.update(self.state.summary)  # what callbacks resolved (AdaLoRA's schedule in steps)
         if d.is_main:
             write_summary(summary, out, self.log.records, cfg.output.plot, f"{cfg.model.name} ({self.task})")
+            self.log.finish_sinks([os.path.join(out, "summary.json"), os.path.join(out, "loss_curve.png")])
         return result_of(out, summary, pg, self.state.step)
 
     # --- evaluation and checkpoints ------------------------------------------------------------------
@@ -354,6 +368,8 @@ class _Run:
 
     def _promote(self) -> None:
         """An --overwrite run replaces the previous one now that it has a checkpoint (or has ended)."""
+        if self.dir.staging is not None:
+            self.log.pause()
         self.dir.promote(self.d.is_main)
         self.log.move(os.path.join(self.dir.path, "metrics.jsonl"))
 
