@@ -43,7 +43,8 @@ from lorakit.train.build import build_run_model, load_data, optimizer_groups
 from lorakit.train.callbacks import Callback, TrainState
 from lorakit.train.collate import BatchPlan, Collator
 from lorakit.train.config import RunConfig, load_run_config
-from lorakit.train.evaluate import evaluate, forward_loss, n_targets
+from lorakit.train.evaluate import evaluate, n_targets
+from lorakit.train.loss import TaskLoss
 from lorakit.train.metrics import peak_memory
 from lorakit.train.nonfinite import Skip, grad_skip, grads_not_finite
 from lorakit.train.precision import resolve_precision
@@ -121,11 +122,12 @@ class _Run:
         self.model = build_run_model(cfg, max(self.num_labels, 2), pad_id(tok), self.precision, d.device)
         self.report = efficiency_report(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.ddp = self.model
+        self.loss = TaskLoss(self.model, self.task)  # the loss runs inside the wrapped forward
+        self.ddp = self.loss
         if d.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.ddp = DDP(self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+            self.ddp = DDP(self.loss, device_ids=[d.device.index] if d.device.type == "cuda" else None)
         self.opt = torch.optim.AdamW(
             optimizer_groups(self.model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps
         )
@@ -147,7 +149,7 @@ class _Run:
             print(
                 f"model {cfg.model.name}: {self.report.trainable_params:,} trainable of "
                 f"{self.report.total_params:,} parameters ({100 * self.report.ratio:.4f}%); precision "
-                f"{self.precision.name} ({self.precision.why}); {self.total} steps of {self.global_batch} rows; device {d.device}"
+                f"{self.precision.name} ({self.precision.why}); loss {self.loss.path} ({self.loss.why}); {self.total} steps of {self.global_batch} rows; device {d.device}"
             )
 
     def _build_batches(self, pad: int) -> None:
@@ -302,7 +304,7 @@ class _Run:
         bs = self.cfg.training.eval_batch_size or self.cfg.training.batch_size
         autocast = self.precision.autocast(self.d.device)
         m = evaluate(
-            self.model, self.val_ds, self.eval_collate, self.task, bs, self.d, autocast, self.num_labels
+            self.loss, self.val_ds, self.eval_collate, self.task, bs, self.d, autocast, self.num_labels
         )
         for cb in self.callbacks:
             cb.on_evaluate(self.state, m)
@@ -340,7 +342,7 @@ class _Run:
             sync = not d.enabled or i == len(micro) - 1
             with self.ddp.no_sync() if not sync else contextlib.nullcontext():
                 with autocast():
-                    loss_sum, _ = forward_loss(self.ddp, batch, self.task)
+                    loss_sum, _ = self.ddp(batch)
                 loss = loss_sum * (d.world_size / n_tgt)
                 if i == 0:
                     extras = [
