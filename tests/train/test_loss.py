@@ -232,3 +232,13 @@ def test_probe_leaves_the_global_rng_alone():
 def test_bad_chunk_rows():
     with pytest.raises(ValueError, match="chunk_rows"):
         TaskLoss(build_model("tiny-llama"), "sft", chunk_rows=0)
+
+
+def test_an_fsdp_sharded_root_falls_back():
+    """fully_shard swaps the root's class for an FSDPModule subclass; its head is gathered only in its forward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    model = build_model("tiny-llama")
+    model.__class__ = type("FSDPLlamaForCausalLM", (FSDPModule, type(model)), {})  # what fully_shard does
+    loss_fn = TaskLoss(model, "sft")
+    assert loss_fn.path == "full" and "FSDP" in loss_fn.why

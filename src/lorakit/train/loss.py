@@ -132,6 +132,14 @@ def _probe(model: nn.Module, body: nn.Module, head: nn.Module) -> str | None:
     return None
 
 
+def _fsdp_sharded(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def _foreign_hooks(model: nn.Module) -> list[Any]:
     """Hooks on the model's own forward other than lorakit's row routing (a no-op without
     ``adapter_names``, which training batches never carry)."""
@@ -152,6 +160,8 @@ def split_lm(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None, str]
     why = _known_transform(config)
     if why:
         return None, None, why
+    if _fsdp_sharded(model):
+        return None, None, "an FSDP-sharded root gathers the head's parameters only inside its own forward"
     if _foreign_hooks(model):
         return None, None, f"{type(model).__name__} has hooks on its own forward, which the split would skip"
     try:
