@@ -1,7 +1,8 @@
 """Loss and evaluation for the two tasks.
 
 Causal LM (SFT): the summed next-token cross-entropy  sum_t -log p(y_{t+1} | y_<=t)  over positions whose
-label is not -100 (logits at t predict label t+1, the Hugging Face shift); eval reports the mean per
+label is not -100 (logits at t predict label t+1, the Hugging Face shift), computed by
+``lorakit.train.loss.TaskLoss`` (no logits for ignored positions, chunked); eval reports the mean per
 target token and perplexity = exp(mean loss).
 Classification: summed cross-entropy over rows; eval reports accuracy and macro-F1 (the unweighted mean
 over classes of F1_c = 2 TP_c / (2 TP_c + FP_c + FN_c), from the confusion matrix summed over ranks).
@@ -19,11 +20,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lorakit.train.distributed import Dist, all_sum, all_sum_tensor
+from lorakit.train.loss import IGNORE_INDEX, TaskLoss, forward_loss
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "evaluate", "forward_loss", "macro_f1", "n_targets"]
 
 
 def n_targets(example: dict[str, Any], task: str) -> int:
@@ -31,27 +32,6 @@ def n_targets(example: dict[str, Any], task: str) -> int:
     if task == "classification":
         return 1
     return sum(1 for lab in example["labels"][1:] if lab != IGNORE_INDEX)
-
-
-def forward_loss(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed loss, logits) for one collated batch already on the model's device."""
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if task == "sft":
-        inputs["use_cache"] = False
-    logits = model(**inputs).logits
-    if task == "classification":
-        return F.cross_entropy(logits.float(), labels, reduction="sum"), logits
-    shifted = logits[:, :-1].float()
-    loss = F.cross_entropy(
-        shifted.reshape(-1, shifted.size(-1)),
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss, logits
 
 
 def macro_f1(confusion: torch.Tensor) -> float:
@@ -68,7 +48,7 @@ def macro_f1(confusion: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module,
+    model: torch.nn.Module | TaskLoss,
     dataset: Any,
     collate: Callable[[list], dict[str, torch.Tensor]],
     task: str,
@@ -79,10 +59,12 @@ def evaluate(
     lockstep: bool = False,
 ) -> dict[str, float]:
     """Metrics over the whole validation set; rank r evaluates rows r, r + world, ... and sums are reduced.
+    ``model``: the model, or the ``TaskLoss`` the trainer already built around it (its loss path).
     ``lockstep`` (a sharded model, whose forward is collective): every rank runs as many batches as rank 0,
     a rank out of rows forwarding row 0 and discarding it."""
-    was_training = model.training
-    model.eval()
+    loss_fn = model if isinstance(model, TaskLoss) else TaskLoss(model, task)
+    was_training = loss_fn.training
+    loss_fn.eval()
     rows = list(range(d.rank, len(dataset), d.world_size))
     loss_sum = 0.0
     count = 0
@@ -93,17 +75,17 @@ def evaluate(
         examples = [dataset[i] for i in chunk or [0]]
         batch = {k: v.to(d.device) for k, v in collate(examples).items()}
         with autocast():
-            loss, logits = forward_loss(model, batch, task)
+            loss, aux = loss_fn(batch)  # aux: logits (classification) or the target count (SFT)
         if not chunk:
             continue
         loss_sum += float(loss)
         if task == "classification":
             count += len(examples)
-            pred = logits.argmax(-1).cpu()
+            pred = aux.argmax(-1).cpu()
             confusion.index_put_((batch["labels"].cpu(), pred), torch.ones_like(pred), accumulate=True)
         else:
-            count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    model.train(was_training)
+            count += int(aux)
+    loss_fn.train(was_training)
     loss_sum, count = all_sum([loss_sum, float(count)], d)
     mean = loss_sum / max(count, 1.0)
     if task == "classification":

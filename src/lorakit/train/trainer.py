@@ -43,7 +43,8 @@ from lorakit.train.build import build_run_model, load_data, optimizer_groups
 from lorakit.train.callbacks import Callback, TrainState
 from lorakit.train.collate import BatchPlan, Collator
 from lorakit.train.config import RunConfig, load_run_config
-from lorakit.train.evaluate import evaluate, forward_loss, n_targets
+from lorakit.train.evaluate import evaluate, n_targets
+from lorakit.train.loss import TaskLoss
 from lorakit.train.lr_rule import auto_lr
 from lorakit.train.metrics import peak_memory
 from lorakit.train.nonfinite import Skip, grad_skip, grads_not_finite
@@ -134,15 +135,17 @@ class _Run:
             fsdp.check_rows(len(self.train_ds), d, cfg.data.train)
         self.model = build_run_model(cfg, max(self.num_labels, 2), pad_id(tok), self.precision, d.device)
         self.report = efficiency_report(self.model)
-        self.ddp = self.model
         if self.mode == "fsdp":  # the model itself is sharded in place; its forward gathers block by block
             blocks = fsdp.check_model(self.model, cfg.adapter.method if cfg.adapter else "full")
             bf16 = self.precision.name == "bf16" and d.device.type == "cuda"
             fsdp.shard(self.model, blocks, d, bf16)
-        elif d.enabled:
+        # the loss runs inside the wrapped forward; built after sharding, so a sharded root keeps the full path
+        self.loss = TaskLoss(self.model, self.task)
+        self.ddp = self.loss
+        if self.mode != "fsdp" and d.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.ddp = DDP(self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+            self.ddp = DDP(self.loss, device_ids=[d.device.index] if d.device.type == "cuda" else None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.lr_auto = None if t.lr != "auto" else auto_lr(
             cfg.adapter.method if cfg.adapter else None, self.report.base_params, cfg.quant is not None
@@ -172,7 +175,7 @@ class _Run:
             print(
                 f"model {cfg.model.name}: {self.report.trainable_params:,} trainable of "
                 f"{self.report.total_params:,} parameters ({100 * self.report.ratio:.4f}%); precision "
-                f"{self.precision.name} ({self.precision.why}); {self.total} steps of {self.global_batch} rows; device {d.device}"
+                f"{self.precision.name} ({self.precision.why}); loss {self.loss.path} ({self.loss.why}); {self.total} steps of {self.global_batch} rows; device {d.device}"
             )
 
     def _build_batches(self, pad: int) -> None:
@@ -344,7 +347,7 @@ class _Run:
         bs = self.cfg.training.eval_batch_size or self.cfg.training.batch_size
         autocast = self.precision.autocast(self.d.device)
         m = evaluate(
-            self.model, self.val_ds, self.eval_collate, self.task, bs, self.d, autocast, self.num_labels,
+            self.loss, self.val_ds, self.eval_collate, self.task, bs, self.d, autocast, self.num_labels,
             lockstep=self.mode == "fsdp",
         )
         for cb in self.callbacks:
@@ -384,10 +387,10 @@ class _Run:
         local, extra_val = 0.0, 0.0
         for i, batch in enumerate(micro):
             batch = {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
-            sync = self.ddp is self.model or i == len(micro) - 1  # DDP: all-reduce on the last micro-batch
+            sync = self.ddp is self.loss or i == len(micro) - 1  # DDP: all-reduce on the last micro-batch
             with self.ddp.no_sync() if not sync else contextlib.nullcontext():
                 with autocast():
-                    loss_sum, _ = forward_loss(self.ddp, batch, self.task)
+                    loss_sum, _ = self.ddp(batch)
                 loss = loss_sum * (d.world_size / n_tgt)
                 if i == 0:
                     extras = [

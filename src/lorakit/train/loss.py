@@ -1,0 +1,218 @@
+"""The training loss as a module, so it runs inside the forward that DDP (or FSDP) wraps.
+
+Causal LM (SFT): the summed next-token cross-entropy  sum_t -log p(y_{t+1} | y_<=t)  over positions
+whose label is not -100 (logits at t predict label t+1, the Hugging Face shift). Computed without ever
+materialising full-vocabulary logits for the batch:
+
+1. the model's *body* (``model.get_decoder()``) gives hidden states h: (B, L, H);
+2. only the rows whose next label is kept are gathered: h_kept (N, H), N = number of targets -- no LM-head
+   work on prompt tokens (completion-only loss) or padding;
+3. the head (``model.get_output_embeddings()``; an adapter wrapping it is called the same way) and the
+   fp32 cross-entropy run over ``chunk_rows`` rows at a time; each chunk is a non-reentrant
+   ``torch.utils.checkpoint`` region, so what autograd keeps per chunk is its (chunk, H) hidden rows, and
+   the chunk's (chunk, V) logits are recomputed in backward, one chunk alive at a time.
+
+The result equals ``forward_loss`` (the full-logits reference, kept below) up to the order of the fp32
+sum. It is only used when logits are *proved* to be plain ``head(body(x))``: configs with a known logit
+transform (soft-capping, logit scaling) or hooks on the model's own forward take the full-logits path,
+and otherwise a short probe (8 tokens, eval mode, no grad, no global RNG used) compares
+``model(x).logits`` with ``head(body(x))`` on the actual model once; any difference -> full path.
+``TaskLoss.path`` / ``.why`` say which was chosen.
+
+Classification: summed cross-entropy over rows on the model's logits (unchanged).
+
+Losses are *sums* with their target counts so the trainer can normalise by the number of targets in the
+whole global batch (the gradient then does not depend on how the batch is split).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+CHUNK_LOGITS = 1 << 24  # logits per chunk by default (16 M: 64 MB in fp32), whatever the vocabulary
+PROBE_TOKENS = 8
+# config fields (of the config or its text_config) under which transformers changes logits after the head
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+
+
+def forward_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], task: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, logits) for one collated batch on the model's device, from the full logits.
+
+    The reference path: every position's full-vocabulary logits, cast to fp32."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if task == "sft":
+        inputs["use_cache"] = False
+    logits = model(**inputs).logits
+    if task == "classification":
+        return F.cross_entropy(logits.float(), labels, reduction="sum"), logits
+    shifted = logits[:, :-1].float()
+    loss = F.cross_entropy(
+        shifted.reshape(-1, shifted.size(-1)),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss, logits
+
+
+def _chunk_loss(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed fp32 cross-entropy of one chunk: rows (C, H), targets (C,) -> scalar."""
+    return F.cross_entropy(head(rows).float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy(
+    head: nn.Module, rows: torch.Tensor, targets: torch.Tensor, chunk_rows: int
+) -> torch.Tensor:
+    """sum_i -log softmax(head(rows_i))[targets_i], ``chunk_rows`` rows at a time.
+
+    With grad enabled each chunk is recomputed in backward (only its hidden rows are saved). Zero rows
+    still call the head once (on an empty chunk), so every head parameter stays in the graph (DDP)."""
+    total = None
+    for r, t in zip(rows.split(chunk_rows), targets.split(chunk_rows)):
+        if torch.is_grad_enabled():
+            part = checkpoint(_chunk_loss, head, r, t, use_reentrant=False)
+        else:
+            part = _chunk_loss(head, r, t)
+        total = part if total is None else total + part
+    assert total is not None  # split always yields at least one (possibly empty) chunk
+    return total
+
+
+def last_hidden(out: Any) -> torch.Tensor:
+    """The body's last hidden states, whether it returns a ModelOutput or a tuple."""
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _known_transform(config: Any) -> str | None:
+    for cfg in (config, getattr(config, "text_config", None)):
+        for name in LOGIT_TRANSFORMS:
+            value = getattr(cfg, name, None) if cfg is not None else None
+            if value is not None and not isinstance(value, bool):
+                return f"config.{name}={value!r} changes logits after the head"
+    return None
+
+
+def _probe(model: nn.Module, body: nn.Module, head: nn.Module) -> str | None:
+    """None when model(x).logits == head(body(x)) on a short fixed input; else why not."""
+    device = next(iter(head.parameters()), next(model.parameters())).device
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0) or 2
+    ids = torch.randint(0, vocab, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
+    inputs = {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "use_cache": False,
+    }
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            full = model(**inputs).logits
+            hidden = last_hidden(body(**inputs))
+            mine = head(hidden)
+    except Exception as e:  # a body that does not take these inputs: not provably plain
+        return f"the probe failed ({type(e).__name__}: {e})"
+    finally:
+        for m, was in modes.items():
+            m.training = was
+    if mine.shape != full.shape:
+        return f"head(body(x)) has shape {tuple(mine.shape)}, the model's logits {tuple(full.shape)}"
+    diff = float((mine.float() - full.float()).abs().max())
+    scale = float(full.float().abs().max())
+    if not diff <= 1e-6 * max(scale, 1.0):
+        return f"head(body(x)) differs from the model's logits by {diff:.3g} (max |logit| {scale:.3g})"
+    return None
+
+
+def _fsdp_sharded(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _foreign_hooks(model: nn.Module) -> list[Any]:
+    """Hooks on the model's own forward other than lorakit's row routing (a no-op without
+    ``adapter_names``, which training batches never carry)."""
+    from lorakit.surgery import rows
+
+    ours = (rows._pre_hook, rows._post_hook)  # installed by inject; see rows.install_row_routing
+    hooks = [*model._forward_pre_hooks.values(), *model._forward_hooks.values()]
+    return [h for h in hooks if h not in ours]
+
+
+def split_lm(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None, str]:
+    """(body, head, why) when the causal LM's logits are proved to be head(body(x)); (None, None, why) if not."""
+    config = getattr(model, "config", None)
+    get_body = getattr(model, "get_decoder", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    if config is None or get_body is None or get_head is None:
+        return None, None, f"{type(model).__name__} has no get_decoder / get_output_embeddings"
+    why = _known_transform(config)
+    if why:
+        return None, None, why
+    if _fsdp_sharded(model):
+        return None, None, "an FSDP-sharded root gathers the head's parameters only inside its own forward"
+    if _foreign_hooks(model):
+        return None, None, f"{type(model).__name__} has hooks on its own forward, which the split would skip"
+    try:
+        body, head = get_body(), get_head()
+    except Exception as e:  # transformers raises for models it has no rule for
+        return None, None, f"no body/head split ({type(e).__name__}: {e})"
+    if body is None or head is None or body is model:
+        return None, None, f"{type(model).__name__}: no separate body and output head"
+    why = _probe(model, body, head)
+    if why:
+        return None, None, why
+    return body, head, "logits are head(body(x)) (probed on this model)"
+
+
+class TaskLoss(nn.Module):
+    """``forward(batch) -> (summed loss, aux)``: aux is the logits (classification) or the target count (SFT).
+
+    Wraps ``model`` (a registered submodule: same parameters, ``train()``/``eval()`` reach it). For SFT
+    ``path`` is "chunked" (head only on kept rows, chunked fp32 cross-entropy) or "full" (the reference
+    ``forward_loss``, for models whose logits are not provably head(body(x))); ``why`` says why.
+    ``chunk_rows``: rows per cross-entropy chunk (default: ``CHUNK_LOGITS // vocab``, at least 16).
+    """
+
+    def __init__(self, model: nn.Module, task: str, chunk_rows: int | None = None):
+        super().__init__()
+        if chunk_rows is not None and chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be a positive number of rows, got {chunk_rows}")
+        self.model, self.task = model, task
+        self._body: nn.Module | None = None
+        self._head: nn.Module | None = None
+        self.path, self.why = "full", "classification uses the model's logits"
+        if task == "sft":
+            body, head, self.why = split_lm(model)
+            if body is not None:
+                # plain attributes, not submodules: the parameters are registered once, under self.model
+                object.__setattr__(self, "_body", body)
+                object.__setattr__(self, "_head", head)
+                self.path = "chunked"
+        vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 1)
+        self.chunk_rows = chunk_rows or max(16, CHUNK_LOGITS // vocab)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = batch["labels"]
+        if self.task == "classification":
+            return forward_loss(self.model, batch, self.task)
+        keep = labels[:, 1:] != IGNORE_INDEX  # (B, L-1): position t predicts label t+1
+        if self._body is None:
+            loss, _ = forward_loss(self.model, batch, self.task)
+            return loss, keep.sum()
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        hidden = last_hidden(self._body(**inputs, use_cache=False))  # (B, L, H)
+        rows = hidden[:, :-1][keep]  # (N, H): only positions whose next token is a target
+        targets = labels[:, 1:][keep]  # (N,)
+        return chunked_cross_entropy(self._head, rows, targets, self.chunk_rows), keep.sum()
