@@ -6,9 +6,11 @@ Per round, every (case, side) pair runs once in a fresh process, in alternating 
 lorakit, ...), so drift on a noisy machine hits both sides alike. Reported: median step time over all
 timed steps of all rounds, tokens/s, peak RSS and the training working set (peak RSS minus RSS after
 building the model), trainable parameters, the loss at step 1 on both sides (must agree: same
-computation), and ratios lorakit/PEFT, lorakit/full FT and lorakit/no-adapter floor. Inference: median
-forward latency of the base, unmerged LoRA q,v and merged LoRA q,v. Writes ``<suite>.json`` and
-``<suite>.md`` into ``--out``.
+computation), and ratios lorakit/PEFT, lorakit/full FT and lorakit/no-adapter floor; the same ratio in
+process CPU seconds (``cpu_time_vs_peft``: steadier than wall time on a shared machine). Inference: median
+forward latency of the base, unmerged LoRA q,v and merged LoRA q,v. Decode (``decode``): 32 rows x 1 token,
+eval, unmerged LoRA q,v vs PEFT and vs the plain base model timed alternately in the same process.
+Writes ``<suite>.json`` and ``<suite>.md`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from benchmarks.suites import SUITES
 TRAIN_CASES = ("lora_qv", "lora_all", "dora_qv", "qlora_qv", "adalora_qv", "lora_qv_bf16", "lora_qv_vocab")
 REFERENCE_CASES = ("floor", "full")
 LORAKIT_ONLY = ("mfu",)  # model-FLOPs utilisation of lorakit's bf16 step (benchmarks/bench_mfu.py)
+FORWARD_CASES = ("infer", "decode")
+DECODE_KEYS = ("decode_base_s", "decode_lora_s", "decode_base_cpu_s", "decode_lora_cpu_s")
 # loss at step 1 must agree within this. None = not comparable: bitsandbytes' CPU 4-bit matmul computes in
 # bf16 (its output differs from x @ W^T with its own dequantized W by ~5e-3 on llama-15m, while the
 # dequantized weights equal lorakit's), and AdaLoRA's orthogonality term has another form in PEFT.
@@ -76,10 +80,12 @@ def run_suite(suite_name: str, cases: list[str], timeout: float = 600.0) -> dict
             jobs.append((case, "torch"))
         elif case in LORAKIT_ONLY:
             jobs.append((case, "lorakit"))
-        elif case in (*TRAIN_CASES, "infer"):
+        elif case in (*TRAIN_CASES, *FORWARD_CASES):
             jobs += [(case, "lorakit"), (case, "peft")]
         else:
-            raise SystemExit(f"unknown case {case!r}; cases: {[*REFERENCE_CASES, *TRAIN_CASES, *LORAKIT_ONLY, 'infer']}")
+            raise SystemExit(
+                f"unknown case {case!r}; cases: {[*REFERENCE_CASES, *TRAIN_CASES, *LORAKIT_ONLY, *FORWARD_CASES]}"
+            )
     raw: dict[tuple[str, str], list[dict[str, Any]]] = {j: [] for j in jobs}
     start = time.perf_counter()
     for rnd in range(suite.rounds):
@@ -103,8 +109,9 @@ def summarize(suite_name: str, raw: dict[tuple[str, str], list[dict[str, Any]]],
             rows[key] = {"case": case, "side": side, "error": results[0].get("error") if results else "not run"}
             continue
         row: dict[str, Any] = {"case": case, "side": side}
-        if case == "infer":
-            for k in ("infer_base_s", "infer_unmerged_s", "infer_merged_s"):
+        if case in FORWARD_CASES:
+            keys = DECODE_KEYS if case == "decode" else ("infer_base_s", "infer_unmerged_s", "infer_merged_s")
+            for k in keys:
                 row[k] = statistics.median(r[k] for r in ok)
         elif case == "mfu":
             for k in ("step_s", "mfu", "rate_gflops", "achieved_gflops"):
@@ -112,7 +119,9 @@ def summarize(suite_name: str, raw: dict[tuple[str, str], list[dict[str, Any]]],
             row["gflop"] = ok[0]["gflop"]
         else:
             times = [t for r in ok for t in r["step_times"]]
+            cpu = [t for r in ok for t in r.get("cpu_times", [])]
             row.update(step_s=statistics.median(times), best_step_s=min(times),
+                       cpu_s=statistics.median(cpu) if cpu else None,
                        tokens_per_s=tokens / statistics.median(times), loss_step1=ok[0]["loss_step1"],
                        trainable=ok[0]["trainable"], peak_rss_mib=max(r["peak_rss_mib"] for r in ok),
                        train_mem_mib=statistics.median(r["train_mem_mib"] for r in ok))
@@ -131,6 +140,8 @@ def summarize(suite_name: str, raw: dict[tuple[str, str], list[dict[str, Any]]],
             r["time_vs_peft"] = a["step_s"] / b["step_s"]
             r["train_mem_vs_peft"] = a["train_mem_mib"] / max(b["train_mem_mib"], 1e-9)
             r["peak_rss_vs_peft"] = a["peak_rss_mib"] / b["peak_rss_mib"]
+            if a.get("cpu_s") and b.get("cpu_s"):
+                r["cpu_time_vs_peft"] = a["cpu_s"] / b["cpu_s"]
             tol = LOSS_TOL.get(case, 1e-5)
             diff = abs(a["loss_step1"] - b["loss_step1"])
             r["loss_step1_diff"] = diff
@@ -150,6 +161,15 @@ def summarize(suite_name: str, raw: dict[tuple[str, str], list[dict[str, Any]]],
     if "infer_base_s" in inf:
         ratios["infer_merged_vs_base"] = inf["infer_merged_s"] / inf["infer_base_s"]
         ratios["infer_unmerged_vs_base"] = inf["infer_unmerged_s"] / inf["infer_base_s"]
+    dk, dp = rows.get("decode/lorakit", {}), rows.get("decode/peft", {})
+    if "decode_lora_s" in dk:
+        d: dict[str, Any] = {"vs_base": dk["decode_lora_s"] / dk["decode_base_s"],
+                             "cpu_vs_base": dk["decode_lora_cpu_s"] / dk["decode_base_cpu_s"]}
+        if "decode_lora_s" in dp:
+            d.update(vs_peft=dk["decode_lora_s"] / dp["decode_lora_s"],
+                     cpu_vs_peft=dk["decode_lora_cpu_s"] / dp["decode_lora_cpu_s"],
+                     peft_vs_base=dp["decode_lora_s"] / dp["decode_base_s"])
+        ratios["decode"] = d
     return {"suite": suite_name, "settings": suite.__dict__ | {"dtype": str(suite.dtype),
                                                                   "compute_dtype": str(suite.compute_dtype)},
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": wall, "versions": _versions(),
@@ -168,15 +188,16 @@ def markdown(res: dict[str, Any]) -> str:
              f"dropout 0, AdamW; {s['rounds']} interleaved rounds x {s['steps']} timed steps, each run in its own "
              f"process. Versions: lorakit {v['lorakit']}, PEFT {v['peft']}, torch {v['torch']}, transformers "
              f"{v['transformers']}; {v['machine']}. Wall time {res['wall_s']:.0f} s.", "",
-             "| case | side | median step s | tokens/s | trainable | peak RSS MiB | train mem MiB | loss@1 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| case | side | median step s | CPU s | tokens/s | trainable | peak RSS MiB | train mem MiB | loss@1 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in res["rows"].values():
         if "error" in row:
-            lines.append(f"| {row['case']} | {row['side']} | error: {row['error'].splitlines()[-1][:80]} |||||||")
+            lines.append(f"| {row['case']} | {row['side']} | error: {row['error'].splitlines()[-1][:80]} ||||||||")
         elif row["case"] == "mfu":
             continue
         elif "step_s" in row:
-            lines.append(f"| {row['case']} | {row['side']} | {_f(row['step_s'])} | {_f(row['tokens_per_s'], '.0f')} | "
+            lines.append(f"| {row['case']} | {row['side']} | {_f(row['step_s'])} | {_f(row.get('cpu_s'))} | "
+                         f"{_f(row['tokens_per_s'], '.0f')} | "
                          f"{row['trainable']:,} | {_f(row['peak_rss_mib'], '.0f')} | {_f(row['train_mem_mib'], '.0f')} | "
                          f"{_f(row['loss_step1'], '.6f')} |")
     lines += ["", "| ratio | value |", "|---|---|"]
@@ -194,6 +215,13 @@ def markdown(res: dict[str, Any]) -> str:
                   "| case | GFLOP/step | median step s | achieved GFLOP/s | bf16 matmul GFLOP/s | MFU |", "|---|---|---|---|---|---|",
                   f"| lora_qv bf16 (lorakit) | {mfu['gflop']:.1f} | {mfu['step_s']:.3f} | {mfu['achieved_gflops']:.0f} | "
                   f"{mfu['rate_gflops']:.0f} | {100 * mfu['mfu']:.1f}% |"]
+    decode = [row for row in res["rows"].values() if row["case"] == "decode" and "decode_lora_s" in row]
+    if decode:
+        lines += ["", "| decode, 32 rows x 1 token (median ms) | plain base | LoRA q,v unmerged | base CPU ms | LoRA CPU ms |",
+                  "|---|---|---|---|---|"]
+        for row in decode:
+            lines.append(f"| {row['side']} | {row['decode_base_s'] * 1e3:.2f} | {row['decode_lora_s'] * 1e3:.2f} | "
+                         f"{row['decode_base_cpu_s'] * 1e3:.2f} | {row['decode_lora_cpu_s'] * 1e3:.2f} |")
     infer = [row for row in res["rows"].values() if row["case"] == "infer" and "infer_base_s" in row]
     if infer:
         lines += ["", "| inference (forward, median s) | base | LoRA unmerged | LoRA merged |", "|---|---|---|---|"]
@@ -206,7 +234,7 @@ def markdown(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", default="cpu-small", choices=sorted(SUITES))
-    ap.add_argument("--cases", default=",".join((*REFERENCE_CASES, *TRAIN_CASES, *LORAKIT_ONLY, "infer")))
+    ap.add_argument("--cases", default=",".join((*REFERENCE_CASES, *TRAIN_CASES, *LORAKIT_ONLY, *FORWARD_CASES)))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
     res = run_suite(args.suite, [c for c in args.cases.split(",") if c])

@@ -25,6 +25,9 @@ class Suite:
 SUITES = {
     # The issue's reference setting: llama-15m (hidden 512, 4 layers, 8 heads, vocab 2000), 8 x 256 tokens, 2 threads.
     "cpu-small": Suite("llama-15m", 8, 256, 2, warmup=2, steps=4, rounds=2, infer_repeats=5),
+    # Issue 16 items 4 and 5 (benchmarks/bench_speed.py): cpu-small with NF4 dequantized to bf16 for the matmul.
+    "cpu-speed": Suite("llama-15m", 8, 256, 2, warmup=2, steps=4, rounds=3, infer_repeats=20,
+                       compute_dtype=torch.bfloat16),
     # A quick smoke run of the whole harness (used by the tests).
     "smoke": Suite("tiny-llama", 2, 32, 1, warmup=1, steps=2, rounds=1, infer_repeats=2),
     # For a machine with an accelerator: same shape of report, bf16 base.

@@ -1,6 +1,7 @@
 """One benchmark measurement in its own process: ``python -m benchmarks.worker CASE SIDE SUITE OUT.json``.
 
 CASE: floor | full | lora_qv | lora_all | dora_qv | qlora_qv | adalora_qv | lora_qv_bf16 | lora_qv_vocab | mfu | infer
+| decode
 SIDE: lorakit | peft | torch (floor and full are plain PyTorch, the same for both libraries)
 
 ``lora_qv_bf16``: the step under ``torch.autocast("cpu", bf16)`` as each library runs it by default on a bf16 CPU:
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import statistics
 import sys
 import time
 from typing import Any
@@ -183,10 +185,10 @@ def train_steps(case: str, side: str, suite: Suite) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     rss_before = current_rss_mib()
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for step in range(suite.warmup + suite.steps):
         sync(suite)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         with autocast():
             out = model(**batch, use_cache=False)
         loss = out.loss
@@ -205,8 +207,9 @@ def train_steps(case: str, side: str, suite: Suite) -> dict[str, Any]:
         sync(suite)
         if step >= suite.warmup:
             times.append(time.perf_counter() - t)
+            cpu_times.append(time.process_time() - c)
     n_trainable = sum(p.numel() for p in params)
-    res = {"step_times": times, "loss_step1": losses[0], "trainable": n_trainable,
+    res = {"step_times": times, "cpu_times": cpu_times, "loss_step1": losses[0], "trainable": n_trainable,
            "rss_before_mib": rss_before, "peak_rss_mib": peak_rss_mib(),
            "train_mem_mib": peak_rss_mib() - rss_before}
     if suite.device == "cuda":
@@ -251,6 +254,35 @@ def inference(side: str, suite: Suite) -> dict[str, Any]:
     return {"infer_base_s": base, "infer_unmerged_s": unmerged, "infer_merged_s": merged}
 
 
+DECODE_ROWS = 32  # the decode shape: 32 sequences x 1 new token
+
+
+def decode(side: str, suite: Suite) -> dict[str, Any]:
+    """Decode-shape forward (32 rows x 1 token, eval, no grad): the plain base model (built from the same
+    seed, no adapter library involved) and unmerged LoRA q,v, timed alternately in this process so both
+    see the same machine state. Wall and process CPU seconds per forward, medians over 5 x infer_repeats."""
+    import lorakit as lk
+
+    plain = lk.build_model(suite.model, seed=0, dtype=suite.dtype).to(suite.device).eval()
+    adapted, _, _ = build("lora_qv", side, suite)
+    adapted.eval()
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, plain.config.vocab_size, (DECODE_ROWS, 1), generator=g).to(suite.device)
+    times: dict[str, list[float]] = {"base": [], "lora": [], "base_cpu": [], "lora_cpu": []}
+    with torch.no_grad():
+        for m in (plain, adapted, plain, adapted):  # warm both
+            m(input_ids=ids, use_cache=False)
+        for _ in range(5 * suite.infer_repeats):  # a decode forward is short: 5x the inference repeats
+            for name, m in (("base", plain), ("lora", adapted)):
+                sync(suite)
+                t, c = time.perf_counter(), time.process_time()
+                m(input_ids=ids, use_cache=False)
+                sync(suite)
+                times[name].append(time.perf_counter() - t)
+                times[name + "_cpu"].append(time.process_time() - c)
+    return {f"decode_{k}_s": statistics.median(v) for k, v in times.items()}
+
+
 def main(argv: list[str]) -> int:
     case, side, suite_name, out = argv
     suite = SUITES[suite_name]
@@ -260,8 +292,12 @@ def main(argv: list[str]) -> int:
         from benchmarks.bench_mfu import measure
 
         res = measure("bf16_base", suite.model, suite.batch, suite.seq, suite.warmup, suite.steps)
+    elif case == "infer":
+        res = inference(side, suite)
+    elif case == "decode":
+        res = decode(side, suite)
     else:
-        res = inference(side, suite) if case == "infer" else train_steps(case, side, suite)
+        res = train_steps(case, side, suite)
     res.update(case=case, side=side, suite=suite_name)
     with open(out, "w") as f:
         json.dump(res, f)

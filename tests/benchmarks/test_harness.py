@@ -30,3 +30,21 @@ def test_summary_and_markdown_from_measurements():
     assert "infer_merged_vs_base" in res["ratios"]
     md = markdown(res)
     assert "| lora_qv | lorakit |" in md and "inference" in md
+
+
+def test_decode_case_and_speed_goals_summarise():
+    """The decode case times the plain base and LoRA in one process; the ratios and goal table follow."""
+    pytest.importorskip("peft")
+    from benchmarks.bench_speed import goal_lines
+    from benchmarks.worker import decode
+
+    suite = SUITES["smoke"]
+    raw = {("decode", side): [decode(side, suite)] for side in ("lorakit", "peft")}
+    res = summarize("smoke", raw, 1.0)
+    d = res["ratios"]["decode"]
+    row = res["rows"]["decode/lorakit"]
+    assert d["vs_base"] == pytest.approx(row["decode_lora_s"] / row["decode_base_s"])
+    assert d["vs_peft"] == pytest.approx(row["decode_lora_s"] / res["rows"]["decode/peft"]["decode_lora_s"])
+    assert "decode, 32 rows x 1 token" in markdown(res)
+    table = "\n".join(goal_lines(res))
+    assert "| decode vs PEFT, wall |" in table and "| QLoRA step vs PEFT+bnb, wall | — |" in table

@@ -64,13 +64,29 @@ class LoraLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         reset_lora(self.lora_A.weight, self.lora_B.weight, r, init)
 
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        """A dropout(x) in the adapter dtype: (..., k) -> (..., r). No cast when x already has the adapter's
+        dtype; the dropout module is only called when it can change x (training, p > 0)."""
+        a = self.lora_A.weight
+        if x.dtype != a.dtype:
+            x = x.to(a.dtype)
+        if self.training and type(self.dropout) is not nn.Identity:
+            x = self.dropout(x)
+        return F.linear(x, a)
+
     def lora_out(self, x: torch.Tensor) -> torch.Tensor:
         """scale * B A dropout(x), in the adapter dtype. x: (..., k) -> (..., d)."""
-        x = self.dropout(x.to(self.lora_A.weight.dtype))
-        return F.linear(F.linear(x, self.lora_A.weight), self.lora_B.weight) * self.scaling
+        return F.linear(self._down(x), self.lora_B.weight) * self.scaling
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, access: WeightAccess) -> torch.Tensor:
-        return base_out + self.lora_out(x).to(base_out.dtype)
+        h = self._down(x)  # (..., r)
+        b = self.lora_B.weight  # (d, r)
+        if base_out.dtype == b.dtype and not torch.is_autocast_enabled(b.device.type):
+            # base_out + scale * h B^T as one addmm: no (..., d) temporaries for the product and its scaling.
+            d = base_out.shape[-1]
+            y = torch.addmm(base_out.reshape(-1, d), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling)
+            return y.view(base_out.shape)
+        return base_out + (F.linear(h, b) * self.scaling).to(base_out.dtype)
 
     def delta_weight(self, access: WeightAccess) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (d, k)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorakit.quant.nf4 import (
@@ -62,7 +63,8 @@ def _row_chunks(spec: QuantSpec):
 
 
 class _QuantMatmul(torch.autograd.Function):
-    """y = x @ W^T with W dequantized chunk by chunk; backward dx = dy @ W, dequantizing again."""
+    """y = x @ W^T with W dequantized chunk by chunk straight into x's dtype, in the (out, in) layout
+    ``F.linear`` reads as is; backward dx = dy @ W, dequantizing again (recomputed, never saved)."""
 
     @staticmethod
     def forward(ctx, x, spec, qweight, absmax, absmax2, offset):  # x: (N, in) in compute dtype
@@ -71,10 +73,10 @@ class _QuantMatmul(torch.autograd.Function):
         scale = _absmax_fp32(spec, absmax, absmax2, offset)
         chunks = list(_row_chunks(spec))
         if len(chunks) == 1:
-            return x @ _dequant_rows(spec, qweight, scale, 0, spec.shape[0], x.dtype).t()
+            return F.linear(x, _dequant_rows(spec, qweight, scale, 0, spec.shape[0], x.dtype))
         out = x.new_empty(x.shape[0], spec.shape[0])
         for r0, r1 in chunks:
-            out[:, r0:r1] = x @ _dequant_rows(spec, qweight, scale, r0, r1, x.dtype).t()
+            out[:, r0:r1] = F.linear(x, _dequant_rows(spec, qweight, scale, r0, r1, x.dtype))
         return out  # (N, out)
 
     @staticmethod

@@ -45,6 +45,9 @@ FP4_CODE = (
 
 # Elements processed per step when (de)quantizing: bounds the temporaries (~4M elements).
 CHUNK_ELEMENTS = 1 << 22
+# Code bytes dequantized per pass on CPU (64K weights): the fp32 temporaries (256 KiB) stay in the core's
+# L2 cache. Measured on the benchmark machine: ~2x faster than one pass over a 1376x512 or 4096x4096 weight.
+CPU_PASS_BYTES = 1 << 15
 
 
 class QuantError(ValueError):
@@ -193,13 +196,25 @@ def quantize_blockwise(
 
 
 def _pair_table(quant_type: str) -> torch.Tensor:
-    """(256, 2) fp32: the two levels held in each possible byte (high nibble first)."""
+    """(256,) int64: the two fp32 levels held in each possible byte (high nibble first), as one 8-byte word.
+
+    Looking a byte up in this 1-D table with ``index_select`` writes both levels of the byte in one
+    8-byte copy; the result viewed as fp32 is the element sequence (the view keeps memory order, so it is
+    endian-safe). On CPU this is many times faster than advanced indexing of a (256, 2) float table.
+    """
     code = code_table(quant_type)
     byte = torch.arange(256)
-    return torch.stack([code[byte >> 4], code[byte & 15]], dim=1)
+    return torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous().view(torch.int64).reshape(256)
 
 
-_PAIR_TABLES: dict[str, torch.Tensor] = {}
+_PAIR_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _pair_table_on(quant_type: str, device: torch.device) -> torch.Tensor:
+    table = _PAIR_TABLES.get((quant_type, device))
+    if table is None:
+        table = _PAIR_TABLES[(quant_type, device)] = _pair_table(quant_type).to(device)
+    return table
 
 
 def dequantize_blockwise(
@@ -208,21 +223,34 @@ def dequantize_blockwise(
     blocksize: int,
     quant_type: str,
     dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise` for whole blocks: flat tensor of ``dtype``.
 
-    ``codes`` covers ``absmax.numel()`` consecutive blocks. Values are formed in fp32
-    (level * absmax, as bitsandbytes does) and then cast to ``dtype``.
+    ``codes`` covers ``absmax.numel()`` consecutive blocks. Each value is level * absmax computed in fp32
+    and rounded once to ``dtype`` (as bitsandbytes does, so a bf16 result equals the fp32 one cast to
+    bf16 bit for bit); the multiply writes ``dtype`` directly, with no separate cast pass. On CPU the
+    work goes in passes of ``CPU_PASS_BYTES`` code bytes so the fp32 temporaries stay in cache. ``out``:
+    a contiguous tensor of ``dtype`` with one element per weight to write into (returned, viewed flat).
     """
-    if quant_type == "int8":
-        vals = codes.to(torch.float32) * (1.0 / 127.0)
-    else:
-        table = _PAIR_TABLES.get(quant_type)
-        if table is None or table.device != codes.device:
-            table = _PAIR_TABLES[quant_type] = _pair_table(quant_type).to(codes.device)
-        vals = table[codes.long()]  # (bytes, 2) -> high nibble first
-    vals = vals.reshape(-1, blocksize) * absmax.to(torch.float32).unsqueeze(1)
-    return vals.reshape(-1).to(dtype)
+    n_blocks = absmax.numel()
+    if out is None:
+        out = torch.empty(n_blocks * blocksize, dtype=dtype, device=codes.device)
+    out_blocks = out.view(n_blocks, blocksize)
+    codes = codes.reshape(-1)
+    scale = absmax.to(torch.float32).unsqueeze(1)  # (blocks, 1)
+    block_bytes = blocksize if quant_type == "int8" else blocksize // 2
+    step = max(1, CPU_PASS_BYTES // block_bytes) if codes.device.type == "cpu" else n_blocks
+    table = None if quant_type == "int8" else _pair_table_on(quant_type, codes.device)
+    for b0 in range(0, n_blocks, max(1, step)):
+        b1 = min(n_blocks, b0 + step)
+        part = codes[b0 * block_bytes : b1 * block_bytes]
+        if table is None:
+            vals = part.to(torch.float32).mul_(1.0 / 127.0)
+        else:  # one 8-byte copy per byte: its two fp32 levels
+            vals = table.index_select(0, part.to(torch.int32)).view(torch.float32)
+        torch.mul(vals.view(b1 - b0, blocksize), scale[b0:b1], out=out_blocks[b0:b1])
+    return out.view(-1)
 
 
 def double_quantize(
@@ -254,6 +282,8 @@ def double_dequantize(
 ) -> torch.Tensor:
     """Inverse of :func:`double_quantize`: fp32 (n,) absmax constants."""
     n = qabsmax.numel()
-    vals = _dynamic_map_on(qabsmax.device)[qabsmax.long()]
-    vals = torch.nn.functional.pad(vals, (0, (-n) % blocksize)).reshape(-1, blocksize)
-    return (vals * absmax2.float().unsqueeze(1)).reshape(-1)[:n] + offset.float()
+    vals = _dynamic_map_on(qabsmax.device).index_select(0, qabsmax.reshape(-1).to(torch.int32))
+    if n % blocksize:
+        vals = torch.nn.functional.pad(vals, (0, (-n) % blocksize))
+    vals = vals.view(-1, blocksize).mul_(absmax2.float().unsqueeze(1))
+    return vals.view(-1)[:n].add_(offset.float())

@@ -61,18 +61,30 @@ class AdaptedLayer(nn.Module):
         self.generation = bump_generation()
         # Per-row adapter routing for mixed batches (set by lorakit.surgery.rows); None = whole batch.
         self.row_routing: Any = None
+        self._access: tuple[nn.Module, WeightAccess] = (base, access)
 
     @property
     def access(self) -> WeightAccess:
-        return weight_access(self.base)
+        """The base's weight access, built once per base module (not on every forward)."""
+        base, access = self._access
+        if base is not self.base:  # the base module was replaced
+            access = weight_access(self.base)
+            self._access = (self.base, access)
+        return access
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self.base(x, *args, **kwargs)
-        if self.row_routing is not None and not self.disabled:
-            return self.row_routing(self, x, out)
-        if self.disabled or self.merged or self.active is None:
+        base = self.base
+        out = base(x, *args, **kwargs)
+        if self.disabled:
             return out
-        return self.adapters[self.active](x, out, self.access)
+        if self.row_routing is not None:
+            return self.row_routing(self, x, out)
+        if self.merged or self.active is None:
+            return out
+        cached, access = self._access  # plain attributes: no per-call objects on the decode path
+        if cached is not base:
+            access = self.access
+        return self.adapters[self.active](x, out, access)
 
     def add(self, name: str, adapter: nn.Module) -> None:
         if name in self.adapters:
