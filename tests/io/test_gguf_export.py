@@ -3,6 +3,8 @@ and that llama.cpp's formula on the written pairs, (alpha / r) * B @ A, rebuilds
 per module (rsLoRA, rank/alpha patterns, AdaLoRA). The check against llama.cpp itself is
 benchmarks/check_llama_cpp.py (needs the ``llamacpp`` extra)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -183,3 +185,73 @@ def test_bad_outtype_is_an_error(tmp_path):
     path = _saved(tmp_path, "tiny-llama", r=2, target_modules=["q_proj"])
     with pytest.raises(GGUFExportError, match="outtype='q4'"):
         export_gguf(path, tmp_path / "x.gguf", out_type="q4")
+
+
+@pytest.mark.parametrize("target, message", [("lm_head", "tied lm_head"), ("embed_tokens", "tied embedding")])
+def test_lora_on_tied_embeddings_is_an_error(tmp_path, target, message):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.io.gguf_export import export_adapter_gguf
+    from lorakit.models.builtin import builtin_config
+
+    cfg = builtin_config("tiny-llama")
+    cfg.tie_word_embeddings = True
+    model = AutoModelForCausalLM.from_config(cfg)
+    lk.inject(model, lk.AdapterConfig(r=2, target_modules=["q_proj", target]))
+    with pytest.raises(GGUFExportError, match=message):
+        export_adapter_gguf(model, tmp_path / "x.gguf")
+
+
+def hf_llama_dir(path, texts=("hello world, the quick brown fox", "jumps over the lazy dog 123")):
+    """A local Llama directory with a byte-level BPE tokenizer.json trained on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from lorakit.models.builtin import builtin_config
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts) * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    cfg = builtin_config("tiny-llama")
+    cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 320, 0, 1, None
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
+    return fast
+
+
+def test_merged_gguf_carries_an_hf_bpe_tokenizer(tmp_path):
+    fast = hf_llama_dir(tmp_path / "base")
+    model = lk.build_model(str(tmp_path / "base"))
+    lk.inject(model, lk.AdapterConfig(r=2, target_modules=["q_proj"]))
+    lk.save_adapter(model, tmp_path / "ad", base_model_name_or_path=str(tmp_path / "base"))
+    summary = export_gguf(tmp_path / "ad", tmp_path / "m.gguf", merged=True)
+    assert summary["vocab"] == "Hugging Face BPE tokenizer"
+    kv = _fields(gguf.GGUFReader(str(tmp_path / "m.gguf")))
+    assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.pre"] == "gpt-2"
+    vocab = fast.get_vocab()
+    tokens = kv["tokenizer.ggml.tokens"]
+    assert len(tokens) == 320 and all(tokens[i] == t for t, i in vocab.items())
+    assert tokens[len(vocab)] == f"[PAD{len(vocab)}]"
+    assert kv["tokenizer.ggml.bos_token_id"] == 0 and kv["tokenizer.ggml.eos_token_id"] == 1
+    assert len(kv["tokenizer.ggml.merges"]) == len(
+        json.loads(fast.backend_tokenizer.to_str())["model"]["merges"])
+
+
+def test_an_unmapped_tokenizer_falls_back_to_token_ids_with_a_warning(tmp_path):
+    hf_llama_dir(tmp_path / "base")
+    tj = tmp_path / "base" / "tokenizer.json"
+    data = json.loads(tj.read_text())
+    data["pre_tokenizer"] = {"type": "Whitespace"}
+    tj.write_text(json.dumps(data))
+    model = lk.build_model(str(tmp_path / "base"))
+    lk.inject(model, lk.AdapterConfig(r=2, target_modules=["q_proj"]))
+    lk.save_adapter(model, tmp_path / "ad", base_model_name_or_path=str(tmp_path / "base"))
+    with pytest.warns(UserWarning, match="pre_tokenizer .*Whitespace.*token ids"):
+        summary = export_gguf(tmp_path / "ad", tmp_path / "m.gguf", merged=True)
+    assert summary["vocab"] == "none (token ids)"
+    assert _fields(gguf.GGUFReader(str(tmp_path / "m.gguf")))["tokenizer.ggml.model"] == "none"

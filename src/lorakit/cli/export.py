@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
     s = export_gguf(args.adapter, args.out, model=args.model, merged=args.merged,
                     adapter_name=args.adapter_name, out_type=args.outtype)
-    what = f"merged {s['arch']} model, {s['tensors']} tensors" if args.merged else (
+    what = f"merged {s['arch']} model, {s['tensors']} tensors, vocabulary: {s['vocab']}" if args.merged else (
         f"{s['arch']} LoRA adapter, {s['pairs']} pairs, alpha {s['alpha']:g}")
     print(f"wrote {args.out} ({what}, {s['outtype']}; base {s['base']})")
     return 0

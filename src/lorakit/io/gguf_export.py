@@ -25,7 +25,6 @@ Only the Llama family (HF ``model_type`` "llama") has a name map here; anything 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -193,15 +192,15 @@ def _encode(t: torch.Tensor, out_type: str) -> tuple[np.ndarray, Any]:
     raise GGUFExportError(f"outtype={out_type!r} is not supported; expected one of {list(OUT_TYPES)}")
 
 
-def _write(path: str | os.PathLike, arch: str, kv: list[tuple[str, str, Any]],
+def _write(path: str | os.PathLike, arch: str, kv: list[tuple[Any, ...]],
            tensors: Mapping[str, tuple[np.ndarray, Any]]) -> None:
-    """Write one GGUF file atomically. kv: (kind, key, value) with kind a GGUFWriter add_* suffix."""
+    """Write one GGUF file atomically. kv: (kind, *args) for the GGUFWriter call ``add_<kind>(*args)``."""
     gguf = gguf_module()
 
     def write(tmp: str) -> None:
         w = gguf.GGUFWriter(tmp, arch=arch)
-        for kind, key, value in kv:
-            getattr(w, f"add_{kind}")(key, value)
+        for kind, *args in kv:
+            getattr(w, f"add_{kind}")(*args)
         for name, (array, raw) in tensors.items():
             w.add_tensor(name, array, raw_dtype=raw)
         w.write_header_to_file()
@@ -228,6 +227,10 @@ def adapter_gguf_tensors(model: nn.Module, adapter_name: str = "default",
         correction = f.scale / llama_cpp_scale(file_alpha, rank)
         b = f.b if correction == 1.0 else f.b * correction
         if f.embedding:
+            if getattr(config, "tie_word_embeddings", False):
+                raise GGUFExportError(
+                    f"{f.module}: LoRA on a tied embedding; llama.cpp would also apply it to the output head"
+                )
             if target != "token_embd.weight":
                 raise GGUFExportError(f"{f.module}: an embedding LoRA maps to {target}, not token_embd")
             out[target + ".lora_a"], out[target + ".lora_b"] = f.a.t().contiguous(), b.contiguous()
@@ -307,44 +310,17 @@ def merged_gguf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def byte_vocab(config: Any) -> list[tuple[str, str, Any]]:
-    """A SentencePiece-style ("llama") vocabulary for lorakit's byte tokenizer: ids 0-255 are the
-    bytes (<0xNN>, BYTE type), then pad / bos / eos as control tokens, any further id unused."""
-    gguf = gguf_module()
-    from lorakit.models.builtin import BOS_ID, EOS_ID, PAD_ID
-
-    n = int(config.vocab_size)
-    if n < EOS_ID + 1:
-        raise GGUFExportError(f"vocab_size={n} is smaller than lorakit's byte tokenizer ({EOS_ID + 1} ids)")
-    special = {PAD_ID: "<pad>", BOS_ID: "<s>", EOS_ID: "</s>"}
-    tokens = [f"<0x{i:02X}>" if i < 256 else special.get(i, f"<unused{i}>") for i in range(n)]
-    T = gguf.TokenType
-    types = [int(T.BYTE) if i < 256 else int(T.CONTROL if i in special else T.UNUSED) for i in range(n)]
-    K = gguf.Keys.Tokenizer
-    return [
-        ("string", K.MODEL, "llama"),
-        ("array", K.LIST, tokens),
-        ("array", K.SCORES, [0.0] * n),
-        ("array", K.TOKEN_TYPE, types),
-        ("uint32", K.BOS_ID, BOS_ID),
-        ("uint32", K.EOS_ID, EOS_ID),
-        ("uint32", K.PAD_ID, PAD_ID),
-        ("uint32", K.UNK_ID, PAD_ID),
-        ("bool", K.ADD_BOS, False),
-        ("bool", K.ADD_PREFIX, False),
-    ]
-
-
 def export_merged_gguf(model: nn.Module, path: str | os.PathLike, out_type: str = "f32",
-                       vocab: str = "bytes", name: str = "lorakit merged model") -> dict[str, Any]:
+                       vocab: list[tuple[Any, ...]] | None = None,
+                       name: str = "lorakit merged model") -> dict[str, Any]:
     """Write a plain (adapter-merged) Llama as a full llama.cpp model GGUF. Norms stay f32 (as
-    llama.cpp's converter keeps 1-D tensors). ``vocab``: "bytes" (lorakit's byte tokenizer, see
-    ``byte_vocab``) or "none" (token ids only; an HF tokenizer's vocabulary is not exported)."""
+    llama.cpp's converter keeps 1-D tensors). ``vocab``: tokenizer keys from ``lorakit.io.gguf_vocab``
+    (None: llama.cpp's "none" vocabulary, token ids only)."""
+    from lorakit.io.gguf_vocab import no_vocab
+
     gguf = gguf_module()
     arch = llama_arch(model.config)
     tensors = merged_gguf_tensors(model)
-    if vocab not in ("bytes", "none"):
-        raise GGUFExportError(f"vocab={vocab!r} is not supported; expected 'bytes' or 'none'")
     if out_type not in _FILE_TYPES:
         raise GGUFExportError(f"outtype={out_type!r} is not supported; expected one of {list(OUT_TYPES)}")
     kv = [
@@ -352,17 +328,11 @@ def export_merged_gguf(model: nn.Module, path: str | os.PathLike, out_type: str 
         ("string", gguf.Keys.General.NAME, name),
         ("uint32", gguf.Keys.General.FILE_TYPE, int(getattr(gguf.LlamaFileType, _FILE_TYPES[out_type]))),
         *model_hparams(model.config, arch),
-        *(byte_vocab(model.config) if vocab == "bytes" else no_vocab(model.config)),
+        *(no_vocab(model.config) if vocab is None else vocab),
     ]
     encoded = {k: _encode(v, out_type if v.dim() > 1 else "f32") for k, v in tensors.items()}
     _write(path, arch, kv, encoded)
     return {"arch": arch, "tensors": len(tensors), "outtype": out_type}
-
-
-def no_vocab(config: Any) -> list[tuple[str, str, Any]]:
-    """No tokenizer (llama.cpp's "none" vocabulary of vocab_size dummy tokens): token-id inputs only."""
-    K = gguf_module().Keys
-    return [("string", K.Tokenizer.MODEL, "none")]
 
 
 # ----------------------------------------------------------------------------------- from files
@@ -386,21 +356,10 @@ def export_gguf(adapter: str | os.PathLike, out: str | os.PathLike, model: str |
     llama_arch(net.config)
     load_adapter(net, adapter, adapter_name)
     if merged:
-        summary = export_merged_gguf(unload(net, merge=True), out, out_type, vocab=_vocab_for(base))
+        from lorakit.io.gguf_vocab import vocab_for
+
+        vocab, what = vocab_for(base, net.config)
+        summary = {**export_merged_gguf(unload(net, merge=True), out, out_type, vocab=vocab), "vocab": what}
     else:
         summary = export_adapter_gguf(net, out, adapter_name, out_type)
     return {**summary, "base": base}
-
-
-def _vocab_for(base: str) -> str:
-    """"bytes" for lorakit's builtin models (its byte tokenizer), else "none" (token-id inputs)."""
-    from lorakit.models.builtin import BUILTIN_SPECS
-
-    if base in BUILTIN_SPECS:
-        return "bytes"
-    warnings.warn(
-        f"model {base!r}: its Hugging Face tokenizer is not exported to GGUF; the file has llama.cpp's "
-        "'none' vocabulary, so feed it token ids",
-        stacklevel=3,
-    )
-    return "none"
