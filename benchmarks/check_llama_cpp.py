@@ -14,7 +14,10 @@ inputs (the builtin byte tokenizer's ids):
 logits of every position of a prompt, and the greedy continuation of ``--steps`` tokens. Pass when
 max |logit difference| <= ``TOL_ABS + TOL_REL * max |logit|`` and the greedy tokens are identical. Also
 reported: how far the base alone is from the adapted model (so an adapter that llama.cpp silently
-dropped cannot pass). Exit status 1 on a failure, 2 when llama_cpp is not installed.
+dropped cannot pass). Then the vocabulary: a local Llama directory with a byte-level BPE tokenizer.json
+(trained here with ``tokenizers``) is exported ``--merged``; llama.cpp's tokenization of a few texts
+must equal the Hugging Face tokenizer's, and its logits on them lorakit's. Exit status 1 on a failure,
+2 when llama_cpp is not installed.
 """
 
 from __future__ import annotations
@@ -76,6 +79,66 @@ def _llama_run(llama_cpp, model_path: str, prompt: list[int], steps: int, lora: 
     return logits, out
 
 
+TEXTS = ["hello world, the quick brown fox", "jumps over the lazy dog 123", "a fox's 42 dogs!\n  quick?"]
+
+
+def _hf_llama_dir(path: str):
+    """A local random-init Llama with a byte-level BPE tokenizer.json trained on TEXTS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from lorakit.models.builtin import builtin_config
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TEXTS[:2] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    cfg = builtin_config("tiny-llama")
+    cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 320, 0, 1, None
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
+    return fast
+
+
+def _check_hf_tokenizer(llama_cpp, tmp: str) -> dict:
+    """llama.cpp's tokens and logits on a merged GGUF that carries an HF BPE tokenizer."""
+    import lorakit as lk
+    from lorakit.io.gguf_export import export_gguf
+
+    base_dir, adapter_dir, out = (os.path.join(tmp, n) for n in ("hf_base", "hf_adapter", "hf_merged.gguf"))
+    fast = _hf_llama_dir(base_dir)
+    model = lk.build_model(base_dir)
+    lk.inject(model, lk.AdapterConfig(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"]))
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
+    lk.save_adapter(model, adapter_dir, base_model_name_or_path=base_dir)
+    export_gguf(adapter_dir, out, merged=True)
+    merged = lk.unload(model, merge=True)
+    llm = llama_cpp.Llama(model_path=out, n_ctx=128, logits_all=True, n_threads=2, verbose=False)
+    rows, ok = [], True
+    for text in TEXTS:
+        hf_ids = fast(text, add_special_tokens=False)["input_ids"]
+        cpp_ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        llm.reset()
+        llm.eval(hf_ids)
+        cpp_logits = np.array(llm.scores[: len(hf_ids)], dtype=np.float32)
+        with torch.no_grad():
+            ref = merged(torch.tensor([hf_ids])).logits[0].float().numpy()
+        diff = float(np.abs(cpp_logits - ref).max())
+        same = cpp_ids == hf_ids
+        ok &= same and diff <= TOL_ABS + TOL_REL * float(np.abs(ref).max())
+        rows.append({"text": text, "hf_ids": hf_ids, "same_ids": same, "max_abs_logit_diff": diff})
+    llm.close()
+    return {"texts": rows, "pass": ok}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny-llama", help="builtin Llama (tiny-llama, llama-15m)")
@@ -89,12 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import lorakit as lk
     from lorakit.io.gguf_export import export_gguf, export_merged_gguf
+    from lorakit.io.gguf_vocab import byte_vocab
 
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dir = os.path.join(tmp, "adapter")
         merged = _adapter(args.model, adapter_dir)
         paths = {k: os.path.join(tmp, f"{k}.gguf") for k in ("base", "adapter", "merged")}
-        export_merged_gguf(lk.build_model(args.model), paths["base"])
+        base = lk.build_model(args.model)
+        export_merged_gguf(base, paths["base"], vocab=byte_vocab(base.config))
         export_gguf(adapter_dir, paths["adapter"])
         export_gguf(adapter_dir, paths["merged"], merged=True)
         t0 = time.perf_counter()
@@ -104,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             "base.gguf + adapter.gguf": _llama_run(llama_cpp, paths["base"], PROMPT, args.steps, paths["adapter"]),
             "merged.gguf": _llama_run(llama_cpp, paths["merged"], PROMPT, args.steps),
         }
+        tokenizer_report = _check_hf_tokenizer(llama_cpp, tmp)
         seconds = time.perf_counter() - t0
     scale = float(np.abs(ref_logits).max())
     tol = TOL_ABS + TOL_REL * scale
@@ -121,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         ok &= passed
         report["runs"][name] = {"max_abs_logit_diff": diff, "greedy": tokens, "argmax_all_positions_equal": same,
                                 "pass": passed}
+    report["hf_tokenizer"] = tokenizer_report
+    ok &= tokenizer_report["pass"]
     print(json.dumps(report, indent=2))
     if args.out:
         os.makedirs(args.out, exist_ok=True)

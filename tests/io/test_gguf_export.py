@@ -116,8 +116,7 @@ def test_merged_gguf_keys_types_and_weights(tmp_path):
     model, path = _adapter(tmp_path, "plain")
     merged = lk.unload(model, merge=True)
     out = tmp_path / "merged.gguf"
-    summary = export_gguf(path, out, merged=True, out_type="f16")
-    assert summary["arch"] == "llama"
+    assert main(["export", str(path), "--format", "gguf", "-o", str(out), "--merged", "--outtype", "f16"]) == 0
     reader = gguf.GGUFReader(str(out))
     kv = _fields(reader)
     assert kv["general.type"] == "model" and kv["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_F16)
