@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("compare", "train/evaluate several configurations side by side: metric, params, time, memory, latency"),
     "inspect": ("inspect", "dry run: which modules an adapter config targets, and the efficiency table"),
     "merge": ("merge", "fold an adapter into its base model and write a plain Hugging Face model"),
+    "export": ("export", "write an adapter (or the merged model) as a llama.cpp GGUF file"),
     "data-check": ("data_check", "check a data file: counts, empty/duplicate rows, labels, token lengths, truncation"),
     "plan": ("plan", "plan a fine-tune: memory per GPU, GPUs, time, cost, ROI and recommendations per method"),
     "train": ("train", "fine-tune an adapter from a YAML run config (resumable; torchrun for several processes)"),
