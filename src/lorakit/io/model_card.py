@@ -58,8 +58,8 @@ def model_card(config: Mapping[str, Any], run: Mapping[str, Any] | None = None) 
         "", "PEFT:", "", "```python", "from peft import PeftModel", f"from transformers import {auto}",
         f"base = {auto}.from_pretrained({json.dumps(base)})",
         'model = PeftModel.from_pretrained(base, "path/to/this/directory")', "```", "",
-        "llama.cpp: convert this directory with llama.cpp's `convert_lora_to_gguf.py` (LoRA only; DoRA "
-        "magnitudes and fully trained modules are not supported there), then `llama-cli -m base.gguf "
-        "--lora adapter.gguf`.", "",
+        "llama.cpp: `lorakit export path/to/this/directory --format gguf -o adapter.gguf` (LoRA, rsLoRA, "
+        "rank patterns and AdaLoRA, Llama-family bases; DoRA and fully trained modules only as a merged model: "
+        "add `--merged`), then `llama-cli -m base.gguf --lora adapter.gguf`.", "",
     ]
     return "\n".join(front + lines)
