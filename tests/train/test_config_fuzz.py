@@ -132,6 +132,17 @@ def _int(lo: int, optional: bool = False):
     return _good(lambda v: (optional and v is None) or (_is_int(v) and lo <= v < INT64), _maybe_none(values, optional))
 
 
+def _steps(lo: int):
+    """An AdaLoRA schedule field: a step count (int >= lo) or a fraction of the run (a float in (0, 1); 0.0 where
+    0 steps is allowed)."""
+    def ok(v) -> bool:
+        if isinstance(v, float):
+            return 0.0 < v < 1.0 or (v == 0.0 and lo == 0)
+        return _is_int(v) and lo <= v < INT64
+
+    return _good(ok, st.one_of(st.integers(lo, lo + 100), st.floats(0.001, 0.999)))
+
+
 def _as_float(v, strings: bool):
     """What a float field reads: a number, or (YAML 1.1 reads 2e-4 as a string) a numeric string."""
     if isinstance(v, bool) or not isinstance(v, (int, float, str)) or (isinstance(v, str) and not strings):
@@ -310,9 +321,9 @@ SCHEMA: dict[str, dict] = {
         "bias": _choice("none"),
         "init_r": _int(1),
         "target_r": _int(1),
-        "tinit": _int(0),
-        "tfinal": _int(0),
-        "delta_t": _int(1),
+        "tinit": _steps(0),
+        "tfinal": _steps(0),
+        "delta_t": _steps(1),
         "beta1": _float(0.0, 1.0, lo_open=True),
         "beta2": _float(0.0, 1.0, lo_open=True),
         "orth_reg_weight": _float(0.0),
