@@ -7,27 +7,15 @@ import pytest
 import torch
 
 import lorakit as lk
+from adapters.adalora_helpers import TARGETS
+from adapters.adalora_helpers import adalora_model as _model
+from adapters.adalora_helpers import token_batch as _batch
 from lorakit.adapters.adalora import AdaLoraController
 from lorakit.adapters.adalora_budget import resolve_schedule
 from lorakit.adapters.base import method_callbacks
 from lorakit.bench.adalora_report import rank_report
 from lorakit.config import ConfigError
 from lorakit.train.callbacks import TrainState
-
-TARGETS = ["q_proj", "v_proj"]
-
-
-def _model(seed=0, **kw):
-    torch.manual_seed(seed)
-    m = lk.build_model("tiny-llama", seed=seed)
-    cfg = dict(method="adalora", init_r=6, target_r=3, target_modules=TARGETS, alpha=8.0)
-    cfg.update(kw)
-    return lk.inject(m, lk.AdapterConfig(**cfg))
-
-
-def _batch(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (2, 8), generator=g)
 
 
 def test_fractions_resolve_to_steps_and_ints_pass_through():
