@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.base import copy_peft_state
+from lorakit.adapters.base import adapter_input, copy_peft_state
 from lorakit.adapters.lora_init import WEIGHT_INITS, pissa_init  # noqa: F401  (pissa_init: moved there)
 from lorakit.adapters.loraplus import LORAPLUS_OPTIONS, loraplus_groups, validate_loraplus
 from lorakit.config import AdapterConfig, ConfigError
@@ -65,12 +65,13 @@ class LoraLinear(nn.Module):
         reset_lora(self.lora_A.weight, self.lora_B.weight, r, init)
 
     def _down(self, x: torch.Tensor) -> torch.Tensor:
-        """A dropout(x) in the adapter dtype: (..., k) -> (..., r). No cast when x already has the adapter's
-        dtype; the dropout module is only called when it can change x (training, p > 0)."""
+        """A dropout(x) in the adapter dtype: (..., k) -> (..., r); x is cast only when that changes the
+        product (``adapter_input``). The dropout module is only called when it can change x (training,
+        p > 0); it then sees the adapter-dtype x, as in PEFT."""
         a = self.lora_A.weight
-        if x.dtype != a.dtype:
-            x = x.to(a.dtype)
-        if self.training and type(self.dropout) is not nn.Identity:
+        drop = self.training and type(self.dropout) is not nn.Identity
+        x = adapter_input(x, a.dtype, cast=drop)
+        if drop:
             x = self.dropout(x)
         return F.linear(x, a)
 
@@ -83,6 +84,8 @@ class LoraLinear(nn.Module):
         b = self.lora_B.weight  # (d, r)
         if base_out.dtype == b.dtype and not torch.is_autocast_enabled(b.device.type):
             # base_out + scale * h B^T as one addmm: no (..., d) temporaries for the product and its scaling.
+            # (Not under autocast: there the product is rounded to the autocast dtype before it is scaled
+            # and added, as in PEFT, and a fused addmm would round once instead.)
             d = base_out.shape[-1]
             y = torch.addmm(base_out.reshape(-1, d), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling)
             return y.view(base_out.shape)

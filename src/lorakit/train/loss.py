@@ -8,9 +8,10 @@ materialising full-vocabulary logits for the batch:
 2. only the rows whose next label is kept are gathered: h_kept (N, H), N = number of targets -- no LM-head
    work on prompt tokens (completion-only loss) or padding;
 3. the head (``model.get_output_embeddings()``; an adapter wrapping it is called the same way) and the
-   fp32 cross-entropy run over ``chunk_rows`` rows at a time; each chunk is a non-reentrant
-   ``torch.utils.checkpoint`` region, so what autograd keeps per chunk is its (chunk, H) hidden rows, and
-   the chunk's (chunk, V) logits are recomputed in backward, one chunk alive at a time.
+   fp32 cross-entropy run over at most ``chunk_rows`` rows at a time; each chunk but the last is a
+   non-reentrant ``torch.utils.checkpoint`` region, so what autograd keeps per chunk is its (chunk, H)
+   hidden rows, and the chunk's (chunk, V) logits are recomputed in backward, one chunk alive at a time
+   (the last chunk's are kept: backward starts there, so keeping them costs no extra peak).
 
 The result equals ``forward_loss`` (the full-logits reference, kept below) up to the order of the fp32
 sum. It is only used when logits are *proved* to be plain ``head(body(x))``: configs with a known logit
@@ -72,18 +73,24 @@ def _chunk_loss(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> t
 def chunked_cross_entropy(
     head: nn.Module, rows: torch.Tensor, targets: torch.Tensor, chunk_rows: int
 ) -> torch.Tensor:
-    """sum_i -log softmax(head(rows_i))[targets_i], ``chunk_rows`` rows at a time.
+    """sum_i -log softmax(head(rows_i))[targets_i], in chunks of at most ``chunk_rows`` rows of equal size.
 
-    With grad enabled each chunk is recomputed in backward (only its hidden rows are saved). Zero rows
-    still call the head once (on an empty chunk), so every head parameter stays in the graph (DDP)."""
+    With grad enabled every chunk but the last is recomputed in backward (only its hidden rows are saved).
+    The last keeps its logits: backward starts with it, while every activation of the body is still held,
+    which is where a recomputed chunk would sit too -- so the peak is the same and one chunk's head work
+    is saved (all of it when the targets fit one chunk). Zero rows still call the head once (on an empty
+    chunk), so every head parameter stays in the graph (DDP)."""
+    n = rows.shape[0]
+    chunks = max(1, -(-n // chunk_rows))  # sizes differ by at most one: no small remainder at the end
+    parts = list(zip(rows.tensor_split(chunks), targets.tensor_split(chunks)))
     total = None
-    for r, t in zip(rows.split(chunk_rows), targets.split(chunk_rows)):
-        if torch.is_grad_enabled():
+    for i, (r, t) in enumerate(parts):
+        if torch.is_grad_enabled() and i < len(parts) - 1:
             part = checkpoint(_chunk_loss, head, r, t, use_reentrant=False)
         else:
             part = _chunk_loss(head, r, t)
         total = part if total is None else total + part
-    assert total is not None  # split always yields at least one (possibly empty) chunk
+    assert total is not None  # tensor_split always yields at least one (possibly empty) chunk
     return total
 
 
