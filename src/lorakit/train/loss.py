@@ -150,11 +150,10 @@ def _fsdp_sharded(model: nn.Module) -> bool:
 def _foreign_hooks(model: nn.Module) -> list[Any]:
     """Hooks on the model's own forward other than lorakit's row routing (a no-op without
     ``adapter_names``, which training batches never carry)."""
-    from lorakit.surgery import rows
+    from lorakit.surgery.rows import is_routing_hook
 
-    ours = (rows._pre_hook, rows._post_hook)  # installed by inject; see rows.install_row_routing
     hooks = [*model._forward_pre_hooks.values(), *model._forward_hooks.values()]
-    return [h for h in hooks if h not in ours]
+    return [h for h in hooks if not is_routing_hook(h)]
 
 
 def split_lm(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None, str]:
