@@ -158,11 +158,11 @@ def test_a_frozen_head_takes_its_gradient_in_forward_and_keeps_nothing_vocabular
     batch = BATCHES["group"](_examples(LENGTHS))
     for chunk_rows in (3, 1000):
         fused = TaskLoss(model, "sft", chunk_rows=chunk_rows)
-        new, new_g = _loss_and_grads(lambda: fused(batch)[0], model)
+        new, new_g = _loss_and_grads(lambda fused=fused: fused(batch)[0], model)
         hook = head.register_forward_hook(lambda m, i, o: None)  # a hook: the module path, recomputing
         try:
             assert not fusable_head(head)
-            ref, ref_g = _loss_and_grads(lambda: fused(batch)[0], model)
+            ref, ref_g = _loss_and_grads(lambda fused=fused: fused(batch)[0], model)
         finally:
             hook.remove()
         torch.testing.assert_close(new, ref, rtol=1e-6, atol=1e-5)

@@ -19,9 +19,10 @@ Memory (bytes, per GPU)
 - Plus the loss, the backward's transient gradient buffers, and the framework overhead of the GPU table.
   The loss (``Setup.loss``): ``chunked`` is lorakit train's (``lorakit.train.loss``): only the hidden
   rows of target tokens reach the head (counted as every token: the planner does not know the prompt
-  share), fp32 cross-entropy in chunks of ``CHUNK_LOGITS`` logits, every chunk but the last recomputed
-  in backward -- so it keeps the rows (h per token) and one chunk's fp32 log-softmax, and a chunk's
-  logits and gradients are in flight in backward; nothing vocabulary-sized per token. ``full`` is the
+  share), fp32 cross-entropy in chunks of ``CHUNK_LOGITS`` logits. A frozen head takes the rows'
+  gradient in forward (it keeps h per token; one chunk's logits, fp32 copy and gradient in flight); a
+  trained head recomputes every chunk but the last in backward (it keeps the rows and one chunk's fp32
+  log-softmax; a chunk's logits and gradients in flight). Nothing vocabulary-sized per token. ``full`` is the
   Hugging Face loss (``model(..., labels=...).loss``, e.g. under the HF Trainer): the logits of every
   position are returned and their fp32 log-softmax kept (vocab x (p + 4) bytes per token).
 - K GPUs run as ``lorakit train`` does under torchrun (``training.distributed``):
@@ -298,13 +299,14 @@ def activation_bytes(
         saved += 4 * h + (p * h if full else 0) if arch.layout.rms_norm else p * h
     saved += p * h if head_trained else 0
     transient = (2 * arch.intermediate + h) * p * tokens  # gradient buffers of the block being back-propagated
-    loss_saved, loss_transient = loss_activation_bytes(arch, setup)
+    loss_saved, loss_transient = loss_activation_bytes(arch, setup, head_trained)
     return saved * tokens + loss_saved, max(transient, loss_transient)
 
 
-def loss_activation_bytes(arch: Arch, setup: Setup) -> tuple[float, float]:
+def loss_activation_bytes(arch: Arch, setup: Setup, head_trained: bool = False) -> tuple[float, float]:
     """(saved, transient) bytes of a causal LM's loss for one micro-batch (``Setup.loss``; zero for other
-    tasks, whose logits are one row per sequence)."""
+    tasks, whose logits are one row per sequence). ``head_trained``: the output head has trainable
+    parameters (full fine-tuning, an adapter on it), which takes lorakit's recomputed-chunks path."""
     if arch.task != "causal-lm":
         return 0.0, 0.0
     p, tokens, v = setup.act_bytes, setup.tokens_per_step, arch.vocab
@@ -312,6 +314,10 @@ def loss_activation_bytes(arch: Arch, setup: Setup) -> tuple[float, float]:
         # logits (returned) + fp32 log-softmax kept by the loss; in backward the gradients of both
         return tokens * v * (p + 4), tokens * 2 * v * 4
     rows = min(tokens, chunk_rows(v))
+    if not head_trained:
+        # a frozen head: the rows' gradient (h per token) is taken in forward; a chunk's logits, their fp32
+        # copy and its gradient in the logits' dtype are in flight, one chunk at a time
+        return tokens * p * arch.hidden, rows * v * (2 * p + 4)
     # the target rows gathered for the head (kept by every chunk) + the last chunk's fp32 log-softmax (not
     # recomputed); in backward one chunk's logits, log-softmax and their gradients
     return tokens * p * arch.hidden + rows * v * 4, rows * v * (p + 8)
