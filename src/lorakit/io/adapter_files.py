@@ -351,8 +351,9 @@ def load_adapter(
 class _Snapshot:
     """What injecting may change, so a failed load can put it back: a copy of the model's adapter state
     (``lorakit.state``: configs, active adapter, file metadata, controllers), the active adapter, every parameter's requires_grad, the
-    row routing ``inject`` installs on a plain model (hooks and ``generate``). (No base weight: no init
-    rewrites one; PiSSA / OLoRA subtract their initial product inside the adapter.)"""
+    row routing ``inject`` installs on a plain model (hooks and ``generate``), and the base tensors the
+    file itself overwrites (``weights``, filled while loading). No init rewrites a base weight: PiSSA /
+    OLoRA subtract their initial product inside the adapter."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -361,11 +362,14 @@ class _Snapshot:
         self.hooks = self._hook_keys()
         self.active = active_adapter(model)
         self.grads = [(p, p.requires_grad) for p in model.parameters()]
+        self.weights: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tensor, its value before the load)
 
     @torch.no_grad()
     def restore(self, adapter_name: str) -> None:
         if adapter_name in adapter_configs(self.model):
             delete_adapter(self.model, adapter_name)
+        for weight, saved in self.weights:
+            weight.copy_(saved)
         if self.active is not None:
             set_adapter(self.model, self.active)
         set_state(self.model, self.state)
