@@ -1,10 +1,11 @@
 """``lorakit train`` with ``training.distributed: fsdp`` (FSDP2) under torchrun on CPU (gloo).
 
-One 2-process launch trains LoRA, QLoRA (NF4) and DoRA one after the other (the process group made once by
-the launch script); each equals one process with the same global batch (loss trajectory rel 1e-4, saved
+One 2-process launch trains LoRA, QLoRA (NF4), DoRA and AdaLoRA one after the other (the process group made
+once by the launch script), then continues a copy of AdaLoRA's step-2 checkpoint; each equals one process with the same global batch (loss trajectory rel 1e-4, saved
 adapter 1e-5); the saved adapter is full (shapes of the unsharded model) and, loaded in this process, gives
 the sharded model's logits; each rank holds <= 0.55x the bytes of the unsharded model, counting every tensor
-in the process. A second launch kills rank 1 (SIGKILL) after the step-2 checkpoint: rank 0 stops with a
+in the process. AdaLoRA (its adapter replicated, the base sharded) prunes to the same ranks as one process
+through two budget steps, and the resumed AdaLoRA run ends bit for bit as the uninterrupted one. A second launch kills rank 1 (SIGKILL) after the step-2 checkpoint: rank 0 stops with a
 one-line PeerLostError within 60 s; the checkpoint loads; a resume launched as two "nodes" on localhost
 (two torchrun launches, --nnodes=2) ends with the same adapter, bit for bit, as the uninterrupted run.
 """
@@ -33,7 +34,7 @@ PROBE_IDS = (torch.arange(24).reshape(2, 12) * 7) % 250
 
 # the launch script: one process group for several runs; a probe on each (logits, bytes held, a kill)
 SCRIPT = textwrap.dedent("""
-    import gc, json, os, signal, sys, time
+    import gc, json, os, shutil, signal, sys, time
     import torch, torch.distributed as dist, yaml
     from safetensors.torch import save_file
     import lorakit.train.trainer as trainer
@@ -69,7 +70,15 @@ SCRIPT = textwrap.dedent("""
             continue
         out = yaml.safe_load(open(cfg))["output"]["dir"]
         trainer.train = lambda *a, _o=out, **kw: train(*a, callbacks=[Probe(_o)], **kw)
-        rc = main(["train", cfg, *[a for a in sys.argv[1:] if a.startswith("--")]])
+        flags = [a for a in sys.argv[1:] if a.startswith("--")]
+        if os.path.exists(cfg + ".from"):  # resume from a copy of another run's checkpoint
+            src = open(cfg + ".from").read().strip()
+            if RANK == 0:
+                shutil.copytree(src, os.path.join(out, "checkpoints", os.path.basename(src)))
+            if dist.is_initialized():
+                dist.barrier()
+            flags.append("--resume")
+        rc = main(["train", cfg, *flags])
         if rc:
             sys.exit(rc)
     if dist.is_initialized():
@@ -81,6 +90,8 @@ RUNS = {  # name: (adapter, quant)
     "lora": ({}, None),
     "qlora": ({}, {"dtype": "nf4", "compute_dtype": "float32"}),  # fp32 dequantization: exact parity
     "dora": ({"method": "dora"}, None),
+    # 4 matrices x init_r 4 = 16 ranks, pruned to 9 after step 2 and to 8 after step 3 (tinit 1, tfinal 1)
+    "adalora": ({"method": "adalora", "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1, "delta_t": 1}, None),
 }
 
 
@@ -137,6 +148,9 @@ def runs(tmp_path_factory):
     script = root / "launch.py"
     script.write_text(SCRIPT)
     two = [_config(root, name, True, a, q) for name, (a, q) in RUNS.items()]
+    # AdaLoRA's exact resume: the same launch continues a copy of the adalora run's step-2 checkpoint
+    two.append(_config(root, "adalora-resumed", True, *RUNS["adalora"]))
+    (root / "adalora-resumed.yaml.from").write_text(str(root / "adalora" / "checkpoints" / "step-00000002"))
     kill = _config(root, "kill", True)  # the lora run, killed after its step-2 checkpoint
     main = _torchrun(script, two, env)
     killed = _torchrun(script, [kill], dict(env, KILL_AT="3"))
@@ -188,6 +202,39 @@ def test_fsdp_two_processes_match_one(runs, name):
     c2, c1 = load_file(str(root / name / step)), load_file(str(root / f"{name}-one" / step))
     assert sorted(c2) == sorted(c1)  # the checkpoint holds full tensors too
     torch.testing.assert_close(c2, c1, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_adalora_allocates_the_same_ranks_as_one_process(runs):
+    """Budget steps under FSDP see the gradients averaged over ranks (the adapter is left whole by FSDP and
+    all-reduced by lorakit): the same budgets, the same rank pattern; the model's base is still sharded."""
+    root = runs[0]
+    budgets = [[r.get("adalora_budget") for r in _records(root / n) if "loss" in r] for n in ("adalora", "adalora-one")]
+    assert budgets[0] == budgets[1] == [16, 9, 8, 8], budgets  # pruning happened within the run
+    cfg2, cfg1 = (json.load(open(root / n / "adapter" / "adapter_config.json")) for n in ("adalora", "adalora-one"))
+    assert cfg2["rank_pattern"] == cfg1["rank_pattern"]
+    kept = [sum(v) for v in cfg1["rank_pattern"].values()]
+    assert sum(kept) == 8 and len(set(kept)) > 1, kept  # uneven ranks: the allocation is not trivial
+    s2, s1 = (json.load(open(root / n / "summary.json"))["adalora_schedule"] for n in ("adalora", "adalora-one"))
+    assert s2 == s1
+    one = json.load(open(root / "adalora-one" / "held-0.json"))["bytes"]
+    for rank in (0, 1):  # the base sharded (the adapter and its optimizer state whole on each rank)
+        assert json.load(open(root / "adalora" / f"held-{rank}.json"))["bytes"] <= 0.55 * one
+
+
+@pytest.mark.slow
+def test_fsdp_adalora_resume_is_exact(runs):
+    root = runs[0]
+    a = load_file(str(root / "adalora-resumed" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(root / "adalora" / "adapter" / "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ra, rb = (json.load(open(root / n / "adapter" / "adapter_config.json"))["rank_pattern"]
+              for n in ("adalora-resumed", "adalora"))
+    assert ra == rb
+    loss = [r["loss"] for r in _records(root / "adalora") if "loss" in r]
+    assert [r["loss"] for r in _records(root / "adalora-resumed") if "loss" in r] == loss[2:]
 
 
 def _base(name: str) -> torch.nn.Module:
@@ -268,10 +315,10 @@ def test_mode_rules():
 def test_model_without_known_blocks_is_refused():
     with pytest.raises(ConfigError, match="cannot find the decoder blocks of Sequential"):
         fsdp.check_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), "lora")
-    for method in ("adalora", "full"):
-        with pytest.raises(ConfigError, match=f"does not run adapter.method='{method}'"):
-            fsdp.check_model(_base("lora"), method)
-    assert len(fsdp.check_model(_base("lora"), "lora")) == 2
+    with pytest.raises(ConfigError, match="does not run adapter.method='full'"):
+        fsdp.check_model(_base("lora"), "full")
+    for method in ("lora", "adalora"):
+        assert len(fsdp.check_model(_base("lora"), method)) == 2
 
 
 def test_distributed_field_is_checked(tmp_path):

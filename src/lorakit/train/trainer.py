@@ -135,10 +135,12 @@ class _Run:
             fsdp.check_rows(len(self.train_ds), d, cfg.data.train)
         self.model = build_run_model(cfg, max(self.num_labels, 2), pad_id(tok), self.precision, d.device)
         self.report = efficiency_report(self.model)
+        self.replicated: list[torch.nn.Parameter] = []  # trainable tensors FSDP leaves whole (AdaLoRA)
         if self.mode == "fsdp":  # the model itself is sharded in place; its forward gathers block by block
             blocks = fsdp.check_model(self.model, cfg.adapter.method if cfg.adapter else "full")
             bf16 = self.precision.name == "bf16" and d.device.type == "cuda"
-            fsdp.shard(self.model, blocks, d, bf16)
+            replicate = cfg.adapter is not None and cfg.adapter.method in fsdp.REPLICATED_METHODS
+            self.replicated = fsdp.shard(self.model, blocks, d, bf16, replicate)  # AdaLoRA: adapter kept whole
         # the loss runs inside the wrapped forward; built after sharding, so a sharded root keeps the full path
         self.loss = TaskLoss(self.model, self.task)
         self.ddp = self.loss
@@ -402,6 +404,7 @@ class _Run:
                         loss = loss + extra
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             local += float(loss_sum.detach())
+        fsdp.average_replicated_grads(self.replicated, d)  # FSDP leaves AdaLoRA's whole tensors to us
         # the gradient check rides on the loss all-reduce: a non-finite norm on any rank skips on all
         bad_local = grads_not_finite(self.params)
         total, extra_sum, bad = dd.all_sum([local, extra_val, float(bad_local)], d)
