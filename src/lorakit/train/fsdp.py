@@ -254,3 +254,49 @@ def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_to_cpu(v) for v in obj]
     return obj
+
+
+MEMORY_KINDS = ("parameters", "gradients", "optimizer", "held")
+
+
+def _local_bytes(tensors: Iterator[Any]) -> int:
+    """Storage bytes of ``tensors`` on this rank (a DTensor by its local shard), each storage once."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        local = t.to_local() if _is_dtensor(t) else t
+        st = local.untyped_storage()
+        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+    return sum(seen.values())
+
+
+def rank_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """This rank's tensor bytes by kind, taken after an optimizer step and before ``zero_grad`` (the
+    model at rest: gathered blocks freed, gradients and optimizer state present): ``parameters`` (local
+    shards, replicated tensors whole, frozen ones included), ``gradients``, ``optimizer`` (AdamW's m and v
+    and step counters) and ``held``, every tensor the process holds (``lorakit.bench.memory``). What
+    ``lorakit plan --calibrate --distributed fsdp`` compares with the planner's per-rank terms."""
+    from lorakit.bench.memory import held_tensor_bytes
+
+    params = list(model.parameters())
+    state = (v for s in optimizer.state.values() for v in s.values())
+    return {
+        "parameters": _local_bytes(iter(params)),
+        "gradients": _local_bytes(p.grad for p in params if p.grad is not None),
+        "optimizer": _local_bytes(state),
+        "held": held_tensor_bytes(),
+    }
+
+
+def gather_rank_memory(mine: dict[str, int] | None, d: Dist) -> list[dict[str, int]]:
+    """Every rank's :func:`rank_memory` (rank order), on every rank; collective. ``mine`` None (no step
+    taken) counts as zeros."""
+    from lorakit.train.distributed import all_sum
+
+    values = [0.0] * (len(MEMORY_KINDS) * d.world_size)
+    for i, kind in enumerate(MEMORY_KINDS):
+        values[d.rank * len(MEMORY_KINDS) + i] = float((mine or {}).get(kind, 0))
+    total = all_sum(values, d)
+    n = len(MEMORY_KINDS)
+    return [{k: int(total[r * n + i]) for i, k in enumerate(MEMORY_KINDS)} for r in range(d.world_size)]

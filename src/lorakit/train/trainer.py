@@ -136,6 +136,7 @@ class _Run:
         self.model = build_run_model(cfg, max(self.num_labels, 2), pad_id(tok), self.precision, d.device)
         self.report = efficiency_report(self.model)
         self.replicated: list[torch.nn.Parameter] = []  # trainable tensors FSDP leaves whole (AdaLoRA)
+        self.rank_mem: dict[str, int] | None = None  # FSDP: fsdp.rank_memory after the first step
         if self.mode == "fsdp":  # the model itself is sharded in place; its forward gathers block by block
             blocks = fsdp.check_model(self.model, cfg.adapter.method if cfg.adapter else "full")
             bf16 = self.precision.name == "bf16" and d.device.type == "cuda"
@@ -335,6 +336,8 @@ class _Run:
         )
         if self.lr_auto is not None:
             summary["lr_auto"] = self.lr_auto.as_dict()
+        if self.mode == "fsdp":  # what each rank held after its first step, by kind (lorakit plan --calibrate)
+            summary["fsdp_memory_per_rank"] = fsdp.gather_rank_memory(self.rank_mem, d)
         summary.update(self.state.summary)  # what callbacks resolved (AdaLoRA's schedule in steps)
         if d.is_main:
             write_summary(summary, out, self.log.records, cfg.output.plot, f"{cfg.model.name} ({self.task})")
@@ -430,6 +433,8 @@ class _Run:
         self.state.step += 1
         for cb in self.callbacks:
             cb.on_step_end(self.state)
+        if self.mode == "fsdp" and self.rank_mem is None:  # per-rank bytes at rest, once (summary.json)
+            self.rank_mem = fsdp.rank_memory(self.model, self.opt)
         self.opt.zero_grad(set_to_none=True)
         return mean, float(norm), None
 
