@@ -29,6 +29,12 @@ rank allocation is computed identically everywhere, with no gather and no write-
 sharded tensors for each budget step and scattering the masked E back would be exact too, but needs a
 collective per step and DTensor-aware masking, compaction and penalty code.)
 
+One process: FSDP needs two or more, and one is refused -- except under torchrun with
+``LORAKIT_FSDP_ONE_PROCESS=1`` (``lorakit.train.distributed.one_process_fsdp``), which the one-GPU smoke run
+of ``benchmarks/fsdp_smoke.py`` sets: the same wrapping on a one-device mesh (nothing is split; what it
+checks is that the sharded code path -- NF4 storage as parameters, bf16 mixed precision, gathered saves --
+runs on CUDA). Two processes on one GPU are not an option: NCCL refuses two ranks on one device.
+
 Limits: the model is built whole on each rank before it is sharded (host memory holds one full copy per
 rank while it loads); full fine-tuning is refused here.
 """
@@ -43,7 +49,7 @@ import torch
 from torch import nn
 
 from lorakit.config import ConfigError
-from lorakit.train.distributed import Dist
+from lorakit.train.distributed import Dist, one_process_fsdp
 
 MODES = ("none", "ddp", "fsdp")
 # methods whose trainable tensors stay whole (replicated) on every rank: only the frozen base is sharded
@@ -55,7 +61,7 @@ def resolve_mode(requested: str | None, d: Dist) -> str:
     (None: ddp under several processes, none for one). Raises ``ConfigError`` before any work."""
     if requested is None:
         return "ddp" if d.enabled else "none"
-    if requested == "fsdp" and not d.enabled:
+    if requested == "fsdp" and not d.enabled and not one_process_fsdp():
         raise ConfigError(
             "training.distributed='fsdp' shards the model across processes but this is one process; start it "
             "with torchrun --nproc_per_node=N -m lorakit train ... (N >= 2)"
@@ -123,7 +129,8 @@ def shard(
     replicated = [p for p in model.parameters() if p.requires_grad] if replicate_trainable else []
     if replicated:
         kw["ignored_params"] = set(replicated)
-        _broadcast_from_rank0(replicated, d)
+        if d.enabled:
+            _broadcast_from_rank0(replicated, d)
     for block in blocks:
         fully_shard(block, **kw)
     # the root (embeddings, head) too is freed after forward, not kept gathered until backward as FSDP2's
