@@ -4,9 +4,6 @@ the harness reports it only for a CUDA suite."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-
 import pytest
 import torch
 
@@ -29,14 +26,29 @@ def test_smoke_command_is_one_torchrun_process_with_the_flag(tmp_path):
     assert c.quant.dtype == "nf4"
 
 
-@pytest.mark.slow
-def test_the_smoke_launch_runs_on_cpu(tmp_path):
-    """The same launch with device cpu (fp32): one process, FSDP-wrapped, its checks pass."""
-    argv, extra = fsdp_smoke.smoke_command(fsdp_smoke.smoke_config(str(tmp_path), "tiny-llama", 2, "cpu"))
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=240, env={**os.environ, **extra})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_the_smoke_run_trains_on_cpu_in_one_fsdp_process(tmp_path, monkeypatch):
+    """The smoke config with device cpu (fp32), run as torchrun's one process would run it (its
+    environment, in this process): the model is FSDP-wrapped on a one-process group and the checks pass."""
+    from lorakit.cli.main import main
+
+    cfg = fsdp_smoke.smoke_config(str(tmp_path), "tiny-llama", 2, "cpu")
+    _, extra = fsdp_smoke.smoke_command(cfg)
+    port = _free_port()
+    for k, v in {**extra, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(k, v)
+    assert main(["train", cfg]) == 0
+    assert not torch.distributed.is_initialized()  # the trainer left the group it made
     got = fsdp_smoke.check_run(str(tmp_path / "run"), expect_device="cpu")
     assert got["steps"] == 2 and got["adapter_tensors"] > 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_one_process_fsdp_needs_both_torchrun_and_the_flag(monkeypatch):
@@ -58,7 +70,9 @@ def test_smoke_skips_without_cuda(monkeypatch):
     assert fsdp_smoke.markdown_line(row).startswith("FSDP one-GPU smoke (bf16, NF4): not run: no CUDA device")
 
 
-def test_the_harness_runs_it_for_the_gpu_suite_only():
+def test_the_harness_runs_it_for_the_gpu_suite_only(monkeypatch):
+    monkeypatch.setattr(run, "_versions", lambda: {k: "-" for k in ("lorakit", "peft", "torch", "transformers",
+                                                                      "python", "machine")})
     assert fsdp_smoke.CASE in run.default_cases("gpu") and fsdp_smoke.CASE not in run.default_cases("cpu-small")
     res = run.run_suite("smoke", [fsdp_smoke.CASE])  # a CPU suite: reported as not run, with the reason
     row = res["rows"]["fsdp_smoke/lorakit"]
