@@ -8,13 +8,17 @@ in the process. AdaLoRA (its adapter replicated, the base sharded) prunes to the
 through two budget steps, and the resumed AdaLoRA run ends bit for bit as the uninterrupted one. A second launch kills rank 1 (SIGKILL) after the step-2 checkpoint: rank 0 stops with a
 one-line PeerLostError within 60 s; the checkpoint loads; a resume launched as two "nodes" on localhost
 (two torchrun launches, --nnodes=2) ends with the same adapter, bit for bit, as the uninterrupted run.
+A third launch, beside them, stops rank 1 (SIGSTOP) with training.distributed_timeout_s = 5: rank 0 ends
+with PeerLostError after the timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -51,6 +55,10 @@ SCRIPT = textwrap.dedent("""
                 with open(os.path.join(self.out, "killed_at"), "w") as f:
                     f.write(repr(time.time()))
                 os.kill(os.getpid(), signal.SIGKILL)
+            if RANK == 1 and state.step == int(os.environ.get("STOP_AT", "0")):  # hung, not dead
+                with open(os.path.join(self.out, "stopped"), "w") as f:
+                    f.write(f"{os.getpid()} {time.time()!r}")
+                os.kill(os.getpid(), signal.SIGSTOP)
         def on_train_end(self, state):
             with torch.no_grad():  # a collective forward of the sharded model, on every rank
                 logits = state.model(input_ids=IDS).logits.contiguous()
@@ -61,7 +69,7 @@ SCRIPT = textwrap.dedent("""
             with open(os.path.join(self.out, f"held-{RANK}.json"), "w") as f:
                 json.dump({"bytes": held_tensor_bytes()}, f)
 
-    if "RANK" in os.environ:
+    if "RANK" in os.environ and "STOP_AT" not in os.environ:  # STOP_AT: the trainer makes the group
         dist.init_process_group("gloo")
     RANK = int(os.environ.get("RANK", "0"))
     train = trainer.train
@@ -80,6 +88,8 @@ SCRIPT = textwrap.dedent("""
             flags.append("--resume")
         rc = main(["train", cfg, *flags])
         if rc:
+            with open(os.path.join(out, f"ended-{RANK}"), "w") as f:
+                f.write(repr(time.time()))
             sys.exit(rc)
     if dist.is_initialized():
         dist.barrier()
@@ -95,7 +105,26 @@ RUNS = {  # name: (adapter, quant)
 }
 
 
-def _config(root, name: str, distributed: bool, adapter=None, quant=None, steps: int = 4) -> str:
+HANG_TIMEOUT_S = 5
+
+
+def _end_hang(proc, out) -> dict:
+    """Wait (bounded) for rank 0 of the hung launch to end, then SIGKILL its stopped peer (torchrun's
+    SIGTERM does not reach a stopped process) and collect the launch."""
+    deadline = time.time() + 120
+    while not (out / "ended-0").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    ended = float((out / "ended-0").read_text()) if (out / "ended-0").exists() else None
+    pid, stopped = (out / "stopped").read_text().split() if (out / "stopped").exists() else (None, "nan")
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    return {"rc": proc.returncode, "err": err, "stopped": float(stopped), "ended": ended}
+
+
+def _config(root, name: str, distributed: bool, adapter=None, quant=None, steps: int = 4,
+            timeout_s: float | None = None) -> str:
     data = root / "d.jsonl"
     if not data.exists():
         rng = random.Random(0)
@@ -113,6 +142,8 @@ def _config(root, name: str, distributed: bool, adapter=None, quant=None, steps:
     }
     if distributed:
         cfg["training"]["distributed"] = "fsdp"
+    if timeout_s is not None:
+        cfg["training"]["distributed_timeout_s"] = timeout_s
     if quant:
         cfg["quant"] = quant
     path = root / f"{name}.yaml"
@@ -154,6 +185,8 @@ def runs(tmp_path_factory):
     kill = _config(root, "kill", True)  # the lora run, killed after its step-2 checkpoint
     main = _torchrun(script, two, env)
     killed = _torchrun(script, [kill], dict(env, KILL_AT="3"))
+    # rank 1 stops (SIGSTOP) after step 3: the collective timeout ends rank 0
+    hang = _torchrun(script, [_config(root, "hang", True, timeout_s=HANG_TIMEOUT_S)], dict(env, STOP_AT="3"))
     ones = [_config(root, f"{name}-one", False, a, q) for name, (a, q) in RUNS.items()]
     one = subprocess.Popen([sys.executable, str(script), *ones], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, env=env)  # the reference: one process, probed alike
@@ -167,6 +200,7 @@ def runs(tmp_path_factory):
     unsharded = inject(_base("lora"), AdapterConfig(r=4, alpha=16.0, dropout=0.0))  # the run's adapter
     loaded = load_checkpoint(str(ckpt2), unsharded)  # the last checkpoint loads in one process
     killed_state = {"rc": killed.returncode, "err": k_err, "end": k_end, "loaded_step": loaded["step"]}
+    killed_state["hang"] = _end_hang(hang, root / "hang")
     # resume the killed run as two nodes of one process each
     port = _free_port()
     nodes = [_torchrun(script, [kill, "--resume"], env, (r, 2), port) for r in (0, 1)]
@@ -291,6 +325,19 @@ def test_killed_rank_stops_the_job_and_resume_on_two_nodes_is_exact(runs):
     assert loss_k == [r["loss"] for r in _records(root / "lora") if "loss" in r]
 
 
+@pytest.mark.slow
+def test_a_hung_rank_ends_the_job_within_the_collective_timeout(runs):
+    """Rank 1 stopped (SIGSTOP: alive, silent) after step 3, training.distributed_timeout_s = 5: rank 0's next
+    collective times out and it stops with the one-line PeerLostError (PyTorch's default would wait 30 min)."""
+    hang = runs[1]["hang"]
+    assert hang["ended"] is not None, hang["err"][-2000:]  # rank 0 ended on its own, before its peer was killed
+    assert HANG_TIMEOUT_S <= hang["ended"] - hang["stopped"] < HANG_TIMEOUT_S + 30
+    assert hang["rc"] != 0
+    line = next(x for x in hang["err"].splitlines() if "PeerLostError" in x)
+    assert "rank 0: lost contact with the other processes" in line and "Timed out" in line
+    assert "step-00000002; continue with --resume" in line
+
+
 # --- refusals, before any work (no launch needed) ------------------------------------------------------
 def test_fsdp_on_one_process_is_refused(tmp_path):
     from lorakit.train.trainer import train
@@ -328,3 +375,8 @@ def test_distributed_field_is_checked(tmp_path):
     with pytest.raises(ConfigError, match=r"training.distributed='zero3' is not supported; expected one of"):
         load_run_config(cfg, ["training.distributed=zero3"])
     assert load_run_config(cfg, ["training.distributed=fsdp"]).training.distributed == "fsdp"
+    for bad in ("0", "-1", "1e9"):
+        with pytest.raises(ConfigError, match=r"training.distributed_timeout_s=.* is invalid; expected a number of "
+                                              r"seconds in \(0, 604800\]"):
+            load_run_config(cfg, [f"training.distributed_timeout_s={bad}"])
+    assert load_run_config(cfg, ["training.distributed_timeout_s=30"]).training.distributed_timeout_s == 30

@@ -86,7 +86,7 @@ def train(
     ``DataError``, ``OutputDirError``, ``CheckpointError`` or ``NonFiniteLossError`` (one-line messages).
     """
     cfg = config if isinstance(config, RunConfig) else load_run_config(config, overrides)
-    d = dd.setup(cfg.training.device)
+    d = dd.setup(cfg.training.device, cfg.training.distributed_timeout_s)
     try:
         fsdp.resolve_mode(cfg.training.distributed, d)  # a mode this launch cannot run: refused before any work
         where, resume_from = rundir.prepare(cfg.output.dir, resume, overwrite, d.is_main)
