@@ -249,8 +249,9 @@ def test_fsdp_adalora_allocates_the_same_ranks_as_one_process(runs):
     assert cfg2["rank_pattern"] == cfg1["rank_pattern"]
     kept = [sum(v) for v in cfg1["rank_pattern"].values()]
     assert sum(kept) == 8 and len(set(kept)) > 1, kept  # uneven ranks: the allocation is not trivial
-    s2, s1 = (json.load(open(root / n / "summary.json"))["adalora_schedule"] for n in ("adalora", "adalora-one"))
-    assert s2 == s1
+    s2, s1 = (json.load(open(root / n / "summary.json")) for n in ("adalora", "adalora-one"))
+    assert s2["adalora_schedule"] == s1["adalora_schedule"]
+    assert s2["rank_max_abs_diff"] == 0.0  # the replicated adapter stayed identical on both ranks
     one = json.load(open(root / "adalora-one" / "held-0.json"))["bytes"]
     for rank in (0, 1):  # the base sharded (the adapter and its optimizer state whole on each rank)
         assert json.load(open(root / "adalora" / f"held-{rank}.json"))["bytes"] <= 0.55 * one

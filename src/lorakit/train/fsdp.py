@@ -284,8 +284,11 @@ def rank_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
     shards, replicated tensors whole, frozen ones included), ``gradients``, ``optimizer`` (AdamW's m and v
     and step counters) and ``held``, every tensor the process holds (``lorakit.bench.memory``). What
     ``lorakit plan --calibrate --distributed fsdp`` compares with the planner's per-rank terms."""
+    import gc
+
     from lorakit.bench.memory import held_tensor_bytes
 
+    gc.collect()  # what is still referenced, not garbage awaiting collection
     params = list(model.parameters())
     state = (v for s in optimizer.state.values() for v in s.values())
     return {
