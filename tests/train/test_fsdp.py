@@ -309,6 +309,20 @@ def test_each_rank_holds_about_half_of_one_process(runs, name):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["lora", "qlora", "dora"])
+def test_the_planner_per_rank_figures_match_the_sharded_runs(runs, name):
+    """What each rank held after its first step (summary.json, the figure ``plan --calibrate --distributed
+    fsdp`` checks) against the planner's sharded weights, gradients and AdamW state, here for the NF4 base
+    and DoRA too (the calibration command itself runs LoRA)."""
+    from lorakit.planner.calibrate_fsdp import FsdpCalibration, predicted_per_rank
+
+    measured = json.load(open(runs[0] / name / "summary.json"))["fsdp_memory_per_rank"]
+    predicted = predicted_per_rank("tiny-llama", 4, 2, method=name)
+    c = FsdpCalibration("tiny-llama", 2, 4, 0.02, predicted, measured)
+    assert c.ok, c.table()
+
+
+@pytest.mark.slow
 def test_killed_rank_stops_the_job_and_resume_on_two_nodes_is_exact(runs):
     root, killed, node0_out = runs
     assert killed["rc"] != 0

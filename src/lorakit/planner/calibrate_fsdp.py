@@ -91,11 +91,12 @@ class FsdpCalibration:
         return {**asdict(self), "ratios": self.ratios(), "ok": self.ok, "misses": self.misses}
 
 
-def predicted_per_rank(model: str, r: int, world_size: int) -> dict[str, float]:
-    """The planner's per-rank bytes for the calibration run (LoRA r on q/v, fp32, FSDP on ``world_size``)."""
+def predicted_per_rank(model: str, r: int, world_size: int, method: str = "lora") -> dict[str, float]:
+    """The planner's per-rank bytes for a run like the calibration's (``method`` r on q/v, fp32 adapters
+    and compute, FSDP on ``world_size``; "qlora": the NF4 base with double quantization, lorakit's default)."""
     arch = resolve_arch(model)
-    setup = Setup(method="lora", r=r, targets=None, seq_len=16, micro_batch=2, precision="fp32",
-                  grad_checkpointing=False, distributed="fsdp")
+    setup = Setup(method=method, r=r, targets=None, seq_len=16, micro_batch=2, precision="fp32",
+                  grad_checkpointing=False, distributed="fsdp", adapter_dtype="fp32")
     mem = memory(arch, setup, gpus=world_size)
     out = {"weights": mem.weights - mem.gathered, "gradients": mem.gradients,
            "optimizer_states": mem.optimizer_states, "gathered": mem.gathered}
