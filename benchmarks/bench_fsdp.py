@@ -56,7 +56,7 @@ PROBE = textwrap.dedent("""
 
 # case: (quant, adapter fields beyond r=8 on q/v); AdaLoRA's adapter stays whole on every rank under FSDP
 CASES = {"lora": (None, {}), "qlora": ({"dtype": "nf4", "compute_dtype": "float32"}, {}),
-         "adalora": (None, {"method": "adalora", "init_r": 8, "target_r": 4})}
+         "adalora": (None, {"method": "adalora", "init_r": 8, "target_r": 4, "tinit": 1, "tfinal": 0, "delta_t": 1})}
 
 
 def _config(root: str, name: str, model: str, steps: int, fsdp: bool, quant, adapter: dict) -> str:
