@@ -149,7 +149,7 @@ class AdapterConfig:
         use_rslora: rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023).
         init: an initialisation the method accepts (its registry entry's ``inits``); LoRA's:
             "default" (A Kaiming-uniform a=sqrt(5), B = 0), "gaussian" (A ~ N(0, 1/r), B = 0),
-            "pissa" (principal singular vectors of W, the residual kept in the base weight), "olora"
+            "pissa" (principal singular vectors of W; trains on the residual, W itself unchanged), "olora"
             (QR of W, likewise) or "loftq" (s B A fits a quantized base's error W - Q(W));
             ``lorakit.adapters.lora_init``.
         bias: only "none" (biases stay frozen).

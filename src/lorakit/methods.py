@@ -72,10 +72,12 @@ class Init:
     """An initialisation that rides on a method (``AdapterConfig.init``); ``peft_value`` is what PEFT's
     ``init_lora_weights`` holds for it in adapter_config.json. The method's builder carries it out.
 
-    ``changes_base``: the init moves part of the base weight into the adapter (PiSSA, OLoRA). Such an
-    adapter is saved converted, as PEFT's ``path_initial_model_for_weight_conversion`` does: a rank-2r
-    LoRA with ``init_lora_weights: true`` that is right on the unchanged base (the adapter keeps its
-    initial factors for it; ``lorakit.io.adapter_files``).
+    ``changes_base``: the init moves part of the base weight into the adapter (PiSSA, OLoRA): training
+    runs on the residual W - s B0 A0. (PEFT writes the residual into the base weight; lorakit leaves the
+    weight alone and the adapter subtracts s B0 A0 x itself, so disabling, deleting or unloading the
+    adapter gives the real base.) Such an adapter is saved converted, as PEFT's
+    ``path_initial_model_for_weight_conversion`` does: a rank-2r LoRA with ``init_lora_weights: true``
+    that is right on the unchanged base (``lorakit.io.conversion``).
 
     ``reads_full_precision``: the init fits the adapter to the error of a quantized base (LoftQ), so it
     needs the weights as they were before quantization; the trainer keeps them for it (and a run config

@@ -64,3 +64,38 @@ def test_dropout_only_in_training():
     torch.manual_seed(1)
     mask_x = torch.nn.functional.dropout(x, 0.5, training=True)  # the same draw, written out
     torch.testing.assert_close(dropped.double(), _equation(ad, mask_x, base_out), atol=1e-5, rtol=1e-5)
+
+
+def _reference_cast_path(ad: LoraLinear, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    """The written-out PEFT order under autocast: x cast to the adapter dtype, then A, B, scale, add."""
+    h = torch.nn.functional.linear(x.to(ad.lora_A.weight.dtype), ad.lora_A.weight)
+    return base_out + (torch.nn.functional.linear(h, ad.lora_B.weight) * ad.scaling).to(base_out.dtype)
+
+
+def test_autocast_input_is_not_copied_and_the_result_is_bit_identical():
+    """Under bf16 autocast a bf16 input would be cast to fp32 and straight back by the matmul: two copies of
+    x, one saved for backward. The layer skips them; outputs and gradients stay bit for bit the same."""
+    ad = _adapter().train()
+    x = torch.randn(16, 24).bfloat16().requires_grad_()
+    base_out = torch.randn(16, 40).bfloat16()
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, tuple(t.shape), t.data_ptr() == x.data_ptr()))
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = ad(x, base_out, None)
+    # what A's matmul keeps for backward is x itself (which the base layer keeps anyway), not a copy
+    x_sized = [s for s in saved if s[1] == (16, 24)]
+    assert x_sized == [(torch.bfloat16, (16, 24), True)], saved
+    y.float().sum().backward()
+    grads = [x.grad.clone(), ad.lora_A.weight.grad.clone(), ad.lora_B.weight.grad.clone()]
+    x.grad = None
+    ad.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _reference_cast_path(ad, x, base_out)
+    ref.float().sum().backward()
+    assert torch.equal(y, ref)
+    for got, want in zip(grads, [x.grad, ad.lora_A.weight.grad, ad.lora_B.weight.grad]):
+        assert torch.equal(got, want)

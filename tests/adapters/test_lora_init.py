@@ -1,8 +1,8 @@
 """LoRA initialisations that change the base weight (PiSSA, OLoRA) or start from the quantization error
 (LoftQ), checked against PEFT 0.21 on the same weights, and their files checked on a fresh base.
 
-A base-changing init keeps the residual W - s B0 A0 in the model; its saved file must still be right on
-the unchanged base, so it is written as PEFT's ``path_initial_model_for_weight_conversion`` writes it:
+A base-changing init trains on the residual W - s B0 A0 (PEFT writes it into the base weight; lorakit
+leaves W alone and the adapter subtracts s B0 A0 x); its saved file must be right on the unchanged base, so it is written as PEFT's ``path_initial_model_for_weight_conversion`` writes it:
 a rank-2r LoRA [A | A0], [B | -B0] with ``init_lora_weights: true``. The round trips below load that
 file on a fresh base three ways: lorakit, PEFT, and a plain "vLLM-style" consumer that only adds
 (alpha / r) B A to each weight.
@@ -123,12 +123,17 @@ def test_init_equals_peft_on_the_same_weights(init):
     assert sorted(ours) == sorted(peft_state)
     for key, t in ours.items():
         torch.testing.assert_close(t, peft_state[key], rtol=1e-5, atol=1e-5, msg=key)
-    bases = {n: layer.base.weight for n, layer in lk.surgery.inject.adapted_layers(mine)}
     fresh = dict(model_of().named_parameters())
-    for name, w in bases.items():
-        peft_w = theirs.base_model.model.get_submodule(name).base_layer.weight
-        torch.testing.assert_close(w, peft_w, rtol=1e-5, atol=1e-5, msg=name)
-        assert (w - fresh[f"{name}.weight"]).abs().max() > 1e-3  # the base did change
+    for name, layer in lk.surgery.inject.adapted_layers(mine):
+        w = layer.base.weight
+        assert torch.equal(w, fresh[f"{name}.weight"]), name  # lorakit leaves the base weight alone ...
+        adapter = layer.adapters["default"]
+        residual = w - adapter.scaling * (adapter.lora_B_init @ adapter.lora_A_init)  # ... and subtracts this
+        peft_w = theirs.base_model.model.get_submodule(name).base_layer.weight  # PEFT writes it into W
+        torch.testing.assert_close(residual, peft_w, rtol=1e-5, atol=1e-5, msg=name)
+        assert (peft_w - w).abs().max() > 1e-3  # the residual differs from W: the check can fail
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(mine(X)), logits_of(theirs(X)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
@@ -265,3 +270,42 @@ def test_loftq_errors_are_one_line():
                              "adapter": {"init": "loftq"}, "output": {"dir": "out"}})
     with pytest.raises(ConfigError, match="init='olora' needs a dense linear base"):
         lk.inject(model, lk.AdapterConfig(init="olora", target_modules=["q_proj"]))
+
+
+# ------------------------------------------------- the real base, wherever the adapter is not applied
+def _fresh_weights():
+    return {k: v for k, v in model_of().state_dict().items()}
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_disabled_other_adapter_delete_and_unload_see_the_original_base(init, tmp_path):
+    """A base-changing init must not leave its residual W - s B0 A0 where the adapter is not applied:
+    under ``disabled``, with another adapter active, after ``delete_adapter`` and ``unload(merge=False)``
+    the model is the original base; ``unload(merge=True)`` gives the adapted model."""
+    with torch.no_grad():
+        base = logits_of(model_of()(X))
+    model, ref = trained(init)
+    with torch.no_grad(), lk.disabled(model):
+        torch.testing.assert_close(logits_of(model(X)), base, rtol=1e-5, atol=1e-5)
+
+    alone = lk.inject(model_of(), lk.AdapterConfig(r=2, target_modules=["q_proj"]), "b")
+    perturb(alone, seed=3)
+    save_adapter(alone, tmp_path / "b", adapter_name="b")
+    load_adapter(model, tmp_path / "b", adapter_name="b")
+    with torch.no_grad():
+        lk.set_adapter(model, "b")
+        torch.testing.assert_close(logits_of(model(X)), logits_of(alone(X)), rtol=1e-5, atol=1e-5)
+        lk.set_adapter(model, "default")
+        torch.testing.assert_close(logits_of(model(X)), ref, rtol=1e-5, atol=1e-5)
+
+    lk.delete_adapter(model, "b")
+    lk.delete_adapter(model, "default")
+    fresh = _fresh_weights()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, fresh[k], rtol=1e-5, atol=1e-6, msg=k)
+
+    for merge in (False, True):
+        model, ref = trained(init)
+        lk.unload(model, merge=merge)
+        with torch.no_grad():
+            torch.testing.assert_close(logits_of(model(X)), ref if merge else base, rtol=1e-5, atol=1e-5)

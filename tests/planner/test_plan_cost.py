@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -122,8 +123,58 @@ def test_frozen_base_saves_less_and_checkpointing_keeps_2sbh_per_layer():
     assert layer_activation_bytes(arch, lora_setup, layer0) == per_token
     ckpt = Setup(method="lora", grad_checkpointing=True, **kw)
     tokens = 256 * 8
-    tail = 4 * h + 2000 * (4 + 4)  # final norm input + logits + log-softmax
-    assert activation_bytes(arch, ckpt)[0] == tokens * (4 * 4 * h + per_token + tail)
+    tail = 4 * h + 2000 * (4 + 4)  # final norm input + logits + log-softmax (the model's own loss)
+    assert activation_bytes(arch, replace(ckpt, loss="full"))[0] == tokens * (4 * 4 * h + per_token + tail)
+    # lorakit train's chunked loss with the frozen head: the rows' gradient (h) per token, nothing per chunk
+    assert activation_bytes(arch, ckpt)[0] == tokens * (4 * 4 * h + per_token + 4 * h + 4 * h)
+
+
+def test_the_chunked_loss_term_matches_a_measured_step(monkeypatch):
+    """What the planner counts for lorakit's chunked loss (frozen head: the fused path) is what a measured
+    step adds: peak memory of
+    forward + backward (profiled) minus the same step without the head and loss, at two batch sizes (the
+    chunk term must not grow with the tokens); the full-logits term stays an upper bound of its own."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.planner import cost
+    from lorakit.planner.arch import arch_from_config
+    from lorakit.planner.calibrate import _profiled_peak_mb
+    from lorakit.train import loss as train_loss
+
+    assert train_loss.CHUNK_LOGITS == cost.CHUNK_LOGITS  # the planner plans the trainer's chunking
+    vocab, chunk, seq = 8192, 64, 256
+    monkeypatch.setattr(cost, "CHUNK_LOGITS", chunk * vocab)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.model.norm.weight.requires_grad_(True)  # something before the head trains, as an adapter would
+    task = train_loss.TaskLoss(model, "sft", chunk_rows=chunk)
+    assert task.path == "chunked"
+    arch = arch_from_config(config.to_dict())
+
+    def peak(step) -> float:
+        return _profiled_peak_mb(step) * 1e6
+
+    measured = {}
+    for batch in (2, 4):  # 512 and 1,024 tokens: 8 and 16 chunks of 64 rows
+        ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(batch))
+        data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        body = peak(lambda ids=ids: model.model(input_ids=ids).last_hidden_state.sum().backward())
+        chunked = peak(lambda data=data: task(data)[0].backward()) - body
+        full = peak(lambda data=data: train_loss.forward_loss(model, data, "sft")[0].backward()) - body
+        setup = Setup(method="full", seq_len=seq, micro_batch=batch, precision="fp32", grad_checkpointing=False)
+        plan_chunked = sum(cost.loss_activation_bytes(arch, setup, head_trained=False))  # the head is frozen
+        plan_full = sum(cost.loss_activation_bytes(arch, replace(setup, loss="full")))
+        assert abs(chunked - plan_chunked) <= 0.3 * plan_chunked, (batch, chunked, plan_chunked)
+        tokens = batch * seq
+        assert 2 * tokens * vocab * 4 < full <= plan_full, (batch, full, plan_full)
+        measured[batch] = chunked
+    # twice the tokens: the chunked term grows by the target rows only, far less than one chunk's logits
+    assert measured[4] - measured[2] < 0.5 * chunk * vocab * 4, measured
 
 
 def test_flops_per_token_hand_computed():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lorakit.quant.nf4 as nf4
-from lorakit.quant import NF4Linear
+from lorakit.quant import NF4Linear, kernel
 from lorakit.quant.nf4 import code_table, dequantize_blockwise, quantize_blockwise
 
 
@@ -29,11 +29,25 @@ def _reference(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_
     return (levels.reshape(-1, blocksize) * absmax.unsqueeze(1)).reshape(-1)
 
 
+@pytest.fixture(params=["torch", "kernel"])
+def path(request, monkeypatch):
+    """Each test below runs on lorakit's PyTorch passes and on bitsandbytes' compiled op (when installed)."""
+    if request.param == "torch":
+        monkeypatch.setattr(kernel, "_op", None)
+    else:
+        pytest.importorskip("bitsandbytes")
+        monkeypatch.setattr(kernel, "_op", kernel._UNSET)
+        codes, absmax = quantize_blockwise(_weight(), 64, "nf4")
+        assert kernel.dequantize_4bit(codes, absmax, 64, "nf4", codes.numel() * 2, torch.bfloat16) is not None
+    return request.param
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int8"])
 @pytest.mark.parametrize("pass_bytes", [nf4.CPU_PASS_BYTES, 96, 1])
-def test_dequantize_equals_the_definition_in_every_dtype(monkeypatch, quant_type, pass_bytes):
+def test_dequantize_equals_the_definition_in_every_dtype(monkeypatch, path, quant_type, pass_bytes):
     """fp32 equals the definition exactly; bf16/fp16 equal it rounded once (bit for bit), also when the
-    work is cut into passes that do not divide the tensor (96 bytes: 3 nf4 blocks; 1: a block per pass)."""
+    work is cut into passes that do not divide the tensor (96 bytes: 3 nf4 blocks; 1: a block per pass),
+    on both paths (the compiled op must give the same bits)."""
     monkeypatch.setattr(nf4, "CPU_PASS_BYTES", pass_bytes)
     codes, absmax = quantize_blockwise(_weight(), 64, quant_type)
     ref = _reference(codes, absmax, 64, quant_type)
@@ -51,7 +65,7 @@ def test_dequantize_into_a_given_buffer():
     assert torch.equal(buf, _reference(codes, absmax, 64, "nf4").bfloat16())
 
 
-def test_layer_weight_in_compute_dtype_is_the_fp32_weight_rounded_once():
+def test_layer_weight_in_compute_dtype_is_the_fp32_weight_rounded_once(path):
     """NF4Linear.dense_weight(bf16) -- what forward and backward multiply with -- is the fp32 dequantized
     weight cast to bf16, bit for bit, with rows that straddle blocks (in_features 96 is not a multiple of 64)."""
     q = NF4Linear.from_weight(_weight((50, 96)))

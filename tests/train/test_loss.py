@@ -14,7 +14,7 @@ from helpers import randomize_adapter
 from lorakit.models import build_model
 from lorakit.train.collate import Collator
 from lorakit.train.evaluate import evaluate
-from lorakit.train.loss import TaskLoss, forward_loss, split_lm
+from lorakit.train.loss import TaskLoss, forward_loss, fusable_head, split_lm
 
 
 @pytest.fixture(autouse=True)
@@ -115,8 +115,10 @@ def test_head_runs_only_on_kept_rows_in_chunks_and_is_recomputed_in_backward():
     fwd = list(rows)
     loss.backward()
     hook.remove()
-    assert sum(fwd) == n_kept and max(fwd) <= 4
-    assert rows[len(fwd):] and sum(rows[len(fwd):]) == n_kept  # backward recomputed each chunk's logits
+    assert sum(fwd) == n_kept and max(fwd) <= 4 and len(fwd) == -(-n_kept // 4)
+    assert max(fwd) - min(fwd) <= 1  # equal chunks, no small remainder
+    # backward recomputed every chunk's logits but the last one's, which it starts with
+    assert rows[len(fwd):] and sum(rows[len(fwd):]) == n_kept - fwd[-1]
 
 
 def _saved_shapes(fn):
@@ -139,7 +141,37 @@ def test_nothing_vocabulary_sized_is_kept_for_backward():
     full = _saved_shapes(lambda: forward_loss(model, batch, "sft")[0])
     assert any(s[-1] == vocab for s in full)  # the reference keeps (rows, vocab) logits: the check can fail
     chunked = _saved_shapes(lambda: TaskLoss(model, "sft", chunk_rows=4)(batch)[0])
-    assert not any(s and s[-1] == vocab for s in chunked), chunked
+    # only the last chunk's (<= 4 rows) logits are kept (every other chunk is recomputed), and the head's
+    # own (hidden, vocab) weight, which the full path keeps too
+    head_weight = (model.config.hidden_size, vocab)
+    logits = [s for s in chunked if s and s[-1] == vocab and s != head_weight]
+    assert len(logits) <= 2 and all(s[0] <= 4 for s in logits), chunked
+
+
+def test_a_frozen_head_takes_its_gradient_in_forward_and_keeps_nothing_vocabulary_sized():
+    """The fused path (frozen plain linear head): equal to the module path (chunks recomputed) in loss and
+    every adapter gradient, several chunks and one; autograd keeps no tensor with a vocabulary dimension."""
+    model = _adapted("tiny-llama", QV)
+    vocab = model.config.vocab_size
+    head = model.get_output_embeddings()
+    assert fusable_head(head)
+    batch = BATCHES["group"](_examples(LENGTHS))
+    for chunk_rows in (3, 1000):
+        fused = TaskLoss(model, "sft", chunk_rows=chunk_rows)
+        new, new_g = _loss_and_grads(lambda fused=fused: fused(batch)[0], model)
+        hook = head.register_forward_hook(lambda m, i, o: None)  # a hook: the module path, recomputing
+        try:
+            assert not fusable_head(head)
+            ref, ref_g = _loss_and_grads(lambda fused=fused: fused(batch)[0], model)
+        finally:
+            hook.remove()
+        torch.testing.assert_close(new, ref, rtol=1e-6, atol=1e-5)
+        for n in ref_g:
+            torch.testing.assert_close(new_g[n], ref_g[n], rtol=1e-5, atol=1e-6, msg=n)
+    shapes = _saved_shapes(lambda: TaskLoss(model, "sft", chunk_rows=3)(batch)[0])
+    assert not any(vocab in s for s in shapes), shapes
+    with torch.no_grad():  # evaluation: the same loss, no gradient work
+        torch.testing.assert_close(TaskLoss(model, "sft", chunk_rows=3)(batch)[0], new, rtol=1e-6, atol=1e-5)
 
 
 def test_no_targets_gives_zero_and_keeps_every_head_parameter_in_the_graph():

@@ -32,6 +32,7 @@ from torch import nn
 
 from lorakit.adapters.adalora_budget import BudgetSchedule, RankAllocator, resolve_schedule
 from lorakit.adapters.adalora_peft import ADALORA_PEFT
+from lorakit.adapters.base import adapter_input
 from lorakit.callbacks import Callback, TrainState
 from lorakit.config import AdapterConfig, ConfigError
 from lorakit.methods import Method, Option, register
@@ -87,7 +88,8 @@ class AdaLoraLinear(nn.Module):
         return int(self.rank_mask.sum())
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, access: WeightAccess) -> torch.Tensor:
-        x = self.dropout(x.to(self.lora_A.dtype))  # (..., k)
+        dropping = self.training and not isinstance(self.dropout, nn.Identity)
+        x = self.dropout(adapter_input(x, self.lora_A.dtype, cast=dropping))  # (..., k)
         q = F.linear(x, self.lora_A * self.lora_E)  # (..., r): λ ⊙ Q x
         return base_out + (F.linear(q, self.lora_B) * self.scaling).to(base_out.dtype)  # (..., d)
 

@@ -21,6 +21,21 @@ from lorakit.state import active_adapter, adapter_configs
 from lorakit.weights import WeightAccess
 
 
+def adapter_input(x: torch.Tensor, dtype: torch.dtype, cast: bool = False) -> torch.Tensor:
+    """x for the adapter's matmuls held in ``dtype``: cast only when that changes the product.
+
+    Under autocast, an input that already has the autocast dtype is left as it is (a matmul would cast the
+    adapter-dtype copy straight back: x -> fp32 -> bf16 is x again, bit for bit), which saves two copies of
+    x per adapted layer, one of them kept for backward. ``cast=True`` (e.g. dropout will act on x next)
+    always casts, so elementwise work before the matmul sees the adapter dtype, as in PEFT."""
+    if x.dtype == dtype:
+        return x
+    kind = x.device.type
+    if not cast and torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == x.dtype:
+        return x
+    return x.to(dtype)
+
+
 @runtime_checkable
 class AdapterMethod(Protocol):
     """What every adapter method provides (PEFT-compatible tensor names through ``peft_state``)."""

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.base import copy_peft_state
+from lorakit.adapters.base import adapter_input, copy_peft_state
 from lorakit.adapters.lora import LORA_INITS, LoraLinear, lora_from_peft, lora_to_peft
 from lorakit.adapters.loraplus import LORAPLUS_OPTIONS, loraplus_groups, validate_loraplus
 from lorakit.config import AdapterConfig
@@ -211,11 +211,12 @@ class DoraLinear(LoraLinear):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, access: WeightAccess) -> torch.Tensor:
         a, b = self.lora_A.weight, self.lora_B.weight  # (r, k), (d, r)
-        x = x.to(a.dtype)
+        dropping = self.training and not isinstance(self.dropout, nn.Identity)
+        x = adapter_input(x, a.dtype, cast=dropping)  # the dropout path multiplies x by W0 itself
         norm = self._row_norm(access)  # (d,), no_grad: the paper's detached norm
         scale = self.lora_magnitude_vector / norm  # (d,), gradient reaches m
         b_scaled = b * (scale * self.scaling).unsqueeze(1)  # scale * s * B: (d, r)
-        if self.training and not isinstance(self.dropout, nn.Identity):
+        if dropping:
             # PEFT: the base term is recomputed from the dropped input, without the bias.
             xd = self.dropout(x)  # (..., k)
             lora = F.linear(F.linear(xd, a), b_scaled)  # scale * s * B A x_d: (..., d)

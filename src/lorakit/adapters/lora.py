@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.base import copy_peft_state
+from lorakit.adapters.base import adapter_input, copy_peft_state
 from lorakit.adapters.lora_init import WEIGHT_INITS, pissa_init  # noqa: F401  (pissa_init: moved there)
 from lorakit.adapters.loraplus import LORAPLUS_OPTIONS, loraplus_groups, validate_loraplus
 from lorakit.config import AdapterConfig, ConfigError
@@ -43,6 +43,8 @@ class LoraLinear(nn.Module):
         use_rslora: scale alpha/sqrt(r). init: "default" | "gaussian" (B = 0 either way).
         dtype, device: of the adapter parameters (fp32 by default).
     """
+
+    subtracts_init = False  # set by a residual init (PiSSA, OLoRA), with the buffers lora_A/B_init
 
     def __init__(
         self,
@@ -65,31 +67,47 @@ class LoraLinear(nn.Module):
         reset_lora(self.lora_A.weight, self.lora_B.weight, r, init)
 
     def _down(self, x: torch.Tensor) -> torch.Tensor:
-        """A dropout(x) in the adapter dtype: (..., k) -> (..., r). No cast when x already has the adapter's
-        dtype; the dropout module is only called when it can change x (training, p > 0)."""
+        """A dropout(x) in the adapter dtype: (..., k) -> (..., r); x is cast only when that changes the
+        product (``adapter_input``). The dropout module is only called when it can change x (training,
+        p > 0); it then sees the adapter-dtype x, as in PEFT."""
         a = self.lora_A.weight
-        if x.dtype != a.dtype:
-            x = x.to(a.dtype)
-        if self.training and type(self.dropout) is not nn.Identity:
+        drop = self.training and type(self.dropout) is not nn.Identity
+        x = adapter_input(x, a.dtype, cast=drop)
+        if drop:
             x = self.dropout(x)
         return F.linear(x, a)
 
+    def _init_out(self, x: torch.Tensor) -> torch.Tensor:
+        """scale * B0 A0 x for an init that trains on the residual W - s B0 A0 (PiSSA, OLoRA:
+        ``lora_init.remember_init``); no dropout, as it stands for part of the base term."""
+        a0, b0 = self.lora_A_init, self.lora_B_init
+        return F.linear(F.linear(adapter_input(x, a0.dtype), a0), b0) * self.scaling
+
     def lora_out(self, x: torch.Tensor) -> torch.Tensor:
-        """scale * B A dropout(x), in the adapter dtype. x: (..., k) -> (..., d)."""
-        return F.linear(self._down(x), self.lora_B.weight) * self.scaling
+        """What the adapter adds to the base output, in the adapter dtype: scale * B A dropout(x) (minus
+        scale * B0 A0 x for a residual init). x: (..., k) -> (..., d)."""
+        out = F.linear(self._down(x), self.lora_B.weight) * self.scaling
+        return out - self._init_out(x) if self.subtracts_init else out
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, access: WeightAccess) -> torch.Tensor:
+        if self.subtracts_init:  # the residual base W x - s B0 A0 x; the base weight itself is W
+            base_out = base_out - self._init_out(x).to(base_out.dtype)
         h = self._down(x)  # (..., r)
         b = self.lora_B.weight  # (d, r)
         if base_out.dtype == b.dtype and not torch.is_autocast_enabled(b.device.type):
             # base_out + scale * h B^T as one addmm: no (..., d) temporaries for the product and its scaling.
+            # (Not under autocast: there the product is rounded to the autocast dtype before it is scaled
+            # and added, as in PEFT, and a fused addmm would round once instead.)
             d = base_out.shape[-1]
             y = torch.addmm(base_out.reshape(-1, d), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling)
             return y.view(base_out.shape)
         return base_out + (F.linear(h, b) * self.scaling).to(base_out.dtype)
 
     def delta_weight(self, access: WeightAccess) -> torch.Tensor:
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (d, k)
+        delta = self.lora_B.weight @ self.lora_A.weight  # (d, k)
+        if self.subtracts_init:
+            delta = delta - self.lora_B_init @ self.lora_A_init
+        return delta * self.scaling
 
     def peft_state(self) -> dict[str, torch.Tensor]:
         return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
@@ -225,13 +243,13 @@ LORA = register(
             "LORA", lora_to_peft, lora_from_peft, rank_keys=("lora_A.weight", "lora_embedding_A")
         ),
         # inits computed from the base weight (lorakit/adapters/lora_init.py): PiSSA and OLoRA move a
-        # rank-r part of W into the adapter (saved files are converted to rank 2r, right on the unchanged
-        # base); LoftQ fits the adapter to a quantized base's error and leaves the base as it is.
+        # rank-r part of W into the adapter, which subtracts it again (the base weight stays W; saved
+        # files are converted to rank 2r); LoftQ fits the adapter to a quantized base's error.
         inits={
             **LORA_INITS,
-            "pissa": Init("pissa", "PiSSA: A, B from the top-r singular triplets of W, W keeps the residual",
+            "pissa": Init("pissa", "PiSSA: A, B from the top-r singular triplets of W; trains on the residual",
                           changes_base=True),
-            "olora": Init("olora", "OLoRA: B, A from the QR decomposition of W, W keeps the residual",
+            "olora": Init("olora", "OLoRA: B, A from the QR decomposition of W; trains on the residual",
                           changes_base=True),
             "loftq": Init(True, "LoftQ: s B A = SVD_r(W - Q(W)) on a quantized base (needs a quant section)",
                           reads_full_precision=True),

@@ -1,9 +1,9 @@
 """LoRA initialisations computed from the base weight: PiSSA, OLoRA and LoftQ (``AdapterConfig.init``).
 
 - PiSSA (Meng et al. 2024, https://arxiv.org/abs/2404.02948): A, B from the top-r singular triplets of
-  W; the base keeps the residual W - s B A.
+  W; the model computes the residual W - s B0 A0 plus the adapter (B0, A0: the initial factors).
 - OLoRA (Buyukakyuz 2024, https://arxiv.org/abs/2406.01775): W = Q R (QR decomposition); B = Q[:, :r],
-  A = R[:r] (as PEFT's ``olora_init``, not divided by the scale); the base keeps W - s B A.
+  A = R[:r] (as PEFT's ``olora_init``, not divided by the scale); likewise on the residual W - s B0 A0.
 - LoftQ (Li et al. 2023, https://arxiv.org/abs/2310.08659): on a quantized base Q(W), A and B are the
   best rank-r fit of the quantization error, s B A = SVD_r(W - Q(W)), so QLoRA starts closer to the
   full-precision model. One alternating step (PEFT's default ``loftq_iter=1``): the quantized base is
@@ -11,10 +11,14 @@
   PEFT's ``loftq_init`` sets A, B to the fit without the scale (right only when alpha = r); here each
   factor is divided by sqrt(s), so s B A is the fit for any alpha.
 
-PiSSA and OLoRA change the base weight. Their adapters remember the initial factors (buffers
-``lora_A_init`` / ``lora_B_init``, not saved in checkpoints: they are recomputed from W) so that the saved
-file can be converted, as PEFT's ``path_initial_model_for_weight_conversion`` does, to a rank-2r LoRA that
-is right on the unchanged base: W + s (B A - B0 A0) = W_res + s B A (``lorakit.io.adapter_files``).
+PiSSA and OLoRA train on the residual W_res = W - s B0 A0. PEFT writes W_res into the base weight, so that
+wherever the adapter is not applied (disabled, another adapter active, unloaded, deleted) the model is no
+longer the base model. Here the base weight is never touched: the adapter keeps its initial factors
+(buffers ``lora_A_init`` / ``lora_B_init``, not saved in checkpoints: they are recomputed from W) and
+subtracts s B0 A0 x itself, so it computes W_res x + s B A x = W x + s (B A - B0 A0) x and every other
+path sees the real W. The same factors convert the saved file, as PEFT's
+``path_initial_model_for_weight_conversion`` does, to a rank-2r LoRA on that unchanged base
+(``lorakit.io.conversion``).
 """
 
 from __future__ import annotations
@@ -36,9 +40,11 @@ _DENSE: list[Mapping[str, torch.Tensor]] = []
 
 
 def remember_init(adapter: nn.Module) -> None:
-    """Keep copies of the adapter's initial A, B (for the rank-2r conversion on save)."""
+    """Keep copies of the adapter's initial A, B: it subtracts s B0 A0 x from then on (the residual the
+    init trains on, with the base weight left as it is) and the saved file is converted with them."""
     adapter.register_buffer(INIT_A, adapter.lora_A.weight.detach().clone(), persistent=False)
     adapter.register_buffer(INIT_B, adapter.lora_B.weight.detach().clone(), persistent=False)
+    adapter.subtracts_init = True
 
 
 def initial_factors(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -48,7 +54,7 @@ def initial_factors(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | N
 
 
 def _dense_linear(access: WeightAccess, module_name: str, init: str, r: int) -> torch.Tensor:
-    """The base weight (out, in) in fp32, for an init that reads and rewrites it."""
+    """The base weight (out, in) in fp32, for an init computed from it."""
     if access.kind != "linear" or access.quantized:
         raise ConfigError(
             f"init={init!r} needs a dense linear base; {module_name!r} is {access.kind}"
@@ -64,25 +70,23 @@ def _dense_linear(access: WeightAccess, module_name: str, init: str, r: int) -> 
 
 @torch.no_grad()
 def pissa_init(adapter: nn.Module, access: WeightAccess, module_name: str) -> None:
-    """PiSSA: A = sqrt(S_r) V_r^T / sqrt(s), B = U_r sqrt(S_r) / sqrt(s); W <- W - s B A."""
+    """PiSSA: A = sqrt(S_r) V_r^T / sqrt(s), B = U_r sqrt(S_r) / sqrt(s); the adapter subtracts s B0 A0."""
     w = _dense_linear(access, module_name, "pissa", adapter.r)
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     r, root_scale = adapter.r, math.sqrt(adapter.scaling)
     sqrt_s = s[:r].sqrt()
     adapter.lora_A.weight.copy_(sqrt_s[:, None] * vh[:r] / root_scale)
     adapter.lora_B.weight.copy_(u[:, :r] * sqrt_s[None, :] / root_scale)
-    access.set_dense_weight(w - adapter.delta_weight(access))
     remember_init(adapter)
 
 
 @torch.no_grad()
 def olora_init(adapter: nn.Module, access: WeightAccess, module_name: str) -> None:
-    """OLoRA: W = Q R; B = Q[:, :r], A = R[:r]; W <- W - s B A (PEFT's ``olora_init``)."""
+    """OLoRA: W = Q R; B = Q[:, :r], A = R[:r] (PEFT's ``olora_init``); the adapter subtracts s B0 A0."""
     w = _dense_linear(access, module_name, "olora", adapter.r)
     q, rr = torch.linalg.qr(w)
     adapter.lora_A.weight.copy_(rr[: adapter.r])
     adapter.lora_B.weight.copy_(q[:, : adapter.r])
-    access.set_dense_weight(w - adapter.delta_weight(access))
     remember_init(adapter)
 
 

@@ -330,7 +330,7 @@ def load_adapter(
     except TargetError as e:
         raise AdapterConfigError(f"{config_path}: {e}{target_filters(cfg)}") from None
     check_ranks(cfg, targets, tensors, layer_kwargs, config_path, source)
-    snapshot = _Snapshot(model, cfg)
+    snapshot = _Snapshot(model)
     try:
         try:
             with torch.random.fork_rng(devices=[]):  # initialising the adapter must not move the user's RNG
@@ -351,29 +351,21 @@ def load_adapter(
 class _Snapshot:
     """What injecting may change, so a failed load can put it back: a copy of the model's adapter state
     (``lorakit.state``: configs, active adapter, file metadata, controllers), the active adapter, every parameter's requires_grad, the
-    row routing ``inject`` installs on a plain model (hooks and ``generate``), and (for PiSSA, which
-    rewrites the base weights at init) the target weights."""
+    row routing ``inject`` installs on a plain model (hooks and ``generate``). (No base weight: no init
+    rewrites one; PiSSA / OLoRA subtract their initial product inside the adapter.)"""
 
-    def __init__(self, model: nn.Module, cfg: AdapterConfig) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.model = model
         state = peek_state(model)
         self.state = state.copy() if state is not None else None
         self.hooks = self._hook_keys()
         self.active = active_adapter(model)
         self.grads = [(p, p.requires_grad) for p in model.parameters()]
-        self.weights = []
-        if cfg.init == "pissa":
-            for name in find_targets(model, cfg, strict=False):
-                module = model.get_submodule(name)
-                base = getattr(module, "base", module)
-                self.weights.append((base.weight, base.weight.detach().clone()))
 
     @torch.no_grad()
     def restore(self, adapter_name: str) -> None:
         if adapter_name in adapter_configs(self.model):
             delete_adapter(self.model, adapter_name)
-        for weight, saved in self.weights:
-            weight.copy_(saved)
         if self.active is not None:
             set_adapter(self.model, self.active)
         set_state(self.model, self.state)

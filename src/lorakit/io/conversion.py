@@ -1,12 +1,14 @@
-"""Adapters whose init changed the base weight (PiSSA, OLoRA), converted on save so the file is right on
-the unchanged base, as PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=...)`` writes it.
+"""Adapters whose init trains on a residual of the base weight (PiSSA, OLoRA), converted on save so the
+file is right on the unchanged base, as PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=...)``
+writes it.
 
-In memory the layer computes W_res + s B A with W_res = W - s B0 A0 (A0, B0: the initial factors the
-adapter keeps, ``lorakit.adapters.lora_init``). On the original W the same update is
-s (B A - B0 A0) = s [B | -B0] [A ; A0]: a LoRA of rank 2r. Its alpha is doubled (alpha * sqrt(2) with
-rsLoRA) so the scale is unchanged, and ``rank_pattern`` / ``alpha_pattern`` likewise; the file says
-``init_lora_weights: true``, so PEFT, vLLM-style consumers and lorakit load it as a plain LoRA. Layers of
-the adapter without initial factors (an embedding, a conv) are padded with zero rows / columns.
+In memory the layer computes W_res x + s B A x with W_res = W - s B0 A0 (A0, B0: the initial factors the
+adapter keeps and subtracts, ``lorakit.adapters.lora_init``; the base weight itself stays W). On W the
+same update is s (B A - B0 A0) = s [B | -B0] [A ; A0]: a LoRA of rank 2r. Its alpha is doubled
+(alpha * sqrt(2) with rsLoRA) so the scale is unchanged, and ``rank_pattern`` / ``alpha_pattern``
+likewise; the file says ``init_lora_weights: true``, so PEFT, vLLM-style consumers and lorakit load it as
+a plain LoRA. Layers of the adapter without initial factors (an embedding, a conv) are padded with zero
+rows / columns.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ _RANK_DIM = {"lora_A.weight": 0, "lora_embedding_A": 0, "lora_B.weight": 1, "lor
 
 
 def needs_conversion(cfg: AdapterConfig) -> bool:
-    """The adapter's init changed the base weight (its registry ``Init.changes_base``)."""
+    """The adapter's init trains on a residual of the base weight (its registry ``Init.changes_base``)."""
     return methods.init_entry(cfg).changes_base
 
 

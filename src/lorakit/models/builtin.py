@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lorakit.models import hub
+from lorakit.models.families import TASK_HEADS
 from lorakit.models.hub import ModelSource
 
 # Token ids of lorakit's byte tokenizer (lorakit.models.tokenizer): bytes 0-255, then specials.
@@ -173,7 +174,7 @@ def require_causal_lm(name_or_path: str) -> None:
 
 
 # Top-level names of task heads that from_pretrained creates fresh on a base checkpoint (expected).
-_NEW_HEADS = ("classifier", "score", "lm_head", "qa_outputs")
+_NEW_HEADS = TASK_HEADS
 
 
 @contextlib.contextmanager

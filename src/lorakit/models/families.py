@@ -219,6 +219,11 @@ FAMILIES: dict[str, Family] = {
 }
 _BY_NAME = {f.name: f for f in (LLAMA, GPT2, GPT, BERT)}
 HEAD_NAMES = tuple(dict.fromkeys(n for f in _BY_NAME.values() for n in f.head_names))
+# Top-level module names of output / task heads across Hugging Face models (the families above and
+# others: GPT-NeoX's embed_out, InternLM's output, question answering's qa_outputs). The one list that
+# target selection (not in all-linear), quantization (kept full precision) and loading (created fresh on
+# a base checkpoint) read.
+TASK_HEADS = ("lm_head", "embed_out", "output", "score", "classifier", "cls", "qa_outputs")
 
 
 def family_named(name: str) -> Family:

@@ -186,6 +186,7 @@ def _calibrate(model: str, batch: int, seq_len: int, steps: int, seed: int) -> C
         precision="fp32",
         grad_checkpointing=False,
         attention=attention,
+        loss="full",  # the step above uses the model's own loss (full logits)
     )
     fps = flops_per_token(arch, setup) * tokens
     # the rate is measured right before and after every timed step (wall clock and process CPU time), so a

@@ -16,8 +16,15 @@ Memory (bytes, per GPU)
   (SDPA/Flash) attention that keeps no s x s matrix, and a frozen base (whose linears need no saved
   input unless an adapter reads it). With gradient checkpointing each layer keeps only its input
   (2sbh in 16-bit, the paper's "full recomputation"), plus one layer's activations during recompute.
-- Plus logits and loss, the backward's transient gradient buffers, and the framework overhead of the
-  GPU table.
+- Plus the loss, the backward's transient gradient buffers, and the framework overhead of the GPU table.
+  The loss (``Setup.loss``): ``chunked`` is lorakit train's (``lorakit.train.loss``): only the hidden
+  rows of target tokens reach the head (counted as every token: the planner does not know the prompt
+  share), fp32 cross-entropy in chunks of ``CHUNK_LOGITS`` logits. A frozen head takes the rows'
+  gradient in forward (it keeps h per token; one chunk's logits, fp32 copy and gradient in flight); a
+  trained head recomputes every chunk but the last in backward (it keeps the rows and one chunk's fp32
+  log-softmax; a chunk's logits and gradients in flight). Nothing vocabulary-sized per token. ``full`` is the
+  Hugging Face loss (``model(..., labels=...).loss``, e.g. under the HF Trainer): the logits of every
+  position are returned and their fp32 log-softmax kept (vocab x (p + 4) bytes per token).
 - K GPUs run as ``lorakit train`` does under torchrun (``training.distributed``):
   DDP: every GPU holds the whole model, its gradients and optimizer states, plus DDP's gradient buckets, a
   flat copy of the trainable gradients (``gradient_as_bucket_view`` off, PyTorch's default; its docs: setting
@@ -52,6 +59,8 @@ PRECISIONS = ("bf16-mixed", "fp32")
 ATTENTIONS = ("sdpa", "eager")  # "sdpa": memory-efficient/Flash, no s x s matrix; "eager": keeps it
 OPTIMIZERS = {"adamw": 8}  # optimizer -> state bytes per trainable param: exactly what lorakit train runs
 DISTRIBUTED = ("ddp", "fsdp")  # multi-GPU strategies lorakit train runs (training.distributed)
+LOSSES = ("chunked", "full")  # lorakit train's chunked cross-entropy | the model's own full-logits loss
+CHUNK_LOGITS = 1 << 24  # logits per chunk of the chunked loss: lorakit.train.loss.CHUNK_LOGITS (a test ties them)
 NF4_BITS = {True: 4 + 8 / 64 + 32 / (64 * 256), False: 4 + 32 / 64}
 DEFAULT_MFU = 0.35  # assumption: model FLOPs utilisation of a well-configured single-node fine-tune
 # assumption: throughput relative to LoRA at the same FLOPs. QLoRA dequantizes every base weight per
@@ -79,6 +88,7 @@ class Setup:
     adapter_dtype: str | None = None  # "fp32" | "bf16"; default fp32, bf16 for qlora (QLoRA's scripts)
     lora_dropout: float = 0.0
     double_quant: bool = True
+    loss: str = "chunked"  # one of LOSSES: lorakit train's; "full" for a model's own loss (HF Trainer)
 
     def __post_init__(self) -> None:
         checks = [
@@ -88,6 +98,7 @@ class Setup:
             ("optimizer", self.optimizer, tuple(OPTIMIZERS)),
             ("distributed", self.distributed, DISTRIBUTED),
             ("adapter_dtype", self.adapter_dtype, (None, "fp32", "bf16")),
+            ("loss", self.loss, LOSSES),
         ]
         for name, value, allowed in checks:
             if value not in allowed:
@@ -287,11 +298,34 @@ def activation_bytes(
     if not arch.layout.encoder:  # final norm (a post-norm encoder has none)
         saved += 4 * h + (p * h if full else 0) if arch.layout.rms_norm else p * h
     saved += p * h if head_trained else 0
-    transient = (2 * arch.intermediate + h) * p  # gradient buffers of the block being back-propagated
-    if arch.task == "causal-lm":
-        saved += arch.vocab * (p + 4)  # logits (returned) + fp32 log-softmax kept by the loss
-        transient = max(transient, 2 * arch.vocab * 4)  # gradients of the log-softmax and of the logits
-    return saved * tokens, transient * tokens
+    transient = (2 * arch.intermediate + h) * p * tokens  # gradient buffers of the block being back-propagated
+    loss_saved, loss_transient = loss_activation_bytes(arch, setup, head_trained)
+    return saved * tokens + loss_saved, max(transient, loss_transient)
+
+
+def loss_activation_bytes(arch: Arch, setup: Setup, head_trained: bool = False) -> tuple[float, float]:
+    """(saved, transient) bytes of a causal LM's loss for one micro-batch (``Setup.loss``; zero for other
+    tasks, whose logits are one row per sequence). ``head_trained``: the output head has trainable
+    parameters (full fine-tuning, an adapter on it), which takes lorakit's recomputed-chunks path."""
+    if arch.task != "causal-lm":
+        return 0.0, 0.0
+    p, tokens, v = setup.act_bytes, setup.tokens_per_step, arch.vocab
+    if setup.loss == "full":
+        # logits (returned) + fp32 log-softmax kept by the loss; in backward the gradients of both
+        return tokens * v * (p + 4), tokens * 2 * v * 4
+    rows = min(tokens, chunk_rows(v))
+    if not head_trained:
+        # a frozen head: the rows' gradient (h per token) is taken in forward; a chunk's logits, their fp32
+        # copy and its gradient in the logits' dtype are in flight, one chunk at a time
+        return tokens * p * arch.hidden, rows * v * (2 * p + 4)
+    # the target rows gathered for the head (kept by every chunk) + the last chunk's fp32 log-softmax (not
+    # recomputed); in backward one chunk's logits, log-softmax and their gradients
+    return tokens * p * arch.hidden + rows * v * 4, rows * v * (p + 8)
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows per chunk of lorakit train's chunked cross-entropy (``lorakit.train.loss.TaskLoss``)."""
+    return max(16, CHUNK_LOGITS // max(vocab, 1))
 
 
 def memory(arch: Arch, setup: Setup, gpu: Gpu | None = None, gpus: int = 1) -> Memory:

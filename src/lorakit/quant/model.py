@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lorakit.config import QUANT_DTYPES, QuantConfig
+from lorakit.models.families import TASK_HEADS
 from lorakit.quant.linear import NF4Linear
 from lorakit.quant.nf4 import QuantError, QuantSpec, check_spec
 from lorakit.state import peek_state, set_state, state_of
@@ -21,7 +22,7 @@ from lorakit.weights import is_gpt2_conv1d
 
 # Top-level module names of task heads: never quantized (a fresh classifier head must stay trainable
 # in full precision, and an LM head is where 4-bit error hurts most).
-HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls")
+HEAD_NAMES = TASK_HEADS
 # Layer classes that are already quantized by bitsandbytes (matched by name: no import needed).
 _BNB_CLASSES = ("Linear4bit", "Linear8bitLt", "LinearNF4", "LinearFP4")
 

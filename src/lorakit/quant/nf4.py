@@ -18,7 +18,8 @@ bitsandbytes' CPU 8-bit quantizer (used for the absmax constants) searches its c
 so double-quantized absmax codes differ from bitsandbytes' by one step on a small fraction of the
 constants (0.2% on a 4096x4096 N(0,1) matrix; tests/quant/test_nf4.py states the tolerance).
 
-Everything here is a pure function over tensors; ``lorakit.quant.linear`` builds the layer on top.
+Everything here is a pure function over tensors (4-bit dequantization may hand off to bitsandbytes' compiled
+op: ``lorakit.quant.kernel``); ``lorakit.quant.linear`` builds the layer on top.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from lorakit.quant import kernel
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 
@@ -232,8 +235,15 @@ def dequantize_blockwise(
     bf16 bit for bit); the multiply writes ``dtype`` directly, with no separate cast pass. On CPU the
     work goes in passes of ``CPU_PASS_BYTES`` code bytes so the fp32 temporaries stay in cache. ``out``:
     a contiguous tensor of ``dtype`` with one element per weight to write into (returned, viewed flat).
+    4-bit codes go through bitsandbytes' compiled op when it is installed (``lorakit.quant.kernel``: bit for
+    bit the same, ~3x faster on CPU); the passes below are the reference and the fallback.
     """
     n_blocks = absmax.numel()
+    if out is None and quant_type != "int8":  # bitsandbytes' compiled op, when installed: the same bits
+        fast = kernel.dequantize_4bit(codes, absmax.float().contiguous(), blocksize, quant_type,
+                                      n_blocks * blocksize, dtype)
+        if fast is not None:
+            return fast
     if out is None:
         out = torch.empty(n_blocks * blocksize, dtype=dtype, device=codes.device)
     out_blocks = out.view(n_blocks, blocksize)

@@ -272,6 +272,12 @@ class _RowGenerate:
             return generate(*args, **kwargs)
 
 
+def is_routing_hook(hook: Any) -> bool:
+    """True for the forward hooks ``install_row_routing`` puts on a model (a no-op without
+    ``adapter_names``): code that must know whether a model's forward is its own can ignore them."""
+    return hook is _pre_hook or hook is _post_hook
+
+
 def install_row_routing(model: nn.Module) -> None:
     """Let ``model(..., adapter_names=...)`` and ``model.generate(..., adapter_names=...)`` route rows
     (idempotent; ``inject`` calls it). Without ``adapter_names`` nothing changes."""

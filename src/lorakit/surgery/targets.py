@@ -21,6 +21,7 @@ from torch import nn
 
 from lorakit import methods
 from lorakit.config import AdapterConfig
+from lorakit.models.families import TASK_HEADS
 
 # Default targets: the first family whose names occur in the model wins (query and value projections).
 DEFAULT_TARGETS: tuple[tuple[str, ...], ...] = (
@@ -31,7 +32,7 @@ DEFAULT_TARGETS: tuple[tuple[str, ...], ...] = (
     ("q", "v"),  # T5
 )
 # Top-level module names of output heads: never adapted by "all-linear".
-HEAD_NAMES = ("lm_head", "score", "classifier", "cls", "embed_out", "output")
+HEAD_NAMES = TASK_HEADS
 LAYER_CONTAINERS = ("layers", "h", "layer", "blocks", "block")
 
 

@@ -7,10 +7,15 @@ materialising full-vocabulary logits for the batch:
 1. the model's *body* (``model.get_decoder()``) gives hidden states h: (B, L, H);
 2. only the rows whose next label is kept are gathered: h_kept (N, H), N = number of targets -- no LM-head
    work on prompt tokens (completion-only loss) or padding;
-3. the head (``model.get_output_embeddings()``; an adapter wrapping it is called the same way) and the
-   fp32 cross-entropy run over ``chunk_rows`` rows at a time; each chunk is a non-reentrant
-   ``torch.utils.checkpoint`` region, so what autograd keeps per chunk is its (chunk, H) hidden rows, and
-   the chunk's (chunk, V) logits are recomputed in backward, one chunk alive at a time.
+3. the head (``model.get_output_embeddings()``) and the fp32 cross-entropy run over at most
+   ``chunk_rows`` rows at a time. A frozen plain linear head (every adapter method but full fine-tuning,
+   unless the head itself is adapted) takes ``FrozenHeadCrossEntropy``: each chunk's fp32 logits give its
+   loss and then its gradient softmax - onehot, turned into the rows' gradient in forward; autograd keeps
+   (N, H) and nothing is recomputed. Any other head (an adapter wrapping it, a trainable head) is called
+   as a module: each chunk but the last is a non-reentrant ``torch.utils.checkpoint`` region, so what
+   autograd keeps per chunk is its (chunk, H) hidden rows, and the chunk's (chunk, V) logits are
+   recomputed in backward, one chunk alive at a time (the last chunk's are kept: backward starts there,
+   so keeping them costs no extra peak).
 
 The result equals ``forward_loss`` (the full-logits reference, kept below) up to the order of the fp32
 sum. It is only used when logits are *proved* to be plain ``head(body(x))``: configs with a known logit
@@ -72,19 +77,67 @@ def _chunk_loss(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> t
 def chunked_cross_entropy(
     head: nn.Module, rows: torch.Tensor, targets: torch.Tensor, chunk_rows: int
 ) -> torch.Tensor:
-    """sum_i -log softmax(head(rows_i))[targets_i], ``chunk_rows`` rows at a time.
+    """sum_i -log softmax(head(rows_i))[targets_i], in chunks of at most ``chunk_rows`` rows of equal size.
 
-    With grad enabled each chunk is recomputed in backward (only its hidden rows are saved). Zero rows
-    still call the head once (on an empty chunk), so every head parameter stays in the graph (DDP)."""
+    With grad enabled every chunk but the last is recomputed in backward (only its hidden rows are saved).
+    The last keeps its logits: backward starts with it, while every activation of the body is still held,
+    which is where a recomputed chunk would sit too -- so the peak is the same and one chunk's head work
+    is saved (all of it when the targets fit one chunk). Zero rows still call the head once (on an empty
+    chunk), so every head parameter stays in the graph (DDP)."""
+    n = rows.shape[0]
+    chunks = max(1, -(-n // chunk_rows))  # sizes differ by at most one: no small remainder at the end
+    parts = list(zip(rows.tensor_split(chunks), targets.tensor_split(chunks)))
     total = None
-    for r, t in zip(rows.split(chunk_rows), targets.split(chunk_rows)):
-        if torch.is_grad_enabled():
+    for i, (r, t) in enumerate(parts):
+        if torch.is_grad_enabled() and i < len(parts) - 1:
             part = checkpoint(_chunk_loss, head, r, t, use_reentrant=False)
         else:
             part = _chunk_loss(head, r, t)
         total = part if total is None else total + part
-    assert total is not None  # split always yields at least one (possibly empty) chunk
+    assert total is not None  # tensor_split always yields at least one (possibly empty) chunk
     return total
+
+
+class FrozenHeadCrossEntropy(torch.autograd.Function):
+    """sum_i -log softmax(rows_i W^T + b)[targets_i] for a frozen linear head, with the gradient w.r.t. the
+    rows computed in forward, chunk by chunk: for a chunk of logits z, d loss / d z = softmax(z) - onehot(t),
+    so the chunk's logits, in fp32, give the loss (logsumexp(z) - z_t) and then, in place, that gradient,
+    which the head's matrix turns into the rows' gradient (chunk, H) at once. Nothing vocabulary-sized
+    outlives its chunk and nothing is recomputed in backward, which only scales the stored gradient by
+    the incoming one. The matmuls run in the ambient autocast dtype, as ``head(rows)`` would; the
+    gradient goes into the second matmul in the logits' dtype, as autograd's would."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, targets, chunk_rows):  # rows (N, H), targets (N,)
+        need_grad = ctx.needs_input_grad[0]
+        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        grads = []
+        chunks = max(1, -(-rows.shape[0] // chunk_rows))
+        for r, t in zip(rows.tensor_split(chunks), targets.tensor_split(chunks)):
+            logits = F.linear(r, weight, bias)  # (C, V)
+            z = logits.float()
+            lse = torch.logsumexp(z, dim=-1)  # (C,)
+            total += (lse - z.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
+            if need_grad:
+                if z.data_ptr() == logits.data_ptr():
+                    z = z.clone()  # fp32 logits: .float() was no copy, and logits must stay as they are
+                z.sub_(lse.unsqueeze(1)).exp_()  # softmax
+                z[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                grads.append((z.to(logits.dtype) @ weight.to(logits.dtype)).to(rows.dtype))
+        ctx.save_for_backward(torch.cat(grads) if need_grad else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_rows,) = ctx.saved_tensors
+        return grad_rows * grad_total, None, None, None, None
+
+
+def fusable_head(head: nn.Module) -> bool:
+    """A plain ``nn.Linear`` with no trainable parameter and no hooks: its gradient can be taken in forward."""
+    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks or head._backward_hooks:
+        return False
+    return not head.weight.requires_grad and (head.bias is None or not head.bias.requires_grad)
 
 
 def last_hidden(out: Any) -> torch.Tensor:
@@ -143,11 +196,10 @@ def _fsdp_sharded(model: nn.Module) -> bool:
 def _foreign_hooks(model: nn.Module) -> list[Any]:
     """Hooks on the model's own forward other than lorakit's row routing (a no-op without
     ``adapter_names``, which training batches never carry)."""
-    from lorakit.surgery import rows
+    from lorakit.surgery.rows import is_routing_hook
 
-    ours = (rows._pre_hook, rows._post_hook)  # installed by inject; see rows.install_row_routing
     hooks = [*model._forward_pre_hooks.values(), *model._forward_hooks.values()]
-    return [h for h in hooks if h not in ours]
+    return [h for h in hooks if not is_routing_hook(h)]
 
 
 def split_lm(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None, str]:
@@ -215,4 +267,8 @@ class TaskLoss(nn.Module):
         hidden = last_hidden(self._body(**inputs, use_cache=False))  # (B, L, H)
         rows = hidden[:, :-1][keep]  # (N, H): only positions whose next token is a target
         targets = labels[:, 1:][keep]  # (N,)
-        return chunked_cross_entropy(self._head, rows, targets, self.chunk_rows), keep.sum()
+        head = self._head
+        if fusable_head(head):  # checked per call: an adapter or modules_to_save may wrap the head later
+            loss = FrozenHeadCrossEntropy.apply(rows, head.weight, head.bias, targets, self.chunk_rows)
+            return loss, keep.sum()
+        return chunked_cross_entropy(head, rows, targets, self.chunk_rows), keep.sum()
