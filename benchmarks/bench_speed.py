@@ -28,6 +28,8 @@ GOALS = (  # (label, ratio key path, goal): measured ratio <= goal
     ("QLoRA |loss@1 - PEFT's|", ("qlora_qv", "loss_step1_diff"), 1e-2),
     ("decode vs PEFT, wall", ("decode", "vs_peft"), 1.0),
     ("decode vs PEFT, CPU", ("decode", "cpu_vs_peft"), 1.0),
+    ("decode vs PEFT, each over its own plain base, wall", ("decode", "vs_peft_same_base"), 1.0),
+    ("decode vs PEFT, each over its own plain base, CPU", ("decode", "cpu_vs_peft_same_base"), 1.0),
     ("decode vs plain base, wall", ("decode", "vs_base"), 1.1),
     ("decode vs plain base, CPU", ("decode", "cpu_vs_base"), 1.1),
 )
