@@ -353,6 +353,36 @@ def test_a_hung_rank_ends_the_job_within_the_collective_timeout(runs):
     assert "step-00000002; continue with --resume" in line
 
 
+@pytest.mark.parametrize("quant", [False, True])
+def test_the_bf16_policy_runs_with_nf4_storage(monkeypatch, quant):
+    """What the trainer uses on CUDA with bf16 (``MixedPrecisionPolicy``: bf16 compute, NF4 codes never
+    cast), on a one-process gloo group here: the sharded model's logits are the unsharded model's under bf16
+    autocast, to bf16 rounding (the one-GPU smoke run cannot run on this machine)."""
+    import torch.distributed as dist
+
+    from lorakit import AdapterConfig, QuantConfig, build_model, quantize
+    from lorakit.surgery.inject import inject
+
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "1", "RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    model = build_model("tiny-llama", seed=0)
+    if quant:
+        quantize(model, QuantConfig(dtype="nf4", compute_dtype=torch.bfloat16))
+    inject(model, AdapterConfig(r=4, dropout=0.0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(input_ids=PROBE_IDS).logits.float()
+    dist.init_process_group("gloo")
+    try:
+        fsdp.shard(model, fsdp.check_model(model, "lora"), Dist(), bf16=True)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=PROBE_IDS).logits.float()
+        dtypes = {p.to_local().dtype for p in model.parameters()}
+    finally:
+        dist.destroy_process_group()
+    assert dtypes == ({torch.uint8, torch.float32} if quant else {torch.float32})  # stored as built
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-2)
+
+
 # --- refusals, before any work (no launch needed) ------------------------------------------------------
 def test_fsdp_on_one_process_is_refused(tmp_path):
     from lorakit.train.trainer import train
