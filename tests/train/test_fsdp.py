@@ -8,7 +8,7 @@ in the process. AdaLoRA (its adapter replicated, the base sharded) prunes to the
 through two budget steps, and the resumed AdaLoRA run ends bit for bit as the uninterrupted one. A second launch kills rank 1 (SIGKILL) after the step-2 checkpoint: rank 0 stops with a
 one-line PeerLostError within 60 s; the checkpoint loads; a resume launched as two "nodes" on localhost
 (two torchrun launches, --nnodes=2) ends with the same adapter, bit for bit, as the uninterrupted run.
-A third launch, beside them, stops rank 1 (SIGSTOP) with training.distributed_timeout_s = 5: rank 0 ends
+A third launch, beside them, stops rank 1 (SIGSTOP) with training.distributed_timeout_s = 20: rank 0 ends
 with PeerLostError after the timeout.
 """
 
@@ -105,7 +105,7 @@ RUNS = {  # name: (adapter, quant)
 }
 
 
-HANG_TIMEOUT_S = 5
+HANG_TIMEOUT_S = 20  # above any honest skew between the ranks on a loaded 2-core machine
 
 
 def _end_hang(proc, out) -> dict:
@@ -342,11 +342,12 @@ def test_killed_rank_stops_the_job_and_resume_on_two_nodes_is_exact(runs):
 
 @pytest.mark.slow
 def test_a_hung_rank_ends_the_job_within_the_collective_timeout(runs):
-    """Rank 1 stopped (SIGSTOP: alive, silent) after step 3, training.distributed_timeout_s = 5: rank 0's next
+    """Rank 1 stopped (SIGSTOP: alive, silent) after step 3, training.distributed_timeout_s = 20: rank 0's next
     collective times out and it stops with the one-line PeerLostError (PyTorch's default would wait 30 min)."""
     hang = runs[1]["hang"]
     assert hang["ended"] is not None, hang["err"][-2000:]  # rank 0 ended on its own, before its peer was killed
-    assert HANG_TIMEOUT_S <= hang["ended"] - hang["stopped"] < HANG_TIMEOUT_S + 30
+    waited = hang["ended"] - hang["stopped"]  # nan if rank 0 stopped before rank 1 did: see the log
+    assert HANG_TIMEOUT_S <= waited < HANG_TIMEOUT_S + 30, (waited, hang["err"][-2000:])
     assert hang["rc"] != 0
     line = next(x for x in hang["err"].splitlines() if "PeerLostError" in x)
     assert "rank 0: lost contact with the other processes" in line and "Timed out" in line

@@ -87,7 +87,8 @@ class TrainingSection:
     distributed: none, ddp or fsdp (FSDP2: the base and adapters sharded across processes); None picks ddp
     under torchrun with several processes, none for one. distributed_timeout_s: how long a collective waits
     for the other processes before the job stops with ``PeerLostError`` (a hung, not dead, peer; None:
-    PyTorch's default, 30 min for gloo, 10 min for NCCL); at most 7 days.
+    PyTorch's default, 30 min for gloo, 10 min for NCCL); at most 7 days. It must exceed the longest time one
+    process works while the others wait (model loading, rank 0 writing a checkpoint), or a healthy run stops.
     eval_every: steps between evaluations (None: at the end of each epoch). max_nonfinite: consecutive
     steps with a non-finite loss that stop the run. num_workers None: min(4, cpus - 1). lr "auto": a rate
     by method and model size (``lorakit.train.lr_rule``; the summary records it as ``lr_auto``).
