@@ -1,6 +1,7 @@
 """Per-rank memory under FSDP2 (``training.distributed: fsdp``, 2 processes) beside one process, same run.
 
     python benchmarks/bench_fsdp.py                  # llama-15m, LoRA and QLoRA (NF4), ~2-4 min on 2 cores
+    python benchmarks/bench_fsdp.py --cases adalora  # AdaLoRA (its adapter replicated, the base sharded)
     python benchmarks/bench_fsdp.py --model tiny-llama --rounds 1   # quick
 
 Setup: builtin llama-15m (hidden 512, 4 layers, vocab 2000, ~14.6M parameters), LoRA r=8 on q_proj/v_proj,
@@ -53,10 +54,12 @@ PROBE = textwrap.dedent("""
     trainer.train(cfg, callbacks=[Probe(yaml.safe_load(open(cfg))["output"]["dir"])])
 """)
 
-CASES = {"lora": None, "qlora": {"dtype": "nf4", "compute_dtype": "float32"}}
+# case: (quant, adapter fields beyond r=8 on q/v); AdaLoRA's adapter stays whole on every rank under FSDP
+CASES = {"lora": (None, {}), "qlora": ({"dtype": "nf4", "compute_dtype": "float32"}, {}),
+         "adalora": (None, {"method": "adalora", "init_r": 8, "target_r": 4, "tinit": 1, "tfinal": 0, "delta_t": 1})}
 
 
-def _config(root: str, name: str, model: str, steps: int, fsdp: bool, quant) -> str:
+def _config(root: str, name: str, model: str, steps: int, fsdp: bool, quant, adapter: dict) -> str:
     data = os.path.join(root, "d.jsonl")
     if not os.path.exists(data):
         rng = random.Random(0)
@@ -68,7 +71,7 @@ def _config(root: str, name: str, model: str, steps: int, fsdp: bool, quant) -> 
     cfg = {
         "model": {"name": model},
         "data": {"train": data},
-        "adapter": {"r": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "adapter": {"r": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], **adapter},
         "training": {"max_steps": steps, "batch_size": 2 if fsdp else 4, "grad_accumulation": 1, "lr": 1e-3,
                      "warmup_steps": 0, "num_workers": 0, "gradient_checkpointing": False, "eval_at_start": False,
                      "mixed_precision": "no", **({"distributed": "fsdp"} if fsdp else {})},
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds):
             order = [(c, s) for c in cases for s in ("one", "fsdp")]
             for case, side in order if rnd % 2 == 0 else order[::-1]:
-                cfg = _config(root, f"{case}-{side}-{rnd}", args.model, args.steps, side == "fsdp", CASES[case])
+                cfg = _config(root, f"{case}-{side}-{rnd}", args.model, args.steps, side == "fsdp", *CASES[case])
                 res.setdefault((case, side), []).append(_run(script, cfg, side == "fsdp"))
                 print(f"round {rnd + 1} {case} {side} done", file=sys.stderr, flush=True)
     print(f"{args.model}, {args.steps} steps, gloo on CPU; held = all tensor bytes of the process, median of "
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         ranks = [statistics.median(r[k]["held"] for r in res[(case, "fsdp")]) / 2**20 for k in (0, 1)]
         rss1 = statistics.median(r[0]["rss_mib"] for r in res[(case, "one")])
         rss2 = statistics.median(r[0]["rss_mib"] for r in res[(case, "fsdp")])
-        print(f"| {case} | {_model_mib(args.model, CASES[case]):.2f} | {one:.2f} | {ranks[0]:.2f} | {ranks[1]:.2f} "
+        print(f"| {case} | {_model_mib(args.model, CASES[case][0]):.2f} | {one:.2f} | {ranks[0]:.2f} | {ranks[1]:.2f} "
               f"| {max(ranks) / one:.3f} | {rss1:.0f} | {rss2:.0f} |")
     return 0
 

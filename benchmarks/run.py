@@ -26,12 +26,14 @@ import tempfile
 import time
 from typing import Any
 
+from benchmarks import fsdp_smoke
 from benchmarks.suites import SUITES
 
 TRAIN_CASES = ("lora_qv", "lora_all", "dora_qv", "qlora_qv", "adalora_qv", "lora_qv_bf16", "lora_qv_vocab")
 REFERENCE_CASES = ("floor", "full")
 LORAKIT_ONLY = ("mfu",)  # model-FLOPs utilisation of lorakit's bf16 step (benchmarks/bench_mfu.py)
 FORWARD_CASES = ("infer", "decode")
+SMOKE_CASES = (fsdp_smoke.CASE,)  # run once after the rounds, not timed: one-GPU FSDP (bf16, NF4), gpu suite only
 DECODE_KEYS = ("decode_base_s", "decode_lora_s", "decode_base_cpu_s", "decode_lora_cpu_s")
 # loss at step 1 must agree within this. None = not comparable: bitsandbytes' CPU 4-bit matmul computes in
 # bf16 (its output differs from x @ W^T with its own dequantized W by ~5e-3 on llama-15m, while the
@@ -82,9 +84,12 @@ def run_suite(suite_name: str, cases: list[str], timeout: float = 600.0) -> dict
             jobs.append((case, "lorakit"))
         elif case in (*TRAIN_CASES, *FORWARD_CASES):
             jobs += [(case, "lorakit"), (case, "peft")]
+        elif case in SMOKE_CASES:
+            continue
         else:
             raise SystemExit(
-                f"unknown case {case!r}; cases: {[*REFERENCE_CASES, *TRAIN_CASES, *LORAKIT_ONLY, *FORWARD_CASES]}"
+                f"unknown case {case!r}; cases: "
+                f"{[*REFERENCE_CASES, *TRAIN_CASES, *LORAKIT_ONLY, *FORWARD_CASES, *SMOKE_CASES]}"
             )
     raw: dict[tuple[str, str], list[dict[str, Any]]] = {j: [] for j in jobs}
     start = time.perf_counter()
@@ -95,7 +100,28 @@ def run_suite(suite_name: str, cases: list[str], timeout: float = 600.0) -> dict
             raw[(case, side)].append(res)
             status = res.get("error", "ok").splitlines()[-1]
             print(f"[{time.perf_counter() - start:6.0f}s] round {rnd + 1} {case:<11} {side:<8} {status}", flush=True)
+    if fsdp_smoke.CASE in cases:
+        res = smoke_row(suite_name, timeout)
+        raw[(fsdp_smoke.CASE, "lorakit")] = [res]
+        status = res.get("skipped") or res.get("error", "ok").splitlines()[-1]
+        print(f"[{time.perf_counter() - start:6.0f}s] {fsdp_smoke.CASE} lorakit  {status}", flush=True)
     return summarize(suite_name, raw, time.perf_counter() - start)
+
+
+def smoke_row(suite_name: str, timeout: float) -> dict[str, Any]:
+    """The one-GPU FSDP smoke run (benchmarks/fsdp_smoke.py) on the suite's model; skipped, with the reason,
+    off CUDA."""
+    suite = SUITES[suite_name]
+    if suite.device != "cuda":
+        return {"case": fsdp_smoke.CASE, "side": "lorakit",
+                "skipped": f"suite {suite_name!r} runs on {suite.device}; the FSDP smoke run is for --suite gpu"}
+    return fsdp_smoke.run_smoke(suite.model, timeout=timeout)
+
+
+def default_cases(suite_name: str) -> list[str]:
+    """Every case; the FSDP smoke run only for a CUDA suite."""
+    smoke = list(SMOKE_CASES) if SUITES[suite_name].device == "cuda" else []
+    return [*REFERENCE_CASES, *TRAIN_CASES, *LORAKIT_ONLY, *FORWARD_CASES, *smoke]
 
 
 def summarize(suite_name: str, raw: dict[tuple[str, str], list[dict[str, Any]]], wall: float) -> dict[str, Any]:
@@ -105,6 +131,9 @@ def summarize(suite_name: str, raw: dict[tuple[str, str], list[dict[str, Any]]],
     for (case, side), results in raw.items():
         ok = [r for r in results if "error" not in r]
         key = f"{case}/{side}"
+        if case in SMOKE_CASES:
+            rows[key] = results[0]
+            continue
         if not ok:
             rows[key] = {"case": case, "side": side, "error": results[0].get("error") if results else "not run"}
             continue
@@ -197,6 +226,8 @@ def markdown(res: dict[str, Any]) -> str:
              "| case | side | median step s | CPU s | tokens/s | trainable | peak RSS MiB | train mem MiB | loss@1 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in res["rows"].values():
+        if row["case"] in SMOKE_CASES:
+            continue
         if "error" in row:
             lines.append(f"| {row['case']} | {row['side']} | error: {row['error'].splitlines()[-1][:80]} ||||||||")
         elif row["case"] == "mfu":
@@ -228,6 +259,9 @@ def markdown(res: dict[str, Any]) -> str:
         for row in decode:
             lines.append(f"| {row['side']} | {row['decode_base_s'] * 1e3:.2f} | {row['decode_lora_s'] * 1e3:.2f} | "
                          f"{row['decode_base_cpu_s'] * 1e3:.2f} | {row['decode_lora_cpu_s'] * 1e3:.2f} |")
+    smoke = res["rows"].get(f"{fsdp_smoke.CASE}/lorakit")
+    if smoke:
+        lines += ["", fsdp_smoke.markdown_line(smoke)]
     infer = [row for row in res["rows"].values() if row["case"] == "infer" and "infer_base_s" in row]
     if infer:
         lines += ["", "| inference (forward, median s) | base | LoRA unmerged | LoRA merged |", "|---|---|---|---|"]
@@ -240,10 +274,11 @@ def markdown(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", default="cpu-small", choices=sorted(SUITES))
-    ap.add_argument("--cases", default=",".join((*REFERENCE_CASES, *TRAIN_CASES, *LORAKIT_ONLY, *FORWARD_CASES)))
+    ap.add_argument("--cases", default=None, help="comma-separated (default: all; fsdp_smoke on --suite gpu)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
-    res = run_suite(args.suite, [c for c in args.cases.split(",") if c])
+    cases = default_cases(args.suite) if args.cases is None else [c for c in args.cases.split(",") if c]
+    res = run_suite(args.suite, cases)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{args.suite}.json"), "w") as f:
         json.dump(res, f, indent=2)

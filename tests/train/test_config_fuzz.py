@@ -103,6 +103,7 @@ BASE: dict = {
         "device": "auto",
         "compile": False,
         "distributed": "ddp",
+        "distributed_timeout_s": 600.0,
         "report_to": [],
     },
     "output": {"dir": "out", "save_every": 10, "keep_last": 2, "progress": False, "plot": False},
@@ -110,6 +111,9 @@ BASE: dict = {
 # The same run as an AdaLoRA adapter (its fields are checked in ranges of their own).
 ADALORA = copy.deepcopy(BASE)
 ADALORA["adapter"].update(method="adalora", total_step=100, tinit=5, tfinal=5, rank_pattern={})
+
+
+MIXED = ("auto", "no", "fp32", "bf16", "fp16")
 
 
 # ------------------------------------------------------------------ the schema: field -> valid(value)
@@ -353,7 +357,9 @@ SCHEMA: dict[str, dict] = {
         "warmup_steps": _int(0, optional=True),
         "schedule": _choice("linear", "cosine", "constant"),
         "max_grad_norm": _float(0.0, optional=True),
-        "mixed_precision": _choice("auto", "no", "fp32", "bf16", "fp16"),
+        # YAML 1.1 reads `mixed_precision: no` as False; the parser takes False as "no"
+        "mixed_precision": _good(lambda v: v is False or (isinstance(v, str) and v in MIXED),
+                                 st.sampled_from([False, *MIXED])),
         "gradient_checkpointing": _bool,
         "num_workers": _int(0, optional=True),
         "eval_every": _int(1, optional=True),
@@ -366,6 +372,7 @@ SCHEMA: dict[str, dict] = {
         "compile": _bool,
         "distributed": _good(lambda v: v is None or (isinstance(v, str) and v in ("none", "ddp", "fsdp")),
                              st.sampled_from([None, "none", "ddp", "fsdp"])),
+        "distributed_timeout_s": _float(0.0, 7 * 24 * 3600.0, lo_open=True, hi_open=False, optional=True),
         "report_to": _REPORT_TO,
     },
     "output": {"dir": _text(), "save_every": _int(0, optional=True), "keep_last": _int(1),

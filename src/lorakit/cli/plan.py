@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calibrate",
         action="store_true",
-        help="measure this machine: predicted vs measured peak memory and step time (llama-15m)",
+        help="measure this machine: predicted vs measured peak memory and step time (llama-15m); with "
+        "--distributed fsdp: the per-rank memory of a 2-process FSDP run (--model: a builtin, default llama-15m)",
     )
     arguments_from(
         calibrate, parser, {"steps": {"help": "timed steps for --calibrate"}}, only=["steps"], prefix="calibrate"
@@ -60,6 +61,12 @@ _NOT_OFFERED = ("serving_hours_per_month", "task")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.calibrate and args.distributed == "fsdp":
+        from lorakit.planner.calibrate_fsdp import calibrate_fsdp
+
+        result = calibrate_fsdp(model=args.model or "llama-15m")
+        print(result.table())
+        return 0 if result.ok else 1
     if args.calibrate:
         from lorakit.planner.calibrate import calibrate
 

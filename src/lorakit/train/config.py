@@ -31,13 +31,14 @@ from lorakit.errors import did_you_mean, show
 from lorakit.train.data import DataError, parse_fields
 from lorakit.train.tasks import SFT_FORMATS
 from lorakit.train.tracking import TOOLS
-from lorakit.validation import DTYPES, check_choice, mapping, named, read_section, yaml_floats
+from lorakit.validation import DTYPES, check_choice, check_number, mapping, named, read_section, yaml_floats
 
 MIXED_PRECISION = ("auto", "no", "fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 TASKS = ("sft", "classification")
 BATCHING = ("group", "pad", "pack")
 DISTRIBUTED = ("none", "ddp", "fsdp")  # data parallelism: one process, replicas (DDP), shards (FSDP2)
+MAX_TIMEOUT_S = 7 * 24 * 3600  # training.distributed_timeout_s at most (a week; timedelta-safe)
 # The run config's adapter defaults (r 8, alpha 16, dropout 0.1 on q/v); AdapterConfig's own defaults (dropout 0.0) are PEFT's.
 ADAPTER_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16.0, "dropout": 0.1, "target_modules": None}
 
@@ -84,7 +85,10 @@ class TrainingSection:
     """The optimisation. batch_size is per process and micro-batch; one optimizer step sees
     batch_size x grad_accumulation x world_size rows. warmup_steps overrides warmup_ratio.
     distributed: none, ddp or fsdp (FSDP2: the base and adapters sharded across processes); None picks ddp
-    under torchrun with several processes, none for one.
+    under torchrun with several processes, none for one. distributed_timeout_s: how long a collective waits
+    for the other processes before the job stops with ``PeerLostError`` (a hung, not dead, peer; None:
+    PyTorch's default, 30 min for gloo, 10 min for NCCL); at most 7 days. It must exceed the longest time one
+    process works while the others wait (model loading, rank 0 writing a checkpoint), or a healthy run stops.
     eval_every: steps between evaluations (None: at the end of each epoch). max_nonfinite: consecutive
     steps with a non-finite loss that stop the run. num_workers None: min(4, cpus - 1). lr "auto": a rate
     by method and model size (``lorakit.train.lr_rule``; the summary records it as ``lr_auto``).
@@ -119,6 +123,7 @@ class TrainingSection:
     device: str = "auto"
     compile: bool = False
     distributed: str | None = None  # none | ddp | fsdp (None: ddp under several processes, none for one)
+    distributed_timeout_s: float | None = None  # a collective waiting longer on a peer fails (None: torch's)
     report_to: tuple[str, ...] = ()
 
 
@@ -255,6 +260,9 @@ class RunConfig:
         check_choice("training.schedule", t.schedule, SCHEDULES)
         if t.distributed is not None:
             check_choice("training.distributed", t.distributed, DISTRIBUTED)
+        if t.distributed_timeout_s is not None:
+            check_number("training.distributed_timeout_s", t.distributed_timeout_s, lambda v: 0 < v <= MAX_TIMEOUT_S,
+                         f"a number of seconds in (0, {MAX_TIMEOUT_S}]")
         check_choice("training.optimizer", t.optimizer, ("adamw",))
         check_choice("data.task", d.task, TASKS)
         for i, name in enumerate(t.report_to):

@@ -17,6 +17,7 @@ line, naming the last checkpoint) instead of a backend traceback.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -51,18 +52,30 @@ def pick_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(spec)
 
 
-def setup(device_spec: str = "auto") -> Dist:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); a no-op otherwise."""
+ONE_PROCESS_FSDP = "LORAKIT_FSDP_ONE_PROCESS"
+
+
+def one_process_fsdp() -> bool:
+    """``LORAKIT_FSDP_ONE_PROCESS=1`` under torchrun: FSDP on a single process (a one-device mesh), for the
+    one-GPU smoke run of ``benchmarks/fsdp_smoke.py`` only; nothing is sharded, nothing else allows it."""
+    return os.environ.get(ONE_PROCESS_FSDP) == "1" and "WORLD_SIZE" in os.environ
+
+
+def setup(device_spec: str = "auto", timeout_s: float | None = None) -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1, or one process with
+    :func:`one_process_fsdp`); a no-op otherwise. ``timeout_s``: how long any collective waits for the
+    other processes before it fails (a hung peer ends the job; None: PyTorch's default)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_spec, local)
-    owns = world > 1 and not dist.is_initialized()
+    owns = (world > 1 or one_process_fsdp()) and not dist.is_initialized()
     if owns:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
+        kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        dist.init_process_group(backend=backend, **kw)
     return Dist(rank, world, local, device, owns)
 
 

@@ -16,9 +16,27 @@ adapter tensors swapped in while rank 0 writes the PEFT file, so the file is nev
 the optimizer, saved keyed by parameter name and re-sharded on load, so a resumed run continues bit for bit
 under the same world size.
 
+AdaLoRA: its rank allocator (``lorakit.adapters.adalora_budget``) scores every entry of the full E/A/B
+tensors from their gradients and masks whole entries of E between steps, and its orthogonal penalty reads
+P and Q outside the model's forward -- none of which a dim-0 shard can do alone. So for AdaLoRA
+(``REPLICATED_METHODS``) only the frozen base is sharded: every trainable parameter is passed to
+``fully_shard`` as ``ignored_params`` and stays a plain, whole tensor on every rank (as under DDP; the
+adapter is a few MiB, the base is what does not fit). FSDP does not reduce the gradients of ignored
+parameters, so :func:`average_replicated_grads` all-reduces them after the last micro-batch and divides by
+the world size (DDP's mean, what the reduce-scatter of the sharded methods computes). Every rank then holds
+the same gradients, takes the same optimizer step and runs the same budget step on the same scores: the
+rank allocation is computed identically everywhere, with no gather and no write-back of shards. (Gathering
+sharded tensors for each budget step and scattering the masked E back would be exact too, but needs a
+collective per step and DTensor-aware masking, compaction and penalty code.)
+
+One process: FSDP needs two or more, and one is refused -- except under torchrun with
+``LORAKIT_FSDP_ONE_PROCESS=1`` (``lorakit.train.distributed.one_process_fsdp``), which the one-GPU smoke run
+of ``benchmarks/fsdp_smoke.py`` sets: the same wrapping on a one-device mesh (nothing is split; what it
+checks is that the sharded code path -- NF4 storage as parameters, bf16 mixed precision, gathered saves --
+runs on CUDA). Two processes on one GPU are not an option: NCCL refuses two ranks on one device.
+
 Limits: the model is built whole on each rank before it is sharded (host memory holds one full copy per
-rank while it loads); AdaLoRA (its rank allocator edits whole tensors between steps) and full fine-tuning
-are refused here.
+rank while it loads); full fine-tuning is refused here.
 """
 
 from __future__ import annotations
@@ -31,9 +49,11 @@ import torch
 from torch import nn
 
 from lorakit.config import ConfigError
-from lorakit.train.distributed import Dist
+from lorakit.train.distributed import Dist, one_process_fsdp
 
 MODES = ("none", "ddp", "fsdp")
+# methods whose trainable tensors stay whole (replicated) on every rank: only the frozen base is sharded
+REPLICATED_METHODS = ("adalora",)
 
 
 def resolve_mode(requested: str | None, d: Dist) -> str:
@@ -41,7 +61,7 @@ def resolve_mode(requested: str | None, d: Dist) -> str:
     (None: ddp under several processes, none for one). Raises ``ConfigError`` before any work."""
     if requested is None:
         return "ddp" if d.enabled else "none"
-    if requested == "fsdp" and not d.enabled:
+    if requested == "fsdp" and not d.enabled and not one_process_fsdp():
         raise ConfigError(
             "training.distributed='fsdp' shards the model across processes but this is one process; start it "
             "with torchrun --nproc_per_node=N -m lorakit train ... (N >= 2)"
@@ -59,12 +79,10 @@ def check_model(model: nn.Module, adapter_method: str | None) -> list[nn.Module]
     method the sharded trainer cannot run."""
     from lorakit.models.families import decoder_blocks
 
-    if adapter_method in ("adalora", "full"):
-        why = "its rank allocator edits whole tensors between steps" if adapter_method == "adalora" else (
-            "full fine-tuning is not sharded by lorakit")
+    if adapter_method == "full":
         raise ConfigError(
-            f"training.distributed='fsdp' does not run adapter.method={adapter_method!r} ({why}); use lora or "
-            "dora, or distributed: ddp"
+            "training.distributed='fsdp' does not run adapter.method='full' (full fine-tuning is not sharded "
+            "by lorakit); use an adapter method (lora, dora, adalora), or distributed: ddp"
         )
     try:
         blocks = decoder_blocks(model)
@@ -86,9 +104,15 @@ def check_rows(n_rows: int, d: Dist, path: str) -> None:
         )
 
 
-def shard(model: nn.Module, blocks: list[nn.Module], d: Dist, bf16: bool) -> nn.Module:
-    """``fully_shard`` each block, then the root (embeddings, final norm, head); returns ``model``, now
-    holding DTensor shards on ``d.device``. ``bf16``: bf16 compute, fp32 gradient reduction (GPU)."""
+def shard(
+    model: nn.Module, blocks: list[nn.Module], d: Dist, bf16: bool, replicate_trainable: bool = False
+) -> list[nn.Parameter]:
+    """``fully_shard`` each block, then the root (embeddings, final norm, head): ``model`` then holds
+    DTensor shards on ``d.device``. ``bf16``: bf16 compute, fp32 gradient reduction (GPU).
+
+    ``replicate_trainable`` (AdaLoRA): every trainable parameter is left out of the sharding, whole on every
+    rank and made equal to rank 0's; returns those parameters (empty otherwise), whose gradients the caller
+    averages with :func:`average_replicated_grads` after each backward pass."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -102,12 +126,71 @@ def shard(model: nn.Module, blocks: list[nn.Module], d: Dist, bf16: bool) -> nn.
     kw: dict[str, Any] = {"mesh": mesh}
     if mp is not None:
         kw["mp_policy"] = mp
+    replicated = [p for p in model.parameters() if p.requires_grad] if replicate_trainable else []
+    if replicated:
+        kw["ignored_params"] = set(replicated)
+        if d.enabled:
+            _broadcast_from_rank0(replicated, d)
     for block in blocks:
         fully_shard(block, **kw)
     # the root (embeddings, head) too is freed after forward, not kept gathered until backward as FSDP2's
     # default for the root does: an evaluation (no backward) would leave it whole on every rank
     fully_shard(model, reshard_after_forward=True, **kw)
-    return model
+    return replicated
+
+
+def _broadcast_from_rank0(params: list[nn.Parameter], d: Dist) -> None:
+    """Rank 0's values on every rank (DDP does the same at wrap time), in one collective."""
+    import torch.distributed as dist
+
+    dtype = _common_dtype(params)
+    with torch.no_grad():
+        flat = torch.cat([p.detach().reshape(-1).to(dtype) for p in params])
+        dist.broadcast(flat, src=0)
+        _unflatten_into(flat, [p.data for p in params])
+
+
+def _common_dtype(params: list[nn.Parameter]) -> torch.dtype:
+    """One dtype that holds every value of ``params`` exactly (fp32 at least), for a flat buffer."""
+    dtype = torch.float32
+    for p in params:
+        dtype = torch.promote_types(dtype, p.dtype)
+    return dtype
+
+
+def _unflatten_into(flat: torch.Tensor, targets: list[torch.Tensor]) -> None:
+    start = 0
+    for t in targets:
+        n = t.numel()
+        t.copy_(flat[start : start + n].view_as(t))
+        start += n
+
+
+def average_replicated_grads(params: list[nn.Parameter], d: Dist) -> None:
+    """The gradients of the replicated (unsharded) parameters averaged over ranks in one all-reduce, as
+    DDP does: call after the last micro-batch's backward, before clipping and the optimizer step. A
+    gradient missing on every rank stays None; one missing on some ranks counts as zero there."""
+    import torch.distributed as dist
+
+    if not params or not d.enabled:
+        return
+    dev, dtype = params[0].device, _common_dtype(params)
+    parts = [p.grad.reshape(-1).to(dtype) if p.grad is not None else torch.zeros(p.numel(), dtype=dtype, device=dev)
+             for p in params]
+    present = torch.tensor([p.grad is not None for p in params], dtype=dtype, device=dev)
+    flat = torch.cat([*parts, present])
+    dist.all_reduce(flat)
+    grads, has = flat[: -len(params)] / d.world_size, flat[-len(params) :]
+    start = 0
+    for p, h in zip(params, has.tolist()):
+        n = p.numel()
+        if h > 0:
+            g = grads[start : start + n].view_as(p).to(p.dtype)
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+        start += n
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -178,3 +261,52 @@ def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_to_cpu(v) for v in obj]
     return obj
+
+
+MEMORY_KINDS = ("parameters", "gradients", "optimizer", "held")
+
+
+def _local_bytes(tensors: Iterator[Any]) -> int:
+    """Storage bytes of ``tensors`` on this rank (a DTensor by its local shard), each storage once."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        local = t.to_local() if _is_dtensor(t) else t
+        st = local.untyped_storage()
+        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+    return sum(seen.values())
+
+
+def rank_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """This rank's tensor bytes by kind, taken after an optimizer step and before ``zero_grad`` (the
+    model at rest: gathered blocks freed, gradients and optimizer state present): ``parameters`` (local
+    shards, replicated tensors whole, frozen ones included), ``gradients``, ``optimizer`` (AdamW's m and v
+    and step counters) and ``held``, every tensor the process holds (``lorakit.bench.memory``). What
+    ``lorakit plan --calibrate --distributed fsdp`` compares with the planner's per-rank terms."""
+    import gc
+
+    from lorakit.bench.memory import held_tensor_bytes
+
+    gc.collect()  # what is still referenced, not garbage awaiting collection
+    params = list(model.parameters())
+    state = (v for s in optimizer.state.values() for v in s.values())
+    return {
+        "parameters": _local_bytes(iter(params)),
+        "gradients": _local_bytes(p.grad for p in params if p.grad is not None),
+        "optimizer": _local_bytes(state),
+        "held": held_tensor_bytes(),
+    }
+
+
+def gather_rank_memory(mine: dict[str, int] | None, d: Dist) -> list[dict[str, int]]:
+    """Every rank's :func:`rank_memory` (rank order), on every rank; collective. ``mine`` None (no step
+    taken) counts as zeros."""
+    from lorakit.train.distributed import all_sum
+
+    values = [0.0] * (len(MEMORY_KINDS) * d.world_size)
+    for i, kind in enumerate(MEMORY_KINDS):
+        values[d.rank * len(MEMORY_KINDS) + i] = float((mine or {}).get(kind, 0))
+    total = all_sum(values, d)
+    n = len(MEMORY_KINDS)
+    return [{k: int(total[r * n + i]) for i, k in enumerate(MEMORY_KINDS)} for r in range(d.world_size)]

@@ -86,7 +86,7 @@ def train(
     ``DataError``, ``OutputDirError``, ``CheckpointError`` or ``NonFiniteLossError`` (one-line messages).
     """
     cfg = config if isinstance(config, RunConfig) else load_run_config(config, overrides)
-    d = dd.setup(cfg.training.device)
+    d = dd.setup(cfg.training.device, cfg.training.distributed_timeout_s)
     try:
         fsdp.resolve_mode(cfg.training.distributed, d)  # a mode this launch cannot run: refused before any work
         where, resume_from = rundir.prepare(cfg.output.dir, resume, overwrite, d.is_main)
@@ -135,10 +135,13 @@ class _Run:
             fsdp.check_rows(len(self.train_ds), d, cfg.data.train)
         self.model = build_run_model(cfg, max(self.num_labels, 2), pad_id(tok), self.precision, d.device)
         self.report = efficiency_report(self.model)
+        self.replicated: list[torch.nn.Parameter] = []  # trainable tensors FSDP leaves whole (AdaLoRA)
+        self.rank_mem: dict[str, int] | None = None  # FSDP: fsdp.rank_memory after the first step
         if self.mode == "fsdp":  # the model itself is sharded in place; its forward gathers block by block
             blocks = fsdp.check_model(self.model, cfg.adapter.method if cfg.adapter else "full")
             bf16 = self.precision.name == "bf16" and d.device.type == "cuda"
-            fsdp.shard(self.model, blocks, d, bf16)
+            replicate = cfg.adapter is not None and cfg.adapter.method in fsdp.REPLICATED_METHODS
+            self.replicated = fsdp.shard(self.model, blocks, d, bf16, replicate)  # AdaLoRA: adapter kept whole
         # the loss runs inside the wrapped forward; built after sharding, so a sharded root keeps the full path
         self.loss = TaskLoss(self.model, self.task)
         self.ddp = self.loss
@@ -333,6 +336,8 @@ class _Run:
         )
         if self.lr_auto is not None:
             summary["lr_auto"] = self.lr_auto.as_dict()
+        if self.mode == "fsdp":  # what each rank held after its first step, by kind (lorakit plan --calibrate)
+            summary["fsdp_memory_per_rank"] = fsdp.gather_rank_memory(self.rank_mem, d)
         summary.update(self.state.summary)  # what callbacks resolved (AdaLoRA's schedule in steps)
         if d.is_main:
             write_summary(summary, out, self.log.records, cfg.output.plot, f"{cfg.model.name} ({self.task})")
@@ -402,6 +407,7 @@ class _Run:
                         loss = loss + extra
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             local += float(loss_sum.detach())
+        fsdp.average_replicated_grads(self.replicated, d)  # FSDP leaves AdaLoRA's whole tensors to us
         # the gradient check rides on the loss all-reduce: a non-finite norm on any rank skips on all
         bad_local = grads_not_finite(self.params)
         total, extra_sum, bad = dd.all_sum([local, extra_val, float(bad_local)], d)
@@ -427,6 +433,8 @@ class _Run:
         self.state.step += 1
         for cb in self.callbacks:
             cb.on_step_end(self.state)
+        if self.mode == "fsdp" and self.rank_mem is None:  # per-rank bytes at rest, once (summary.json)
+            self.rank_mem = fsdp.rank_memory(self.model, self.opt)
         self.opt.zero_grad(set_to_none=True)
         return mean, float(norm), None
 
