@@ -156,3 +156,15 @@ def test_squared_form_by_hand_and_differs_from_peft_form():
     squared = ctl.cfg.replace(method_options={"orth_form": "squared"})
     ctl.cfg = squared
     torch.testing.assert_close(ctl.orth_loss(), 0.3 * sum(sq) / len(sq))
+
+
+def test_a_run_too_short_to_warm_up_still_masks_to_the_target_budget():
+    """2 steps with the default fractions: tinit rounds to 0 and the final masking falls on step 1, before
+    any importance update had run. The final masking scores the step's own gradients instead of failing."""
+    m = _model()
+    ctl = AdaLoraController(m, total_step=2)
+    assert ctl.schedule.tinit == 0 and ctl.schedule.final_step == 1
+    ids = _batch()
+    m(input_ids=ids, labels=ids).loss.backward()
+    assert ctl.step(1) == ctl.schedule.target_budget
+    assert sum(a.r for a in ctl.layers.values()) == ctl.schedule.target_budget

@@ -321,7 +321,9 @@ class AdaLoraController:
             )
         final = step >= self.schedule.final_step
         if not self.fixed and not self.final_done:
-            if not final:
+            # PEFT scores only before the final step; a run too short to have scored once (the final
+            # masking at step 1) scores this step's gradients rather than masking on nothing
+            if not final or not self.allocator.ipt_avg:
                 self.allocator.update_importance()
             if final or self.schedule.is_masking_step(step):
                 self.budget = self.schedule.budget(step)
