@@ -81,9 +81,17 @@ def _model_dtype(cfg: RunConfig, precision: Precision, device: torch.device) -> 
 
 
 def build_run_model(
-    cfg: RunConfig, num_labels: int, pad_token_id: int, precision: Precision, device: torch.device
+    cfg: RunConfig,
+    num_labels: int,
+    pad_token_id: int,
+    precision: Precision,
+    device: torch.device,
+    build_on: torch.device | None = None,
 ) -> torch.nn.Module:
-    """Base model (+ quantization) + adapter, trainable tensors in fp32, gradient checkpointing on request."""
+    """Base model (+ quantization) + adapter, trainable tensors in fp32, gradient checkpointing on request.
+
+    ``device`` is where the run computes (it decides the dtype); ``build_on`` where the model is left
+    (default: ``device``; the CPU under FSDP, which moves each block to the device as it shards it)."""
     from lorakit.models import build_model
 
     task = "classification" if cfg.data.task == "classification" else "causal-lm"
@@ -136,7 +144,7 @@ def build_run_model(
             print(
                 f"note: {type(model).__name__} does not support gradient checkpointing; training without it"
             )
-    model = model.to(device).train()
+    model = model.to(build_on or device).train()
     if cfg.training.compile:
         maybe_compile(model, device)
     return model

@@ -104,6 +104,21 @@ def check_rows(n_rows: int, d: Dist, path: str) -> None:
         )
 
 
+def prepare(model: nn.Module, adapter_method: str | None, d: Dist, precision_name: str) -> list[nn.Parameter]:
+    """Shard the run's model (built on the CPU: see :func:`build_device`) onto ``d.device``: the blocks
+    found and checked, bf16 compute on GPU under bf16 precision, AdaLoRA's adapter replicated. Returns the
+    replicated parameters (their gradients: :func:`average_replicated_grads`)."""
+    blocks = check_model(model, adapter_method or "full")
+    bf16 = precision_name == "bf16" and d.device.type == "cuda"
+    return shard(model, blocks, d, bf16, replicate_trainable=adapter_method in REPLICATED_METHODS)
+
+
+def build_device(mode: str, d: Dist) -> torch.device:
+    """Where the run's model is built and left before sharding: the CPU under FSDP (``fully_shard`` moves
+    each block to the device as it shards it, so no device ever holds the whole model), else the device."""
+    return torch.device("cpu") if mode == "fsdp" else d.device
+
+
 def shard(
     model: nn.Module, blocks: list[nn.Module], d: Dist, bf16: bool, replicate_trainable: bool = False
 ) -> list[nn.Parameter]:
@@ -129,13 +144,20 @@ def shard(
     replicated = [p for p in model.parameters() if p.requires_grad] if replicate_trainable else []
     if replicated:
         kw["ignored_params"] = set(replicated)
+        with torch.no_grad():
+            for p in replicated:  # FSDP moves only what it manages; the broadcast needs the device (nccl)
+                p.data = p.data.to(d.device)
         if d.enabled:
             _broadcast_from_rank0(replicated, d)
     for block in blocks:
-        fully_shard(block, **kw)
+        fully_shard(block, **kw)  # moves the block's parameters and buffers to the device, then shards
     # the root (embeddings, head) too is freed after forward, not kept gathered until backward as FSDP2's
     # default for the root does: an evaluation (no backward) would leave it whole on every rank
     fully_shard(model, reshard_after_forward=True, **kw)
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):  # anything FSDP left where it was built
+            if not _is_dtensor(t) and t.device != d.device:
+                t.data = t.data.to(d.device)
     return replicated
 
 

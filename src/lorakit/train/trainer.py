@@ -133,15 +133,14 @@ class _Run:
         self.num_labels = len(self.train_ds.label_names or [])
         if self.mode == "fsdp":
             fsdp.check_rows(len(self.train_ds), d, cfg.data.train)
-        self.model = build_run_model(cfg, max(self.num_labels, 2), pad_id(tok), self.precision, d.device)
+        self.model = build_run_model(cfg, max(self.num_labels, 2), pad_id(tok), self.precision, d.device,
+                                     build_on=fsdp.build_device(self.mode, d))
         self.report = efficiency_report(self.model)
         self.replicated: list[torch.nn.Parameter] = []  # trainable tensors FSDP leaves whole (AdaLoRA)
         self.rank_mem: dict[str, int] | None = None  # FSDP: fsdp.rank_memory after the first step
         if self.mode == "fsdp":  # the model itself is sharded in place; its forward gathers block by block
-            blocks = fsdp.check_model(self.model, cfg.adapter.method if cfg.adapter else "full")
-            bf16 = self.precision.name == "bf16" and d.device.type == "cuda"
-            replicate = cfg.adapter is not None and cfg.adapter.method in fsdp.REPLICATED_METHODS
-            self.replicated = fsdp.shard(self.model, blocks, d, bf16, replicate)  # AdaLoRA: adapter kept whole
+            method = cfg.adapter.method if cfg.adapter else None
+            self.replicated = fsdp.prepare(self.model, method, d, self.precision.name)
         # the loss runs inside the wrapped forward; built after sharding, so a sharded root keeps the full path
         self.loss = TaskLoss(self.model, self.task)
         self.ddp = self.loss
