@@ -96,7 +96,11 @@ class TrainingSection:
     Measured on a 2-core AVX512-BF16 CPU (benchmarks/bench_mfu.py): the llama-15m LoRA step -21%, but the
     compile time is ~50 steps' worth and new batch shapes recompile, so it does not pay for short runs.
     report_to: experiment trackers fed every metrics.jsonl record, any of tensorboard, mlflow, trackio (a
-    string is one; none by default; ``lorakit.train.tracking``)."""
+    string is one; none by default; ``lorakit.train.tracking``).
+    return_freed_memory: on Linux (glibc), allocations of 1 MiB and more are returned to the OS when freed
+    (``lorakit.train.host_memory``), so the process' resident memory follows what it holds: a Qwen2.5-0.5B
+    LoRA step on CPU peaks ~40% lower; it costs page faults (~10-20% step time on a small model), hence
+    opt-in. Process-wide and kept after the run."""
 
     epochs: int = 3
     max_steps: int | None = None
@@ -122,6 +126,7 @@ class TrainingSection:
     seed: int = 0
     device: str = "auto"
     compile: bool = False
+    return_freed_memory: bool = False
     distributed: str | None = None  # none | ddp | fsdp (None: ddp under several processes, none for one)
     distributed_timeout_s: float | None = None  # a collective waiting longer on a peer fails (None: torch's)
     report_to: tuple[str, ...] = ()

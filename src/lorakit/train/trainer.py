@@ -38,7 +38,7 @@ import torch
 
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed as dd
-from lorakit.train import fsdp, rundir
+from lorakit.train import fsdp, host_memory, rundir
 from lorakit.train.build import build_run_model, load_data, optimizer_groups
 from lorakit.train.callbacks import Callback, TrainState
 from lorakit.train.collate import BatchPlan, Collator
@@ -124,6 +124,7 @@ class _Run:
         self.cfg, self.d, t = cfg, d, cfg.training
         self.dir, self.resume_from = where, resume_from
         check_installed(t.report_to)  # before the model loads: a missing tracker fails at once
+        host_memory.apply_config(t.return_freed_memory)  # before the model's allocations
         _seed_all(t.seed)
         self.mode = fsdp.resolve_mode(t.distributed, d)  # none | ddp | fsdp
         self.precision = resolve_precision(t.mixed_precision, d.device)
