@@ -72,6 +72,14 @@ def _check_targets(field_name: str, spec: Any) -> None:
         )
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no module name can hold it
+        return False
+    return True
+
+
 def _check_pattern(field_name: str, pattern: Any, integral: bool) -> None:
     """rank_pattern / alpha_pattern: regex -> positive number (a whole number for ranks)."""
     if pattern is None:
@@ -225,9 +233,8 @@ class AdapterConfig:
         _check_pattern("rank_pattern", self.rank_pattern, integral=True)
         _check_pattern("alpha_pattern", self.alpha_pattern, integral=False)
         _check_layers(self.layers_to_transform)
-        if self.layers_pattern is not None and (
-            not isinstance(self.layers_pattern, str) or not self.layers_pattern
-        ):
+        lp = self.layers_pattern
+        if lp is not None and (not isinstance(lp, str) or not lp.strip() or "\x00" in lp or not _encodable(lp)):
             raise ConfigError(
                 f"layers_pattern={show(self.layers_pattern)} is invalid; expected a layer container name "
                 "(e.g. 'layers') or null"
