@@ -11,8 +11,10 @@ one thing per configuration:
 
 * ``sst2``: the config as shipped vs full fine-tuning (``adapter: {method: full}``, training.lr auto =
   2e-4) on the same rows, ``--rounds`` interleaved rounds (config, full, config, full, ...), so drift on
-  a busy machine hits both alike. Reported: dev accuracy and wall time (summary.json ``wall_time_s``:
-  setup to the last evaluation) of every run, and their medians.
+  a busy machine hits both alike. Reported: dev accuracy, wall time (summary.json ``wall_time_s``:
+  setup to the last evaluation) and training seconds (evaluations excluded) of every run, their medians,
+  and when full fine-tuning (evaluated every ``--full-eval-every`` steps) first reaches ``--target``
+  (0.823) and the config's accuracy: time-to-accuracy, granular to that interval.
 * ``lr``: full fine-tuning and LoRA at each rate of ``--full-lrs`` / ``--lora-lrs`` and at ``auto``.
 * ``methods``: lora, dora and qlora (LoRA on an NF4 base, classifier and pooler kept full precision) with
   the same targets, rank, lr and data, for each seed of ``--seeds``; mean and per-seed accuracy, and
@@ -59,22 +61,70 @@ def _run(configs: dict[str, dict], out: str) -> dict[str, dict]:
     return {r["name"]: r for r in run_compare(configs, out)}
 
 
+def train_seconds(run_dir: str) -> tuple[dict[int, float], dict[int, float]]:
+    """(training seconds up to each logged step, dev accuracy at each evaluated step) from metrics.jsonl.
+
+    Training seconds exclude evaluation: the gap between two consecutive steps that holds an evaluation
+    (after the earlier one) counts as the median step gap instead, so a run evaluated every K steps (to
+    find when it reaches an accuracy) and one evaluated only at the end are timed alike."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    steps = [(r["step"], r["elapsed_s"]) for r in records if "elapsed_s" in r]
+    evals = {r["step"]: r["eval_accuracy"] for r in records if "eval_accuracy" in r}
+    gaps = [(s, b - a) for (_, a), (s, b) in zip([(0, 0.0), *steps], steps)]
+    typical = statistics.median(g for _, g in gaps)
+    seconds, total = {}, 0.0
+    for s, g in gaps:
+        total += typical if (s - 1) in evals else g
+        seconds[s] = total
+    return seconds, evals
+
+
+def time_to(seconds: dict[int, float], evals: dict[int, float], target: float) -> tuple[int, float] | None:
+    """(step, training seconds) of the first evaluation at or above ``target`` (None: never reached)."""
+    for step in sorted(evals):
+        if step > 0 and evals[step] >= target:
+            return step, seconds[step]
+    return None
+
+
 def suite_sst2(args) -> list[str]:
     base = base_config(args.rows)
-    full = with_(base, adapter={"method": "full"}, training={**base["training"], "lr": "auto"})
+    full = with_(base, adapter={"method": "full"},
+                 training={**base["training"], "lr": "auto", "eval_every": args.full_eval_every})
     acc: dict[str, list] = {"config": [], "full": []}
+    reach: list[tuple] = []
     for i in range(args.rounds):
-        rows = _run({f"config_{i}": base, f"full_{i}": full}, os.path.join(args.out, f"round{i}"))
+        out = os.path.join(args.out, f"round{i}")
+        rows = _run({f"config_{i}": base, f"full_{i}": full}, out)
+        timed = {}
         for side in acc:
             r = rows[f"{side}_{i}"]
-            acc[side].append((r["metric"], r["train_seconds"], r["lr"]))
-    lines = ["| setup | dev accuracy per round | wall s per round | median acc | median wall s |", "|---|---|---|---|---|"]
+            secs, evals = train_seconds(os.path.join(out, f"{side}_{i}"))
+            timed[side] = (secs, evals)
+            acc[side].append((r["metric"], r["train_seconds"], r["lr"], r["steps"], secs[max(secs)]))
+        config_acc = acc["config"][-1][0]
+        reach.append((time_to(*timed["full"], args.target), time_to(*timed["full"], config_acc)))
+    lines = [
+        f"rows {base['data'].get('max_train_rows')}, 1 epoch, seed 0, full dev split (872 rows); "
+        f"full fine-tuning evaluated every {args.full_eval_every} steps to time when it reaches an accuracy",
+        "",
+        "| setup | steps | dev accuracy per round | wall s per round | train s per round (evaluations excluded) "
+        "| median acc | median train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for side, runs in acc.items():
         lines.append(
-            f"| {side} (lr {runs[0][2]:g}) | {', '.join(f'{a:.4f}' for a, _, _ in runs)} | "
-            f"{', '.join(f'{s:.0f}' for _, s, _ in runs)} | {statistics.median(a for a, _, _ in runs):.4f} | "
-            f"{statistics.median(s for _, s, _ in runs):.0f} |"
+            f"| {side} (lr {runs[0][2]:g}) | {runs[0][3]} | {', '.join(f'{a[0]:.4f}' for a in runs)} | "
+            f"{', '.join(f'{a[1]:.0f}' for a in runs)} | {', '.join(f'{a[4]:.0f}' for a in runs)} | "
+            f"{statistics.median(a[0] for a in runs):.4f} | {statistics.median(a[4] for a in runs):.0f} |"
         )
+    lines += ["", "| round | full: first evaluation >= target "
+              f"{args.target:g} (step, train s) | full: first evaluation >= the config's accuracy (step, train s) |",
+              "|---|---|---|"]
+    for i, (t, c) in enumerate(reach):
+        fmt = lambda x: "not reached" if x is None else f"step {x[0]}, {x[1]:.0f} s"  # noqa: E731
+        lines.append(f"| {i} | {fmt(t)} | {fmt(c)} |")
     return lines
 
 
@@ -116,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("suite", choices=("sst2", "lr", "methods"))
     p.add_argument("--rows", type=int, default=None, help="training rows (default: the config's)")
     p.add_argument("--rounds", type=int, default=2, help="sst2: interleaved rounds")
+    p.add_argument("--target", type=float, default=0.823, help="sst2: the accuracy full fine-tuning is timed to")
+    p.add_argument("--full-eval-every", type=int, default=20, help="sst2: full fine-tuning's evaluation interval")
     p.add_argument("--full-lrs", default="5e-5,2e-4,1e-3")
     p.add_argument("--lora-lrs", default="2e-4,1e-3,3e-3")
     p.add_argument("--methods", default="lora,dora,qlora")
