@@ -9,10 +9,11 @@ x 1,024 synthetic tokens (seed 0), the first half of each row a prompt (label -1
 bf16 autocast on every side, no gradient checkpointing, AdamW lr 2e-4, ``--steps`` steps.
 
 Sides, each in its own process, run one after another (never at once), interleaved over ``--rounds``:
-- ``lorakit``: frozen base kept in bf16 (``model.dtype: bf16``; adapter weights fp32), ``TaskLoss``;
+- ``lorakit``: as the trainer runs it: frozen base kept in bf16 (``model.dtype: bf16``; adapter weights
+  fp32), ``TaskLoss``, ``training.return_freed_memory`` (its default: freed tensors of 16 MiB and more go back
+  to the OS, ``lorakit.train.host_memory``);
+- ``lorakit-glibc``: the same with glibc's default allocator policy (``return_freed_memory: false``);
 - ``lorakit-fp32base``: the same loss with the fp32 base, to separate the loss's share from the base dtype's;
-- ``lorakit-return``: ``lorakit`` with ``training.return_freed_memory`` (freed tensors of 1 MiB and more go
-  back to the OS: ``lorakit.train.host_memory``), as the trainer applies it;
 - ``peft``: PEFT ``get_peft_model`` + ``model(**batch, labels=...).loss`` (transformers' own loss).
 
 Figures: peak RSS of the training steps (VmHWM after resetting it through /proc/self/clear_refs once the
@@ -34,7 +35,7 @@ import subprocess
 import sys
 import time
 
-SIDES = ("lorakit", "lorakit-fp32base", "lorakit-return", "peft")
+SIDES = ("lorakit", "lorakit-glibc", "lorakit-fp32base", "peft")
 QWEN25_05B = dict(
     vocab_size=151_936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
     intermediate_size=4_864, max_position_embeddings=32_768, tie_word_embeddings=True, rope_theta=1_000_000.0,
@@ -74,10 +75,10 @@ def worker(side: str, rows: int, seq: int, steps: int, threads: int, layers: int
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.set_num_threads(threads)
-    if side == "lorakit-return":
+    if side == "lorakit":
         from lorakit.train.host_memory import return_freed_memory
 
-        assert return_freed_memory() is None
+        assert return_freed_memory() is None  # what the trainer applies by default
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(**{**QWEN25_05B, "num_hidden_layers": layers}))
     batch = _batch(rows, seq, model.config.vocab_size)
@@ -93,7 +94,7 @@ def worker(side: str, rows: int, seq: int, steps: int, threads: int, layers: int
         import lorakit
         from lorakit.train.loss import TaskLoss
 
-        if side in ("lorakit", "lorakit-return"):
+        if side in ("lorakit", "lorakit-glibc"):
             model.to(torch.bfloat16)  # the frozen base in bf16 (what model.dtype: bf16 builds)
         lorakit.inject(model, lorakit.AdapterConfig(r=8, alpha=16, dropout=0.0, target_modules="all-linear"))
         for p in model.parameters():

@@ -102,7 +102,7 @@ BASE: dict = {
         "seed": 0,
         "device": "auto",
         "compile": False,
-        "return_freed_memory": False,
+        "return_freed_memory": True,
         "distributed": "ddp",
         "distributed_timeout_s": 600.0,
         "report_to": [],
