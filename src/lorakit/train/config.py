@@ -97,10 +97,10 @@ class TrainingSection:
     compile time is ~50 steps' worth and new batch shapes recompile, so it does not pay for short runs.
     report_to: experiment trackers fed every metrics.jsonl record, any of tensorboard, mlflow, trackio (a
     string is one; none by default; ``lorakit.train.tracking``).
-    return_freed_memory: on Linux (glibc), freed tensors of 16 MiB and more go back to the OS instead of
-    staying on a fragmenting heap (``lorakit.train.host_memory``): a Qwen2.5-0.5B LoRA step on CPU peaks
-    31% lower (7.8 -> 5.4 GB) for ~15% more step time; small models: no change. Process-wide, kept after
-    the run; false keeps glibc's default."""
+    return_freed_memory: on Linux (glibc; elsewhere nothing to do), freed tensors of 16 MiB and more go
+    back to the OS instead of staying on a fragmenting heap (``lorakit.train.host_memory``): a Qwen2.5-0.5B
+    LoRA step on CPU peaks 31% lower (7.8 -> 5.3 GB) for ~15% more step time; small models: no change.
+    Process-wide, kept after the run; false keeps glibc's default."""
 
     epochs: int = 3
     max_steps: int | None = None

@@ -46,8 +46,11 @@ def return_freed_memory(threshold: int = THRESHOLD_BYTES) -> str | None:
 
 
 def apply_config(enabled: bool) -> None:
-    """``training.return_freed_memory``: apply it, or warn in one line why it cannot be."""
-    if enabled and (why := return_freed_memory()) is not None:
+    """``training.return_freed_memory`` (a policy of glibc's allocator: nothing to do off Linux): apply it,
+    or on Linux warn in one line why it cannot be (another C library, say)."""
+    if not enabled or not sys.platform.startswith("linux"):
+        return
+    if (why := return_freed_memory()) is not None:
         import warnings
 
         warnings.warn(f"training.return_freed_memory is not applied: {why}", stacklevel=2)
