@@ -83,6 +83,16 @@ class PeerLostError(RuntimeError):
     """A collective with the other processes failed: one of them stopped (killed, crashed) or hangs."""
 
 
+def wrap_ddp(module: torch.nn.Module, d: Dist) -> torch.nn.Module:
+    """``module`` under DistributedDataParallel when several processes run (it all-reduces the trainable
+    gradients in backward); ``module`` itself for one process."""
+    if not d.enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+
 def is_peer_failure(e: BaseException) -> bool:
     """True for the errors a collective raises when a peer process died or timed out (gloo / NCCL)."""
     if isinstance(e, getattr(dist, "DistError", ())):

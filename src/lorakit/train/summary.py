@@ -28,6 +28,16 @@ class TrainResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+def start_line(model: str, report: Any, precision: Any, loss: Any, steps: int, rows: int, device: Any) -> str:
+    """The line a run prints before its first step: trainable parameters, the precision and loss path
+    chosen (and why), the steps and the device."""
+    return (
+        f"model {model}: {report.trainable_params:,} trainable of {report.total_params:,} parameters "
+        f"({100 * report.ratio:.4f}%); precision {precision.name} ({precision.why}); loss {loss.path} "
+        f"({loss.why}); {steps} steps of {rows} rows; device {device}"
+    )
+
+
 def run_summary(
     progress: Progress,
     steps: int,

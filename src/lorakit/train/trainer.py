@@ -52,7 +52,14 @@ from lorakit.train.precision import resolve_precision
 from lorakit.train.progress import Progress, Resumable
 from lorakit.train.schedule import make_scheduler, warmup_steps
 from lorakit.train.steplog import StepLog
-from lorakit.train.summary import TrainResult, already_complete, result_of, run_summary, write_summary
+from lorakit.train.summary import (
+    TrainResult,
+    already_complete,
+    result_of,
+    run_summary,
+    start_line,
+    write_summary,
+)
 from lorakit.train.tracking import check_installed, open_trackers
 
 __all__ = ["NonFiniteLossError", "TrainResult", "train"]
@@ -144,11 +151,7 @@ class _Run:
             self.replicated = fsdp.prepare(self.model, method, d, self.precision.name)
         # the loss runs inside the wrapped forward; built after sharding, so a sharded root keeps the full path
         self.loss = TaskLoss(self.model, self.task)
-        self.ddp = self.loss
-        if self.mode != "fsdp" and d.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.ddp = DDP(self.loss, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        self.ddp = self.loss if self.mode == "fsdp" else dd.wrap_ddp(self.loss, d)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.lr_auto = None if t.lr != "auto" else auto_lr(
             cfg.adapter.method if cfg.adapter else None, self.report.base_params, cfg.quant is not None
@@ -175,11 +178,8 @@ class _Run:
                 print(r.table())
             if self.lr_auto is not None:
                 print(f"training.lr=auto: {self.lr_auto.lr:g} for {self.lr_auto.why}")
-            print(
-                f"model {cfg.model.name}: {self.report.trainable_params:,} trainable of "
-                f"{self.report.total_params:,} parameters ({100 * self.report.ratio:.4f}%); precision "
-                f"{self.precision.name} ({self.precision.why}); loss {self.loss.path} ({self.loss.why}); {self.total} steps of {self.global_batch} rows; device {d.device}"
-            )
+            print(start_line(cfg.model.name, self.report, self.precision, self.loss, self.total, self.global_batch,
+                             d.device))
 
     def _build_batches(self, pad: int) -> None:
         """The batch plan (global batches per epoch), the collators and each example's target count."""
