@@ -17,6 +17,17 @@ DATASETS = os.path.join(SHARED, "datasets")
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for a test: tiny models (and small SVDs / QRs) gain nothing from threads and lose
+    a lot to other processes' spinning ones on a busy machine. Files opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def datasets_dir() -> str:
     if not os.path.isdir(DATASETS):
         pytest.skip(f"shared datasets not found at {DATASETS}")

@@ -28,13 +28,7 @@ X = torch.tensor([[1, 5, 9, 200, 33, 7, 3], [4, 4, 100, 2, 255, 0, 17]])
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small SVDs / QRs gain nothing from threads and lose a lot on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def model_of(name="tiny-llama", task="causal-lm", seed=0):

@@ -30,12 +30,7 @@ X = torch.tensor([[257, 49, 43, 50, 61, 51, 258], [257, 55, 43, 56, 61, 49, 53]]
 NF4_TOL = 1e-4  # max |logit difference| lorakit NF4 vs bitsandbytes NF4, same weights and adapter
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tokenizer():

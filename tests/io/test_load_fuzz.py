@@ -45,13 +45,7 @@ CONFIGS = {
 TARGETS = {m: list(c.target_modules) for m, c in CONFIGS.items()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A 64-wide model gains nothing from threads, and loses a lot to other processes' spinning ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def build():

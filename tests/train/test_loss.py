@@ -16,14 +16,7 @@ from lorakit.train.collate import Collator
 from lorakit.train.evaluate import evaluate
 from lorakit.train.loss import TaskLoss, forward_loss, fusable_head, split_lm
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _examples(lengths, seed=0, vocab=256):

@@ -14,7 +14,6 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-import torch
 
 from lorakit.errors import ConfigError
 from lorakit.train import tracking
@@ -25,12 +24,7 @@ from lorakit.train.trainer import train
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def config(tmp_path, report_to, out="out", **training) -> RunConfig:

@@ -24,14 +24,7 @@ from lorakit.train.evaluate import macro_f1
 from lorakit.train.schedule import WarmupDecay
 from lorakit.train.trainer import NonFiniteLossError, train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def write_sft(path: str, n: int = 48, seed: int = 0) -> str:
