@@ -17,7 +17,9 @@ import yaml
 from lorakit.train.config import RunConfig
 from lorakit.train.data import DataError
 from lorakit.train.trainer import train
-from train.test_trainer import Crash, one_thread, run_config, with_output  # noqa: F401
+from train.test_trainer import Crash, run_config, with_output
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def snapshot(out) -> dict[str, str]:

@@ -17,7 +17,9 @@ from lorakit.train.checkpoint import list_checkpoints, load_checkpoint
 from lorakit.train.config import RunConfig
 from lorakit.train.trainer import NonFiniteLossError, train
 
-from .test_trainer import NaNLoss, adapter_tensors, losses, one_thread, run_config, with_output  # noqa: F401
+from .test_trainer import NaNLoss, adapter_tensors, losses, run_config, with_output
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class InfGrad(Callback):
