@@ -9,6 +9,11 @@ under autocast every frozen fp32 weight would otherwise be cast to bf16 at every
 CPU LoRA step's time, benchmarks/bench_mfu.py), and the base takes half the memory. Trainable tensors (adapters,
 heads in modules_to_save) always stay fp32 masters.
 
+The optimizer (``make_optimizer``) is AdamW with PyTorch's fused kernel on CPU and CUDA (one pass over all
+tensors instead of a Python loop per tensor: a full fine-tune of MiniLM's 23M parameters steps 4x faster on CPU;
+same update to float rounding, 3e-8 after 11 steps), PyTorch's default implementation under FSDP (its sharded
+DTensor parameters) and anywhere the fused kernel refuses the parameters.
+
 ``training.compile: true`` compiles the model with ``torch.compile`` (opt-in; see ``maybe_compile``).
 """
 
@@ -199,3 +204,23 @@ def optimizer_groups(
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def make_optimizer(
+    groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], eps: float, sharded: bool = False
+) -> tuple[torch.optim.AdamW, str]:
+    """AdamW over ``groups`` (``optimizer_groups``) and which implementation runs it ("fused" or "default").
+
+    Fused where every trainable tensor is a plain floating tensor on CPU or CUDA (``sharded``: FSDP's DTensors
+    keep the default). The choice changes float rounding only, never the update rule, so a run resumes
+    with the implementation it would pick again."""
+    params = [p for g in groups for p in g["params"]]
+    fusable = not sharded and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params
+    )
+    if fusable:
+        try:
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True), "fused"
+        except (RuntimeError, ValueError):  # a build or device without the kernel: the default, same update
+            pass
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps), "default"
