@@ -1,6 +1,10 @@
 """Small helpers shared by tests (importable as ``helpers``: tests/ is on pythonpath)."""
 
+import json
+import math
+
 import torch
+from safetensors.torch import load_file
 
 
 def logits_of(out) -> torch.Tensor:
@@ -43,3 +47,32 @@ def assert_rows_alone(mixed: torch.Tensor, model, x: torch.Tensor, names) -> Non
         torch.testing.assert_close(
             mixed[i], logits_alone(model, x[i : i + 1], name)[0], atol=1e-5, rtol=0, msg=f"row {i} ({name})"
         )
+
+
+def perturb(model, seed=0, scale=0.05):
+    """Stand-in for training: move every trainable tensor, so A, B differ from their init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def plain_consumer(model, folder):
+    """What a vLLM-style consumer computes from the files: W + (alpha / r) B A on the given base, no
+    other knowledge of the init (rank_pattern / alpha_pattern are not used by these tests)."""
+    with open(folder / "adapter_config.json") as f:
+        config = json.load(f)
+    assert not config["rank_pattern"] and not config["alpha_pattern"]
+    r, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / math.sqrt(r) if config["use_rslora"] else alpha / r
+    tensors = load_file(folder / "adapter_model.safetensors")
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for key, a in tensors.items():
+            if key.endswith("lora_A.weight"):
+                path = key[len("base_model.model.") : -len(".lora_A.weight")]
+                b = tensors[key.replace("lora_A", "lora_B")]
+                assert a.shape[0] == r and b.shape[1] == r
+                modules[path].weight += scale * (b @ a)
+    return model

@@ -14,10 +14,9 @@ import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import lorakit as lk
-from helpers import logits_of
+from helpers import logits_of, perturb, plain_consumer
 from lorakit.io import load_adapter, save_adapter
 
 peft = pytest.importorskip("peft")
@@ -33,35 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def model_of(name="tiny-llama", task="causal-lm", seed=0):
     return lk.build_model(name, task=task, seed=seed).float()
-
-
-def perturb(model, seed=0, scale=0.05):
-    """Stand-in for training: move every trainable tensor, so A, B differ from their init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
-def plain_consumer(model, folder):
-    """What a vLLM-style consumer computes from the files: W + (alpha / r) B A on the given base, no
-    other knowledge of the init (rank_pattern / alpha_pattern are not used by these tests)."""
-    with open(folder / "adapter_config.json") as f:
-        config = json.load(f)
-    assert not config["rank_pattern"] and not config["alpha_pattern"]
-    r, alpha = config["r"], config["lora_alpha"]
-    scale = alpha / math.sqrt(r) if config["use_rslora"] else alpha / r
-    tensors = load_file(folder / "adapter_model.safetensors")
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for key, a in tensors.items():
-            if key.endswith("lora_A.weight"):
-                path = key[len("base_model.model.") : -len(".lora_A.weight")]
-                b = tensors[key.replace("lora_A", "lora_B")]
-                assert a.shape[0] == r and b.shape[1] == r
-                modules[path].weight += scale * (b @ a)
-    return model
 
 
 def trained(init, r=4, **kw):

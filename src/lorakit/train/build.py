@@ -19,18 +19,22 @@ DTensor parameters) and anywhere the fused kernel refuses the parameters.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from lorakit import methods
+from lorakit.adapters.corda import calibration, collect_covariances
 from lorakit.adapters.lora_init import dense_weights, full_precision
 from lorakit.config import ConfigError
 from lorakit.state import active_adapter, adapter_configs
 from lorakit.surgery.inject import inject
+from lorakit.surgery.targets import find_targets
 from lorakit.train.config import RunConfig
 from lorakit.train.data import DataError, RawData, read_records, split_validation
 from lorakit.train.precision import Precision, resolve_precision  # noqa: F401 (re-export)
@@ -92,11 +96,14 @@ def build_run_model(
     precision: Precision,
     device: torch.device,
     build_on: torch.device | None = None,
+    calibrate: Callable[[torch.nn.Module], None] | None = None,
 ) -> torch.nn.Module:
     """Base model (+ quantization) + adapter, trainable tensors in fp32, gradient checkpointing on request.
 
     ``device`` is where the run computes (it decides the dtype); ``build_on`` where the model is left
-    (default: ``device``; the CPU under FSDP, which moves each block to the device as it shards it)."""
+    (default: ``device``; the CPU under FSDP, which moves each block to the device as it shards it).
+    ``calibrate(model)`` runs calibration rows through the base, for an init computed from the layers'
+    inputs (CorDA; :func:`calibration_run`)."""
     from lorakit.models import build_model
 
     task = "classification" if cfg.data.task == "classification" else "causal-lm"
@@ -130,9 +137,11 @@ def build_run_model(
             names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
             heads = [h for h in CLASSIFIER_HEADS if h in names]
             acfg = acfg.replace(modules_to_save=tuple(heads))  # a fresh head must train (PEFT's SEQ_CLS does too)
-        with full_precision(dense):
+        covariances = _covariances(model, acfg, calibrate)
+        with full_precision(dense), calibration(covariances):
             inject(model, acfg)
         dense.clear()
+        covariances.clear()
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
@@ -175,6 +184,39 @@ def maybe_compile(model: torch.nn.Module, device: torch.device) -> bool:
         return False
     model.compile()
     return True
+
+
+def _covariances(
+    model: torch.nn.Module, acfg: Any, calibrate: Callable[[torch.nn.Module], None] | None
+) -> dict[str, torch.Tensor]:
+    """The target layers' input covariances when the adapter's init reads them (CorDA), else nothing."""
+    if not methods.init_entry(acfg).reads_inputs:
+        return {}
+    if calibrate is None:
+        raise ConfigError(f"adapter.init={acfg.init!r} needs calibration rows; build_run_model got no calibrate")
+    return collect_covariances(model, find_targets(model, acfg), lambda: calibrate(model))
+
+
+def calibration_run(
+    acfg: Any, examples: Sequence[dict[str, Any]], collate: Callable[[list], dict[str, torch.Tensor]],
+    device: torch.device, autocast: Callable[[], Any],
+) -> Callable[[torch.nn.Module], None] | None:
+    """``calibrate`` for :func:`build_run_model` when the adapter's init reads the layers' inputs (CorDA),
+    else None: the first ``method_options.corda_rows`` training examples, one at a time (PEFT's CorDA
+    statistics are per row), through the model without gradients, under the run's autocast."""
+    if acfg is None or not methods.init_entry(acfg).reads_inputs:
+        return None
+    rows = int(acfg.option("corda_rows"))
+
+    @torch.no_grad()
+    def run(model: torch.nn.Module) -> None:
+        where = next(model.parameters()).device  # the CPU while FSDP builds, else the run's device
+        for ex in examples[:rows]:
+            batch = {k: v.to(where) for k, v in collate([ex]).items() if k != "labels"}
+            with autocast() if where.type == device.type else contextlib.nullcontext():
+                model(**batch)
+
+    return run
 
 
 def optimizer_groups(
