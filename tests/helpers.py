@@ -76,3 +76,26 @@ def plain_consumer(model, folder):
                 assert a.shape[0] == r and b.shape[1] == r
                 modules[path].weight += scale * (b @ a)
     return model
+
+
+def assert_residual_init_equals_peft(mine, theirs, fresh) -> None:
+    """A base-changing init (PiSSA, OLoRA, CorDA) against PEFT's on the same weights: the adapter tensors
+    are PEFT's, lorakit's base weights are still ``fresh``'s, and W - s B0 A0 (what lorakit's adapter
+    subtracts) is the residual PEFT wrote into its base weight, which differs from W."""
+    from peft import get_peft_model_state_dict
+
+    import lorakit as lk
+
+    ours, peft_state = lk.io.adapter_state(mine), get_peft_model_state_dict(theirs)
+    assert sorted(ours) == sorted(peft_state)
+    for key, t in ours.items():
+        torch.testing.assert_close(t, peft_state[key], rtol=1e-5, atol=1e-5, msg=key)
+    weights = dict(fresh.named_parameters())
+    for name, layer in lk.surgery.inject.adapted_layers(mine):
+        w = layer.base.weight
+        assert torch.equal(w, weights[f"{name}.weight"]), name  # lorakit leaves the base weight alone ...
+        adapter = layer.adapters["default"]
+        residual = w - adapter.scaling * (adapter.lora_B_init @ adapter.lora_A_init)  # ... and subtracts this
+        peft_w = theirs.base_model.model.get_submodule(name).base_layer.weight  # PEFT writes it into W
+        torch.testing.assert_close(residual, peft_w, rtol=1e-5, atol=1e-5, msg=name)
+        assert (peft_w - w).abs().max() > 1e-3, name  # the residual differs from W: the check can fail

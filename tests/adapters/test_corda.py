@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from helpers import logits_of, perturb, plain_consumer
+from helpers import assert_residual_init_equals_peft, logits_of, perturb, plain_consumer
 from lorakit.adapters.corda import calibration, collect_covariances, corda_factors
 from lorakit.io import load_adapter, save_adapter
 from lorakit.surgery.targets import find_targets
@@ -57,19 +57,7 @@ def peft_corda(mode="ipm", r=4):
 def test_factors_and_residual_equal_peft_on_the_same_weights_and_rows(mode):
     mine, _ = corda_model(mode)
     theirs = peft_corda(mode)
-    ours, peft_state = lk.io.adapter_state(mine), peft.get_peft_model_state_dict(theirs)
-    assert sorted(ours) == sorted(peft_state)
-    for key, t in ours.items():
-        torch.testing.assert_close(t, peft_state[key], rtol=1e-5, atol=1e-5, msg=key)
-    fresh = dict(model_of().named_parameters())
-    for name, layer in lk.surgery.inject.adapted_layers(mine):
-        w = layer.base.weight
-        assert torch.equal(w, fresh[f"{name}.weight"]), name  # the base weight is left alone
-        adapter = layer.adapters["default"]
-        residual = w - adapter.scaling * (adapter.lora_B_init @ adapter.lora_A_init)
-        peft_w = theirs.base_model.model.get_submodule(name).base_layer.weight  # PEFT writes the residual into W
-        torch.testing.assert_close(residual, peft_w, rtol=1e-5, atol=1e-5, msg=name)
-        assert (peft_w - w).abs().max() > 1e-3, name  # the residual is not W: the check can fail
+    assert_residual_init_equals_peft(mine, theirs, model_of())
     with torch.no_grad():
         torch.testing.assert_close(logits_of(mine(X)), logits_of(model_of()(X)), rtol=1e-5, atol=1e-5)
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from helpers import logits_of, perturb, plain_consumer
+from helpers import assert_residual_init_equals_peft, logits_of, perturb, plain_consumer
 from lorakit.io import load_adapter, save_adapter
 
 peft = pytest.importorskip("peft")
@@ -82,20 +82,7 @@ def test_init_equals_peft_on_the_same_weights(init):
     theirs = peft.get_peft_model(
         model_of(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init)
     )
-    ours = {k: v for k, v in lk.io.adapter_state(mine).items()}
-    peft_state = peft.get_peft_model_state_dict(theirs)
-    assert sorted(ours) == sorted(peft_state)
-    for key, t in ours.items():
-        torch.testing.assert_close(t, peft_state[key], rtol=1e-5, atol=1e-5, msg=key)
-    fresh = dict(model_of().named_parameters())
-    for name, layer in lk.surgery.inject.adapted_layers(mine):
-        w = layer.base.weight
-        assert torch.equal(w, fresh[f"{name}.weight"]), name  # lorakit leaves the base weight alone ...
-        adapter = layer.adapters["default"]
-        residual = w - adapter.scaling * (adapter.lora_B_init @ adapter.lora_A_init)  # ... and subtracts this
-        peft_w = theirs.base_model.model.get_submodule(name).base_layer.weight  # PEFT writes it into W
-        torch.testing.assert_close(residual, peft_w, rtol=1e-5, atol=1e-5, msg=name)
-        assert (peft_w - w).abs().max() > 1e-3  # the residual differs from W: the check can fail
+    assert_residual_init_equals_peft(mine, theirs, model_of())
     with torch.no_grad():
         torch.testing.assert_close(logits_of(mine(X)), logits_of(theirs(X)), rtol=1e-5, atol=1e-5)
 
