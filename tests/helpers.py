@@ -99,3 +99,15 @@ def assert_residual_init_equals_peft(mine, theirs, fresh) -> None:
         peft_w = theirs.base_model.model.get_submodule(name).base_layer.weight  # PEFT writes it into W
         torch.testing.assert_close(residual, peft_w, rtol=1e-5, atol=1e-5, msg=name)
         assert (peft_w - w).abs().max() > 1e-3, name  # the residual differs from W: the check can fail
+
+
+def write_products(path) -> None:
+    """40 seeded "a*b=" -> "a*b" prompt/completion rows at ``path`` (JSONL), unless the file exists."""
+    import random
+
+    if path.exists():
+        return
+    rng = random.Random(0)
+    rows = [{"prompt": f"{a}*{b}=", "completion": str(a * b)} for a, b in
+            ((rng.randint(0, 20), rng.randint(0, 20)) for _ in range(40))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
