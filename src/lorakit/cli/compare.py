@@ -7,9 +7,11 @@ import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lorakit.methods import setups
+
     parser.add_argument("configs", nargs="+", help="run config YAML files (with --methods: exactly one base config)")
     parser.add_argument("--methods", default=None,
-                        help="derive configs from one base config: comma-separated of full,lora,dora,qlora,adalora; "
+                        help=f"derive configs from one base config: comma-separated of {','.join(setups())}; "
                              "each trains with training.lr=auto (its method's rate) unless --set training.lr=...")
     parser.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -6,7 +6,7 @@ perplexity for causal LM), trainable parameters and share, training time and med
 RSS, inference latency unmerged and merged (median over repeated forwards of one evaluation batch),
 and adapter file size. Output: ``compare.md`` (table), ``compare.json`` and ``compare_*.png`` charts.
 
-``--methods full,lora,dora,qlora,adalora`` derives the configurations from one base config:
+``--methods full,lora,dora,qlora,adalora`` (any of ``lorakit.methods.setups()``) derives the configurations from one base config:
 full = every base parameter trains (no adapter); qlora = the base config's adapter on an NF4 base;
 dora/adalora = the same targets and rank with that method (AdaLoRA: init_r = 1.5 r -> target_r = r).
 
