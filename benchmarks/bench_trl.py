@@ -25,6 +25,8 @@ Sides:
   (``group``: length-grouped, dynamic padding); everything else as above.
 - ``lorakit_fp32``: lorakit with ``mixed_precision: no`` (the previous CPU default), for the quality guard.
 - ``lorakit_compile``: lorakit defaults + ``training.compile: true``.
+- ``lorakit_glibc``: lorakit defaults with ``training.return_freed_memory: false`` (glibc's own allocator
+  policy), for what the memory policy costs in time here.
 
 Reported per side: train s (the training loop: ``trainer.train()`` for TRL, lorakit's loop clock), total s (the
 process from start to adapter saved), peak RSS of the process (VmHWM, lorakit.bench.memory) and of its largest
@@ -51,7 +53,7 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALPACA = os.path.join(os.path.dirname(ROOT), "shared", "datasets", "alpaca_1k", "alpaca_data_1k.json")
-SIDES = ("trl_default", "trl_fp32", "trl_best", "lorakit", "lorakit_fp32", "lorakit_compile")
+SIDES = ("trl_default", "trl_fp32", "trl_best", "lorakit", "lorakit_fp32", "lorakit_compile", "lorakit_glibc")
 DEFAULT_SIDES = ("trl_default", "trl_best", "lorakit", "lorakit_fp32")
 SHAPE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=8, max_position_embeddings=1024, tie_word_embeddings=False)
@@ -153,6 +155,8 @@ def _lorakit(side: str, work: str, out_dir: str) -> float:
         cfg["training"]["mixed_precision"] = "no"
     if side == "lorakit_compile":
         cfg["training"]["compile"] = True
+    if side == "lorakit_glibc":
+        cfg["training"]["return_freed_memory"] = False
     from lorakit.train.config import RunConfig
 
     res = train(RunConfig.from_dict(cfg), overwrite=True)
