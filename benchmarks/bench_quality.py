@@ -14,7 +14,9 @@ one thing per configuration:
   a busy machine hits both alike. Reported: dev accuracy, wall time (summary.json ``wall_time_s``:
   setup to the last evaluation) and training seconds (evaluations excluded) of every run, their medians,
   and when full fine-tuning (evaluated every ``--full-eval-every`` steps) first reaches ``--target``
-  (0.823) and the config's accuracy: time-to-accuracy, granular to that interval.
+  (0.823) and the config's accuracy: time-to-accuracy, granular to that interval. The config is evaluated at
+  the same interval, so its time to ``--config-target`` (0.83) is read the same way (evaluations never enter
+  the training seconds, and an evaluation does not change the run: eval mode draws no random numbers).
 * ``lr``: full fine-tuning and LoRA at each rate of ``--full-lrs`` / ``--lora-lrs`` and at ``auto``.
 * ``methods``: lora, dora and qlora (LoRA on an NF4 base, classifier and pooler kept full precision) with
   the same targets, rank, lr and data, for each seed of ``--seeds``; mean and per-seed accuracy, and
@@ -89,9 +91,9 @@ def time_to(seconds: dict[int, float], evals: dict[int, float], target: float) -
 
 
 def suite_sst2(args) -> list[str]:
-    base = base_config(args.rows)
-    full = with_(base, adapter={"method": "full"},
-                 training={**base["training"], "lr": "auto", "eval_every": args.full_eval_every})
+    shipped = base_config(args.rows)
+    base = with_(shipped, training={**shipped["training"], "eval_every": args.full_eval_every})
+    full = with_(base, adapter={"method": "full"}, training={**base["training"], "lr": "auto"})
     acc: dict[str, list] = {"config": [], "full": []}
     reach: list[tuple] = []
     for i in range(args.rounds):
@@ -104,10 +106,13 @@ def suite_sst2(args) -> list[str]:
             timed[side] = (secs, evals)
             acc[side].append((r["metric"], r["train_seconds"], r["lr"], r["steps"], secs[max(secs)]))
         config_acc = acc["config"][-1][0]
-        reach.append((time_to(*timed["full"], args.target), time_to(*timed["full"], config_acc)))
+        reach.append((
+            time_to(*timed["full"], args.target), time_to(*timed["full"], config_acc),
+            time_to(*timed["config"], args.config_target),
+        ))
     lines = [
         f"rows {base['data'].get('max_train_rows')}, 1 epoch, seed 0, full dev split (872 rows); "
-        f"full fine-tuning evaluated every {args.full_eval_every} steps to time when it reaches an accuracy",
+        f"both evaluated every {args.full_eval_every} steps to time when they reach an accuracy",
         "",
         "| setup | steps | dev accuracy per round | wall s per round | train s per round (evaluations excluded) "
         "| median acc | median train s |",
@@ -119,12 +124,12 @@ def suite_sst2(args) -> list[str]:
             f"{', '.join(f'{a[1]:.0f}' for a in runs)} | {', '.join(f'{a[4]:.0f}' for a in runs)} | "
             f"{statistics.median(a[0] for a in runs):.4f} | {statistics.median(a[4] for a in runs):.0f} |"
         )
-    lines += ["", "| round | full: first evaluation >= target "
-              f"{args.target:g} (step, train s) | full: first evaluation >= the config's accuracy (step, train s) |",
-              "|---|---|---|"]
-    for i, (t, c) in enumerate(reach):
+    lines += ["", f"| round | config: first evaluation >= {args.config_target:g} (step, train s) | full: first "
+              f"evaluation >= {args.target:g} (step, train s) | full: first evaluation >= the config's final "
+              "accuracy (step, train s) |", "|---|---|---|---|"]
+    for i, (t, c, mine) in enumerate(reach):
         fmt = lambda x: "not reached" if x is None else f"step {x[0]}, {x[1]:.0f} s"  # noqa: E731
-        lines.append(f"| {i} | {fmt(t)} | {fmt(c)} |")
+        lines.append(f"| {i} | {fmt(mine)} | {fmt(t)} | {fmt(c)} |")
     return lines
 
 
@@ -167,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=None, help="training rows (default: the config's)")
     p.add_argument("--rounds", type=int, default=2, help="sst2: interleaved rounds")
     p.add_argument("--target", type=float, default=0.823, help="sst2: the accuracy full fine-tuning is timed to")
-    p.add_argument("--full-eval-every", type=int, default=20, help="sst2: full fine-tuning's evaluation interval")
+    p.add_argument("--config-target", type=float, default=0.83, help="sst2: the accuracy the config is timed to")
+    p.add_argument("--full-eval-every", type=int, default=20, help="sst2: both sides' evaluation interval")
     p.add_argument("--full-lrs", default="5e-5,2e-4,1e-3")
     p.add_argument("--lora-lrs", default="2e-4,1e-3,3e-3")
     p.add_argument("--methods", default="lora,dora,qlora")
