@@ -67,3 +67,15 @@ def test_compare_two_builtin_configs(tmp_path):
         assert json.load(f) == rows
     for name in ("compare.md", "compare_metric.png", "compare_latency.png", "compare_memory.png"):
         assert os.path.getsize(out / name) > 0
+
+
+def test_a_corda_configuration_is_measured_in_process(tmp_path):
+    """compare's worker rebuilds the model to time it; CorDA's init needs calibration rows there too (it
+    failed with "build_run_model got no calibrate"): the timing model takes the trained, converted file."""
+    from lorakit.recipes.compare_worker import measure
+
+    cfg = _config(tmp_path, "lora")
+    cfg["adapter"].update(init="corda", method_options={"corda_rows": 4})
+    cfg["training"]["max_steps"] = 2
+    row = measure(cfg)
+    assert row["metric"] is not None and row["latency_unmerged_ms"] > 0

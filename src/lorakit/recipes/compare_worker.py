@@ -58,6 +58,20 @@ def _dir_bytes(path: str | None) -> int:
                if os.path.isfile(os.path.join(path, f)))
 
 
+def _plain_init(cfg: Any) -> Any:
+    """``cfg`` with an init computed from calibration inputs (CorDA) swapped for the default: the model built
+    for timing only carries the adapter until the trained one (a plain, converted file) replaces it."""
+    import dataclasses
+
+    from lorakit import methods
+
+    if cfg.adapter is None or not methods.init_entry(cfg.adapter).reads_inputs:
+        return cfg
+    own = methods.init_entry(cfg.adapter).options
+    kept = {k: v for k, v in cfg.adapter.method_options.items() if k not in own}
+    return dataclasses.replace(cfg, adapter=cfg.adapter.replace(init="default", method_options=kept))
+
+
 def measure(raw: dict[str, Any]) -> dict[str, Any]:
     import lorakit as lk
     from lorakit.models.tokenizer import load_tokenizer, pad_id
@@ -83,7 +97,7 @@ def measure(raw: dict[str, Any]) -> dict[str, Any]:
     batch = Collator(pad_id(tok), "group", None, task)([ds[i] for i in range(min(EVAL_ROWS, len(ds)))])
     device = torch.device("cpu")
     num_labels = len(train_ds.label_names or []) if task == "classification" else 0
-    model = build_run_model(cfg, num_labels, pad_id(tok), resolve_precision("fp32", device), device)
+    model = build_run_model(_plain_init(cfg), num_labels, pad_id(tok), resolve_precision("fp32", device), device)
     has_adapter = cfg.adapter is not None and result.adapter_dir is not None
     if has_adapter:
         lk.delete_adapter(model, lk.active_adapter(model))
