@@ -38,16 +38,18 @@ DATA = os.environ.get("LORAKIT_DATASETS", "/work/shared/datasets")
 
 def run_config(
     method: str, rows: int, out: str, seed: int, lr: float = 1e-3, orth_form: str = "squared",
-    orth_reg_weight: float = 0.5,
+    orth_reg_weight: float = 0.5, init: str | None = None, lambda_lr_ratio: float | None = None,
+    tinit: float | None = None, tfinal: float | None = None,
 ) -> dict:
     adapter = {"method": method, "dropout": 0.0, "target_modules": "all-linear"}
     if method == "lora":
         adapter.update(r=8, alpha=16.0)
-    else:  # the schedule is AdapterConfig's default: tinit 10%, tfinal 40%, delta_t 1% of the steps
-        adapter.update(
-            init_r=12, target_r=8, alpha=24.0, orth_reg_weight=orth_reg_weight,
-            method_options={"orth_form": orth_form},
-        )
+    else:  # unset fields (init, λ rate, schedule) are AdapterConfig's defaults
+        options = {"orth_form": orth_form}
+        if lambda_lr_ratio is not None:
+            options["lambda_lr_ratio"] = lambda_lr_ratio
+        adapter.update(init_r=12, target_r=8, alpha=24.0, orth_reg_weight=orth_reg_weight, method_options=options)
+        adapter.update({k: v for k, v in (("init", init), ("tinit", tinit), ("tfinal", tfinal)) if v is not None})
     return {
         "model": {"name": "minilm"},
         "data": {
@@ -92,7 +94,10 @@ def run_seed(args, seed: int, out: str) -> tuple[dict, object]:
         grab = Grab()
         lr = args.lr if method == "lora" else (args.adalora_lr or args.lr)
         cfg = RunConfig.from_dict(
-            run_config(method, args.rows, out, seed, lr, args.orth_form, args.orth_reg_weight)
+            run_config(
+                method, args.rows, out, seed, lr, args.orth_form, args.orth_reg_weight, args.adalora_init,
+                args.lambda_lr_ratio, args.tinit, args.tfinal,
+            )
         )
         res = train(cfg, overwrite=True, callbacks=[grab])
         model = grab.model
@@ -128,7 +133,10 @@ def summary_md(args, per_seed: dict[int, dict]) -> str:
     methods = list(next(iter(per_seed.values())))
     lines = [
         f"rows {args.rows}, seeds {args.seeds}, lr lora {args.lr:g} / adalora {args.adalora_lr or args.lr:g}, "
-        f"orth {args.orth_form} x {args.orth_reg_weight:g}, torch threads {args.threads}",
+        f"orth {args.orth_form} x {args.orth_reg_weight:g}, init {args.adalora_init or 'default'}, "
+        f"lambda lr ratio {args.lambda_lr_ratio if args.lambda_lr_ratio is not None else 'default'}, "
+        f"tinit {args.tinit if args.tinit is not None else 'default'}, "
+        f"tfinal {args.tfinal if args.tfinal is not None else 'default'}, torch threads {args.threads}",
         "",
         "| method | steps | dev accuracy per seed | mean | gap to LoRA (points) | singular values kept | wall s per seed |",
         "|---|---|---|---|---|---|---|",
@@ -159,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="lora,adalora", help="which of lora,adalora to run (for two processes)")
     p.add_argument("--orth-form", default="squared", choices=("squared", "peft"))
     p.add_argument("--orth-reg-weight", type=float, default=0.5)
+    p.add_argument("--adalora-init", default=None, choices=("default", "gaussian", "orthogonal"),
+                   help="AdaLoRA's init of P, Q (default: AdapterConfig's)")
+    p.add_argument("--lambda-lr-ratio", type=float, default=None,
+                   help="AdaLoRA's lambda rate / --adalora-lr (default: AdapterConfig's)")
+    p.add_argument("--tinit", type=float, default=None, help="AdaLoRA tinit (fraction; default: AdapterConfig's)")
+    p.add_argument("--tfinal", type=float, default=None, help="AdaLoRA tfinal (fraction; default: AdapterConfig's)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--out", default="/tmp/lorakit_bench_adalora")
     args = p.parse_args(argv)
