@@ -18,9 +18,8 @@ rate. ``lambda_lr_ratio`` gives λ (``lora_E``) ``lr x ratio`` and every other t
 
 Why neither is the default: on MiniLM + SST-2 (128 steps, init_r 12 -> target_r 8, benchmarks/results/
 adalora.md round 2) the orthogonal init (with tinit 0.2, tfinal 0.3) moved the 3-seed mean by +0.4 points
-(inside the noise) and λ-only
-10x at lr 1e-3 scored 0.65 points below one rate of 1e-2 for every tensor (0.7833 vs 0.7898); PEFT's
-init and one rate stay.
+(inside the noise), and λ-only 10x at lr 1e-3 scored 0.65 points below one rate of 1e-2 for every tensor
+(0.7833 vs 0.7898). PEFT's init and one rate stay the defaults.
 """
 
 from __future__ import annotations
