@@ -9,7 +9,7 @@ import torch
 
 import lorakit as lk
 from adapters.adalora_helpers import TARGETS, adalora_model, token_batch
-from lorakit.adapters.adalora import AdaLoraController, adalora_layers
+from lorakit.adapters.adalora import AdaLoraController, AdaLoraLinear, adalora_layers
 from lorakit.adapters.adalora_setup import DEFAULT_INIT, DEFAULT_LAMBDA_LR_RATIO
 from lorakit.config import ConfigError
 from lorakit.train.build import optimizer_groups
@@ -33,6 +33,8 @@ def test_orthogonal_init_is_orthonormal_and_the_model_starts_at_its_base():
         torch.testing.assert_close(model(ids).logits, base(ids).logits, rtol=0, atol=0)
     ctl = AdaLoraController(model, total_step=10)
     assert ctl.orth_loss().item() < 1e-9  # the penalty starts at its minimum
+    half = AdaLoraLinear(16, 8, 4, 8.0, dtype=torch.bfloat16, init="orthogonal")  # QR has no bf16 kernel
+    torch.testing.assert_close(half.lora_A.float() @ half.lora_A.float().t(), torch.eye(4), atol=1e-2, rtol=0)
 
 
 def test_gaussian_init_is_peft_s_and_default_is_the_stated_one():

@@ -50,9 +50,10 @@ ADALORA_INITS = {
 def reset_adalora(q: torch.Tensor, e: torch.Tensor, p: torch.Tensor, init: str) -> None:
     """Q (r, in), λ (r, 1), P (out, r) as ``init`` says (see the module docstring); λ = 0 always."""
     init = DEFAULT_INIT if init == "default" else init
-    if init == "orthogonal":
-        nn.init.orthogonal_(q)
-        nn.init.orthogonal_(p)
+    if init == "orthogonal":  # QR in fp32 (it has no bf16/fp16 kernel), then cast
+        for t in (q, p):
+            if t.device.type != "meta":
+                t.copy_(nn.init.orthogonal_(torch.empty(t.shape, dtype=torch.float32, device=t.device)))
     elif init == "gaussian":
         nn.init.normal_(q, std=0.02)
         nn.init.normal_(p, std=0.02)
