@@ -1,6 +1,10 @@
 """Small helpers shared by tests (importable as ``helpers``: tests/ is on pythonpath)."""
 
+import json
+import math
+
 import torch
+from safetensors.torch import load_file
 
 
 def logits_of(out) -> torch.Tensor:
@@ -43,3 +47,67 @@ def assert_rows_alone(mixed: torch.Tensor, model, x: torch.Tensor, names) -> Non
         torch.testing.assert_close(
             mixed[i], logits_alone(model, x[i : i + 1], name)[0], atol=1e-5, rtol=0, msg=f"row {i} ({name})"
         )
+
+
+def perturb(model, seed=0, scale=0.05):
+    """Stand-in for training: move every trainable tensor, so A, B differ from their init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def plain_consumer(model, folder):
+    """What a vLLM-style consumer computes from the files: W + (alpha / r) B A on the given base, no
+    other knowledge of the init (rank_pattern / alpha_pattern are not used by these tests)."""
+    with open(folder / "adapter_config.json") as f:
+        config = json.load(f)
+    assert not config["rank_pattern"] and not config["alpha_pattern"]
+    r, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / math.sqrt(r) if config["use_rslora"] else alpha / r
+    tensors = load_file(folder / "adapter_model.safetensors")
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for key, a in tensors.items():
+            if key.endswith("lora_A.weight"):
+                path = key[len("base_model.model.") : -len(".lora_A.weight")]
+                b = tensors[key.replace("lora_A", "lora_B")]
+                assert a.shape[0] == r and b.shape[1] == r
+                modules[path].weight += scale * (b @ a)
+    return model
+
+
+def assert_residual_init_equals_peft(mine, theirs, fresh) -> None:
+    """A base-changing init (PiSSA, OLoRA, CorDA) against PEFT's on the same weights: the adapter tensors
+    are PEFT's, lorakit's base weights are still ``fresh``'s, and W - s B0 A0 (what lorakit's adapter
+    subtracts) is the residual PEFT wrote into its base weight, which differs from W."""
+    from peft import get_peft_model_state_dict
+
+    import lorakit as lk
+
+    ours, peft_state = lk.io.adapter_state(mine), get_peft_model_state_dict(theirs)
+    assert sorted(ours) == sorted(peft_state)
+    for key, t in ours.items():
+        torch.testing.assert_close(t, peft_state[key], rtol=1e-5, atol=1e-5, msg=key)
+    weights = dict(fresh.named_parameters())
+    for name, layer in lk.surgery.inject.adapted_layers(mine):
+        w = layer.base.weight
+        assert torch.equal(w, weights[f"{name}.weight"]), name  # lorakit leaves the base weight alone ...
+        adapter = layer.adapters["default"]
+        residual = w - adapter.scaling * (adapter.lora_B_init @ adapter.lora_A_init)  # ... and subtracts this
+        peft_w = theirs.base_model.model.get_submodule(name).base_layer.weight  # PEFT writes it into W
+        torch.testing.assert_close(residual, peft_w, rtol=1e-5, atol=1e-5, msg=name)
+        assert (peft_w - w).abs().max() > 1e-3, name  # the residual differs from W: the check can fail
+
+
+def write_products(path) -> None:
+    """40 seeded "a*b=" -> "a*b" prompt/completion rows at ``path`` (JSONL), unless the file exists."""
+    import random
+
+    if path.exists():
+        return
+    rng = random.Random(0)
+    rows = [{"prompt": f"{a}*{b}=", "completion": str(a * b)} for a, b in
+            ((rng.randint(0, 20), rng.randint(0, 20)) for _ in range(40))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))

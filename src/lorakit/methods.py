@@ -81,12 +81,21 @@ class Init:
 
     ``reads_full_precision``: the init fits the adapter to the error of a quantized base (LoftQ), so it
     needs the weights as they were before quantization; the trainer keeps them for it (and a run config
-    with such an init needs a quant section)."""
+    with such an init needs a quant section).
+
+    ``reads_inputs``: the init is computed from the layers' inputs on calibration rows (CorDA): the trainer
+    runs training rows through the base before injecting; a PEFT file saved with such an init unconverted
+    is only right on PEFT's residual model, which the file alone cannot rebuild, so it is refused.
+
+    ``options``: the method's ``method_options`` keys that only this init reads (CorDA's mode): set with
+    another init they would be ignored, so the config is refused; a converted file's config drops them."""
 
     peft_value: bool | str
     doc: str = ""
     changes_base: bool = False
     reads_full_precision: bool = False
+    reads_inputs: bool = False
+    options: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -204,6 +213,12 @@ class Method:
             check = self.options[key].check
             if check is not None:
                 check(f"method_options.{key}", value)
+            owner = next((n for n, i in self.inits.items() if key in i.options), cfg.init)
+            if owner != cfg.init:
+                raise ConfigError(
+                    f"method_options.{key} is an option of init={owner!r} but init={show(cfg.init)}; "
+                    f"set init: {owner} or drop it"
+                )
         if self.validate is not None:
             self.validate(cfg)
 
@@ -328,6 +343,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("loftq", "lora", quantized=True, init="loftq",
             doc="QLoRA with LoftQ's init: the adapter starts at the base's quantization error (Li et al. 2023)"),
     Variant("olora", "lora", init="olora", doc="LoRA with OLoRA's QR init (Buyukakyuz 2024)"),
+    Variant("corda", "lora", init="corda",
+            doc="LoRA with CorDA's init from W and its inputs' covariance on training rows (Yang et al. 2024)"),
     Variant("loraplus", "lora", options={"loraplus_lr_ratio": 16},
             doc="LoRA+: B learns 16x faster than A (Hayou et al. 2024)"),
 )

@@ -14,10 +14,9 @@ import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import lorakit as lk
-from helpers import logits_of
+from helpers import assert_residual_init_equals_peft, logits_of, perturb, plain_consumer
 from lorakit.io import load_adapter, save_adapter
 
 peft = pytest.importorskip("peft")
@@ -33,35 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def model_of(name="tiny-llama", task="causal-lm", seed=0):
     return lk.build_model(name, task=task, seed=seed).float()
-
-
-def perturb(model, seed=0, scale=0.05):
-    """Stand-in for training: move every trainable tensor, so A, B differ from their init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
-def plain_consumer(model, folder):
-    """What a vLLM-style consumer computes from the files: W + (alpha / r) B A on the given base, no
-    other knowledge of the init (rank_pattern / alpha_pattern are not used by these tests)."""
-    with open(folder / "adapter_config.json") as f:
-        config = json.load(f)
-    assert not config["rank_pattern"] and not config["alpha_pattern"]
-    r, alpha = config["r"], config["lora_alpha"]
-    scale = alpha / math.sqrt(r) if config["use_rslora"] else alpha / r
-    tensors = load_file(folder / "adapter_model.safetensors")
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for key, a in tensors.items():
-            if key.endswith("lora_A.weight"):
-                path = key[len("base_model.model.") : -len(".lora_A.weight")]
-                b = tensors[key.replace("lora_A", "lora_B")]
-                assert a.shape[0] == r and b.shape[1] == r
-                modules[path].weight += scale * (b @ a)
-    return model
 
 
 def trained(init, r=4, **kw):
@@ -112,20 +82,7 @@ def test_init_equals_peft_on_the_same_weights(init):
     theirs = peft.get_peft_model(
         model_of(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init)
     )
-    ours = {k: v for k, v in lk.io.adapter_state(mine).items()}
-    peft_state = peft.get_peft_model_state_dict(theirs)
-    assert sorted(ours) == sorted(peft_state)
-    for key, t in ours.items():
-        torch.testing.assert_close(t, peft_state[key], rtol=1e-5, atol=1e-5, msg=key)
-    fresh = dict(model_of().named_parameters())
-    for name, layer in lk.surgery.inject.adapted_layers(mine):
-        w = layer.base.weight
-        assert torch.equal(w, fresh[f"{name}.weight"]), name  # lorakit leaves the base weight alone ...
-        adapter = layer.adapters["default"]
-        residual = w - adapter.scaling * (adapter.lora_B_init @ adapter.lora_A_init)  # ... and subtracts this
-        peft_w = theirs.base_model.model.get_submodule(name).base_layer.weight  # PEFT writes it into W
-        torch.testing.assert_close(residual, peft_w, rtol=1e-5, atol=1e-5, msg=name)
-        assert (peft_w - w).abs().max() > 1e-3  # the residual differs from W: the check can fail
+    assert_residual_init_equals_peft(mine, theirs, model_of())
     with torch.no_grad():
         torch.testing.assert_close(logits_of(mine(X)), logits_of(theirs(X)), rtol=1e-5, atol=1e-5)
 

@@ -169,7 +169,7 @@ def test_cli_choices_come_from_the_registry(toy, capsys):
 def test_unknown_method_and_variants():
     with pytest.raises(ConfigError, match=r"method='toy' is not supported; expected one of \['lora', 'd"):
         lk.AdapterConfig(method="toy")
-    assert methods.setups() == ("full", "lora", "qlora", "loftq", "olora", "loraplus", "dora", "adalora")
+    assert methods.setups() == ("full", "lora", "qlora", "loftq", "olora", "corda", "loraplus", "dora", "adalora")
     assert methods.adapter_method("qlora") == "lora" and methods.adapter_method("full") is None
     with pytest.raises(ConfigError, match="taken by a training setup"):
         methods.register(Method("qlora", _build))

@@ -69,3 +69,39 @@ def test_compile_true_compiles_the_model_in_place(tmp_path):
         pytest.skip(compiler_unavailable(CPU))
     model = build_run_model(_cfg(tmp_path, compile=True), 2, 256, FP32, CPU)
     assert getattr(model, "_compiled_call_impl", None) is not None  # nn.Module.compile: same module, compiled call
+
+
+def _adamw_run(fused: bool | None, steps: int = 6) -> list[torch.Tensor]:
+    """``steps`` AdamW updates of a few tensors (two groups, one with weight decay) from seeded gradients."""
+    from lorakit.train.build import make_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((64, 32), (32, 8), (32,))]
+    groups = [{"params": ps[:2], "weight_decay": 0.1}, {"params": ps[2:], "weight_decay": 0.0}]
+    if fused is None:
+        opt, impl = make_optimizer(groups, 1e-2, (0.9, 0.999), 1e-8)
+        assert impl == "fused"
+        assert opt.defaults["fused"] is True
+    else:  # PyTorch's own per-tensor loop: the reference
+        opt = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    for _ in range(steps):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return [p.detach() for p in ps]
+
+
+def test_the_optimizer_is_fused_adamw_on_cpu_and_updates_as_the_reference_loop():
+    fused, ref = _adamw_run(None), _adamw_run(False)
+    moved = max(float((a - b).abs().max()) for a, b in zip(_adamw_run(False, steps=0), ref))
+    assert moved > 1e-2  # the updates are not vanishingly small
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_sharded_parameters_keep_the_default_adamw():
+    from lorakit.train.build import make_optimizer
+
+    p = torch.nn.Parameter(torch.zeros(4, 4))
+    opt, impl = make_optimizer([{"params": [p], "weight_decay": 0.0}], 1e-3, (0.9, 0.999), 1e-8, sharded=True)
+    assert impl == "default" and not opt.defaults.get("fused")

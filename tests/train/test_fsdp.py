@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -30,6 +29,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from helpers import write_products
 from lorakit.config import ConfigError
 from lorakit.train import fsdp
 from lorakit.train.distributed import Dist
@@ -126,11 +126,7 @@ def _end_hang(proc, out) -> dict:
 def _config(root, name: str, distributed: bool, adapter=None, quant=None, steps: int = 4,
             timeout_s: float | None = None) -> str:
     data = root / "d.jsonl"
-    if not data.exists():
-        rng = random.Random(0)
-        rows = [{"prompt": f"{a}*{b}=", "completion": str(a * b)} for a, b in
-                ((rng.randint(0, 20), rng.randint(0, 20)) for _ in range(40))]
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_products(data)
     cfg = {
         "model": {"name": "tiny-llama"},
         "data": {"train": str(data), "val_fraction": 0.2},

@@ -38,13 +38,14 @@ def test_bf16_on_a_cpu_without_it_warns_and_fp16_on_cpu_fails():
     assert resolve_precision("no", CPU, cpu_flags=("avx512_bf16",)).name == "fp32"
 
 
-def test_the_run_says_which_precision_and_why(tmp_path, capsys):
+def test_the_run_says_which_precision_and_why_and_which_optimizer(tmp_path, capsys):
     from lorakit.train.trainer import train
     from train.test_trainer import run_config
 
     res = train(run_config(tmp_path, max_steps=2))
     out = capsys.readouterr().out
     assert res.summary["precision_why"].startswith("auto: ") and f"precision {res.summary['precision']} (auto: " in out
+    assert res.summary["optimizer"] == "adamw (fused)"
 
 
 def test_mixed_precision_no_survives_yaml(tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from helpers import write_products
 
 from .test_trainer_nonfinite import InfGrad
 
@@ -43,11 +44,7 @@ TORCHRUN_SCRIPT = textwrap.dedent(f"""
 
 def _config(tmp_path, out: str, batch_size: int, accumulation: int) -> str:
     data = tmp_path / "d.jsonl"
-    if not data.exists():
-        rng = random.Random(0)
-        rows = [{"prompt": f"{a}*{b}=", "completion": str(a * b)} for a, b in
-                ((rng.randint(0, 20), rng.randint(0, 20)) for _ in range(40))]
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_products(data)
     cfg = {
         "model": {"name": "tiny-llama"},
         "data": {"train": "d.jsonl", "val_fraction": 0.2},

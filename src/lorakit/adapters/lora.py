@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters.base import adapter_input, copy_peft_state
-from lorakit.adapters.lora_init import WEIGHT_INITS, pissa_init  # noqa: F401  (pissa_init: moved there)
+from lorakit.adapters.corda import CORDA_OPTIONS, corda_init
+from lorakit.adapters.lora_init import WEIGHT_INITS as _INITS_OF_W
+from lorakit.adapters.lora_init import pissa_init  # noqa: F401  (pissa_init: moved there)
 from lorakit.adapters.loraplus import LORAPLUS_OPTIONS, loraplus_groups, validate_loraplus
 from lorakit.config import AdapterConfig, ConfigError
 from lorakit.methods import Init, Method, PeftCodec, json_field, register
@@ -200,6 +202,10 @@ def reset_lora(a: torch.Tensor, b: torch.Tensor, r: int, init: str) -> None:
     nn.init.zeros_(b)
 
 
+# inits computed from the base weight (lora_init.py; CorDA also from its inputs, corda.py)
+WEIGHT_INITS = {**_INITS_OF_W, "corda": corda_init}
+
+
 def build_lora(access: WeightAccess, cfg: AdapterConfig, module_name: str) -> nn.Module:
     r, alpha = cfg.rank_for(module_name), cfg.alpha_for(module_name)
     init = "default" if cfg.init in WEIGHT_INITS else cfg.init  # weight inits act on linears only
@@ -210,8 +216,8 @@ def build_lora(access: WeightAccess, cfg: AdapterConfig, module_name: str) -> nn
         return LoraConv(access.module, r, alpha, cfg.dropout, cfg.use_rslora, init)
     adapter = LoraLinear(access.in_features, access.out_features, r, alpha, cfg.dropout, cfg.use_rslora,
                          init, device=access.device)
-    if cfg.init in WEIGHT_INITS:  # PiSSA, OLoRA, LoftQ: computed from the base weight (lora_init.py)
-        WEIGHT_INITS[cfg.init](adapter, access, module_name)
+    if cfg.init in WEIGHT_INITS:  # PiSSA, OLoRA, LoftQ, CorDA: computed from the base weight
+        WEIGHT_INITS[cfg.init](adapter, access, module_name, cfg)
     return adapter
 
 
@@ -253,8 +259,11 @@ LORA = register(
                           changes_base=True),
             "loftq": Init(True, "LoftQ: s B A = SVD_r(W - Q(W)) on a quantized base (needs a quant section)",
                           reads_full_precision=True),
+            "corda": Init("corda", "CorDA: B, A from the SVD of W times its inputs' covariance on calibration "
+                          "rows; trains on the residual", changes_base=True, reads_inputs=True,
+                          options=tuple(CORDA_OPTIONS)),
         },
-        options=LORAPLUS_OPTIONS,
+        options={**LORAPLUS_OPTIONS, **CORDA_OPTIONS},
         optimizer=loraplus_groups,
         validate=validate_loraplus,
         doc="LoRA, low-rank adaptation (Hu et al. 2021)",

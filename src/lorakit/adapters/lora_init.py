@@ -30,7 +30,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from lorakit.config import ConfigError
+from lorakit.config import AdapterConfig, ConfigError
 from lorakit.weights import WeightAccess
 
 INIT_A, INIT_B = "lora_A_init", "lora_B_init"
@@ -53,7 +53,7 @@ def initial_factors(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | N
     return (a0, b0) if a0 is not None and b0 is not None else None
 
 
-def _dense_linear(access: WeightAccess, module_name: str, init: str, r: int) -> torch.Tensor:
+def dense_linear(access: WeightAccess, module_name: str, init: str, r: int) -> torch.Tensor:
     """The base weight (out, in) in fp32, for an init computed from it."""
     if access.kind != "linear" or access.quantized:
         raise ConfigError(
@@ -69,9 +69,9 @@ def _dense_linear(access: WeightAccess, module_name: str, init: str, r: int) -> 
 
 
 @torch.no_grad()
-def pissa_init(adapter: nn.Module, access: WeightAccess, module_name: str) -> None:
+def pissa_init(adapter: nn.Module, access: WeightAccess, module_name: str, cfg: AdapterConfig | None = None) -> None:
     """PiSSA: A = sqrt(S_r) V_r^T / sqrt(s), B = U_r sqrt(S_r) / sqrt(s); the adapter subtracts s B0 A0."""
-    w = _dense_linear(access, module_name, "pissa", adapter.r)
+    w = dense_linear(access, module_name, "pissa", adapter.r)
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     r, root_scale = adapter.r, math.sqrt(adapter.scaling)
     sqrt_s = s[:r].sqrt()
@@ -81,9 +81,9 @@ def pissa_init(adapter: nn.Module, access: WeightAccess, module_name: str) -> No
 
 
 @torch.no_grad()
-def olora_init(adapter: nn.Module, access: WeightAccess, module_name: str) -> None:
+def olora_init(adapter: nn.Module, access: WeightAccess, module_name: str, cfg: AdapterConfig | None = None) -> None:
     """OLoRA: W = Q R; B = Q[:, :r], A = R[:r] (PEFT's ``olora_init``); the adapter subtracts s B0 A0."""
-    w = _dense_linear(access, module_name, "olora", adapter.r)
+    w = dense_linear(access, module_name, "olora", adapter.r)
     q, rr = torch.linalg.qr(w)
     adapter.lora_A.weight.copy_(rr[: adapter.r])
     adapter.lora_B.weight.copy_(q[:, : adapter.r])
@@ -123,7 +123,7 @@ def loftq_factors(
 
 
 @torch.no_grad()
-def loftq_init(adapter: nn.Module, access: WeightAccess, module_name: str) -> None:
+def loftq_init(adapter: nn.Module, access: WeightAccess, module_name: str, cfg: AdapterConfig | None = None) -> None:
     """LoftQ (one step): s B A = SVD_r(W - Q) on a quantized base Q; the base is left as it is. A layer
     that is not quantized has no quantization error: it keeps the default init (B = 0)."""
     if access.kind != "linear" or not access.quantized:
@@ -148,5 +148,6 @@ def loftq_init(adapter: nn.Module, access: WeightAccess, module_name: str) -> No
     adapter.lora_B.weight.copy_(b)
 
 
-# init name -> the function that carries it out on a LoraLinear (after its default init)
+# init name -> the function that carries it out on a LoraLinear (after its default init); CorDA's
+# (lorakit.adapters.corda) joins them in lorakit.adapters.lora
 WEIGHT_INITS = {"pissa": pissa_init, "olora": olora_init, "loftq": loftq_init}

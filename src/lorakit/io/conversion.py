@@ -36,7 +36,9 @@ def needs_conversion(cfg: AdapterConfig) -> bool:
 def converted_config(cfg: AdapterConfig) -> AdapterConfig:
     """The config of the rank-2r LoRA: r, alpha and the patterns scaled so every layer's scale is kept."""
     f = math.sqrt(2.0) if cfg.use_rslora else 2.0
+    init_only = methods.init_entry(cfg).options  # options of the init, which the plain LoRA does not have
     return cfg.replace(
+        method_options={k: v for k, v in cfg.method_options.items() if k not in init_only},
         r=2 * cfg.r,
         alpha=cfg.alpha * f,
         rank_pattern={k: 2 * v for k, v in cfg.rank_pattern.items()},

@@ -146,6 +146,11 @@ def _peft_inits() -> dict[bool | str, str]:
     return {i.peft_value: name for m in methods.entries() for name, i in m.inits.items()}
 
 
+def _calibrated_inits() -> set[bool | str]:
+    """init_lora_weights values of inits computed from calibration inputs (``Init.reads_inputs``: CorDA)."""
+    return {i.peft_value for m in methods.entries() for i in m.inits.values() if i.reads_inputs}
+
+
 def _init_from_peft(value: Any) -> str:
     if value is None or isinstance(value, bool):
         return "default"
@@ -158,6 +163,12 @@ def _init_from_peft(value: Any) -> str:
             stacklevel=3,
         )
         return known["pissa"]
+    if isinstance(value, str) and value in _calibrated_inits():
+        raise ConfigError(
+            f"init_lora_weights={value!r}: the file was saved unconverted, so it is only right on PEFT's residual "
+            "model (W minus the init's part, computed from calibration rows the file does not hold); save it "
+            "with PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) or from lorakit"
+        )
     if isinstance(value, str) and value in known:
         return known[value]
     names = [repr(v) for v in [*(k for k in known if isinstance(k, str)), *_LOADS_AS_DEFAULT]]

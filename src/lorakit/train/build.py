@@ -9,23 +9,32 @@ under autocast every frozen fp32 weight would otherwise be cast to bf16 at every
 CPU LoRA step's time, benchmarks/bench_mfu.py), and the base takes half the memory. Trainable tensors (adapters,
 heads in modules_to_save) always stay fp32 masters.
 
+The optimizer (``make_optimizer``) is AdamW with PyTorch's fused kernel on CPU and CUDA (one pass over all
+tensors instead of a Python loop per tensor: a full fine-tune of MiniLM's 23M parameters steps 4x faster on CPU;
+same update to float rounding, 3e-8 after 11 steps), PyTorch's default implementation under FSDP (its sharded
+DTensor parameters) and anywhere the fused kernel refuses the parameters.
+
 ``training.compile: true`` compiles the model with ``torch.compile`` (opt-in; see ``maybe_compile``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from lorakit import methods
+from lorakit.adapters.corda import calibration, collect_covariances
 from lorakit.adapters.lora_init import dense_weights, full_precision
 from lorakit.config import ConfigError
 from lorakit.state import active_adapter, adapter_configs
 from lorakit.surgery.inject import inject
+from lorakit.surgery.targets import find_targets
 from lorakit.train.config import RunConfig
 from lorakit.train.data import DataError, RawData, read_records, split_validation
 from lorakit.train.precision import Precision, resolve_precision  # noqa: F401 (re-export)
@@ -87,11 +96,14 @@ def build_run_model(
     precision: Precision,
     device: torch.device,
     build_on: torch.device | None = None,
+    calibrate: Callable[[torch.nn.Module], None] | None = None,
 ) -> torch.nn.Module:
     """Base model (+ quantization) + adapter, trainable tensors in fp32, gradient checkpointing on request.
 
     ``device`` is where the run computes (it decides the dtype); ``build_on`` where the model is left
-    (default: ``device``; the CPU under FSDP, which moves each block to the device as it shards it)."""
+    (default: ``device``; the CPU under FSDP, which moves each block to the device as it shards it).
+    ``calibrate(model)`` runs calibration rows through the base, for an init computed from the layers'
+    inputs (CorDA; :func:`calibration_run`)."""
     from lorakit.models import build_model
 
     task = "classification" if cfg.data.task == "classification" else "causal-lm"
@@ -125,9 +137,11 @@ def build_run_model(
             names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
             heads = [h for h in CLASSIFIER_HEADS if h in names]
             acfg = acfg.replace(modules_to_save=tuple(heads))  # a fresh head must train (PEFT's SEQ_CLS does too)
-        with full_precision(dense):
+        covariances = _covariances(model, acfg, calibrate)
+        with full_precision(dense), calibration(covariances):
             inject(model, acfg)
         dense.clear()
+        covariances.clear()
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
@@ -172,6 +186,39 @@ def maybe_compile(model: torch.nn.Module, device: torch.device) -> bool:
     return True
 
 
+def _covariances(
+    model: torch.nn.Module, acfg: Any, calibrate: Callable[[torch.nn.Module], None] | None
+) -> dict[str, torch.Tensor]:
+    """The target layers' input covariances when the adapter's init reads them (CorDA), else nothing."""
+    if not methods.init_entry(acfg).reads_inputs:
+        return {}
+    if calibrate is None:
+        raise ConfigError(f"adapter.init={acfg.init!r} needs calibration rows; build_run_model got no calibrate")
+    return collect_covariances(model, find_targets(model, acfg), lambda: calibrate(model))
+
+
+def calibration_run(
+    acfg: Any, examples: Sequence[dict[str, Any]], collate: Callable[[list], dict[str, torch.Tensor]],
+    device: torch.device, autocast: Callable[[], Any],
+) -> Callable[[torch.nn.Module], None] | None:
+    """``calibrate`` for :func:`build_run_model` when the adapter's init reads the layers' inputs (CorDA),
+    else None: the first ``method_options.corda_rows`` training examples, one at a time (PEFT's CorDA
+    statistics are per row), through the model without gradients, under the run's autocast."""
+    if acfg is None or not methods.init_entry(acfg).reads_inputs:
+        return None
+    rows = int(acfg.option("corda_rows"))
+
+    @torch.no_grad()
+    def run(model: torch.nn.Module) -> None:
+        where = next(model.parameters()).device  # the CPU while FSDP builds, else the run's device
+        for ex in examples[:rows]:
+            batch = {k: v.to(where) for k, v in collate([ex]).items() if k != "labels"}
+            with autocast() if where.type == device.type else contextlib.nullcontext():
+                model(**batch)
+
+    return run
+
+
 def optimizer_groups(
     model: torch.nn.Module, weight_decay: float, lr: float | None = None
 ) -> list[dict[str, Any]]:
@@ -200,3 +247,23 @@ def optimizer_groups(
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def make_optimizer(
+    groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], eps: float, sharded: bool = False
+) -> tuple[torch.optim.AdamW, str]:
+    """AdamW over ``groups`` (``optimizer_groups``) and which implementation runs it ("fused" or "default").
+
+    Fused where every trainable tensor is a plain floating tensor on CPU or CUDA (``sharded``: FSDP's DTensors
+    keep the default). The choice changes float rounding only, never the update rule, so a run resumes
+    with the implementation it would pick again."""
+    params = [p for g in groups for p in g["params"]]
+    fusable = not sharded and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params
+    )
+    if fusable:
+        try:
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True), "fused"
+        except (RuntimeError, ValueError):  # a build or device without the kernel: the default, same update
+            pass
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps), "default"

@@ -327,6 +327,11 @@ class RunConfig:
                 f"adapter.init={self.adapter.init!r} fits the adapter to the quantization error of the base; "
                 "add a quant section (e.g. quant: {dtype: nf4})"
             )
+        if self.adapter is not None and self.quant is not None and methods.init_entry(self.adapter).reads_inputs:
+            raise ConfigError(
+                f"adapter.init={self.adapter.init!r} decomposes the dense base weights; it cannot start from a "
+                "quantized base: drop the quant section"
+            )
         if d.batching == "pack" and d.task != "sft":
             raise ConfigError("data.batching='pack' is for causal-LM SFT; use 'group' for classification")
 

@@ -39,7 +39,7 @@ import torch
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed as dd
 from lorakit.train import fsdp, host_memory, rundir
-from lorakit.train.build import build_run_model, load_data, optimizer_groups
+from lorakit.train.build import build_run_model, calibration_run, load_data, make_optimizer, optimizer_groups
 from lorakit.train.callbacks import Callback, TrainState
 from lorakit.train.collate import BatchPlan, Collator
 from lorakit.train.config import RunConfig, load_run_config
@@ -141,8 +141,10 @@ class _Run:
         self.num_labels = len(self.train_ds.label_names or [])
         if self.mode == "fsdp":
             fsdp.check_rows(len(self.train_ds), d, cfg.data.train)
+        calibrate = calibration_run(cfg.adapter, self.train_ds.examples, Collator(pad_id(tok), "group", None, self.task),
+                                    d.device, self.precision.autocast(d.device))
         self.model = build_run_model(cfg, max(self.num_labels, 2), pad_id(tok), self.precision, d.device,
-                                     build_on=fsdp.build_device(self.mode, d))
+                                     build_on=fsdp.build_device(self.mode, d), calibrate=calibrate)
         self.report = efficiency_report(self.model)
         self.replicated: list[torch.nn.Parameter] = []  # trainable tensors FSDP leaves whole (AdaLoRA)
         self.rank_mem: dict[str, int] | None = None  # FSDP: fsdp.rank_memory after the first step
@@ -157,8 +159,8 @@ class _Run:
             cfg.adapter.method if cfg.adapter else None, self.report.base_params, cfg.quant is not None
         )
         lr = self.lr_auto.lr if self.lr_auto else t.lr
-        self.opt = torch.optim.AdamW(
-            optimizer_groups(self.model, t.weight_decay, lr), lr=lr, betas=t.betas, eps=t.eps
+        self.opt, self.optimizer_impl = make_optimizer(
+            optimizer_groups(self.model, t.weight_decay, lr), lr, t.betas, t.eps, sharded=self.mode == "fsdp"
         )
         self.global_batch = t.batch_size * t.grad_accumulation * d.world_size
         self._build_batches(pad_id(tok))
@@ -328,6 +330,7 @@ class _Run:
             "global_batch": self.global_batch,
             "precision": self.precision.name,
             "precision_why": self.precision.why,
+            "optimizer": f"adamw ({self.optimizer_impl})",
             "device": str(d.device),
         }
         summary = run_summary(
