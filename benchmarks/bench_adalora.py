@@ -4,6 +4,8 @@ AdaLoRA's rank budget went.
     python benchmarks/bench_adalora.py --rows 1024 --lr 3e-3   # 64 steps each; ~25 min on 2 busy CPU cores
     python benchmarks/bench_adalora.py --rows 512 --out /tmp/ada   # quicker
     python benchmarks/bench_adalora.py --seeds 0,1,2 --adalora-lr 1e-2 --threads 1   # results/adalora.md
+    python benchmarks/bench_adalora.py --methods adalora --seeds 0,1,2 --adalora-lr 1e-2 --threads 1 \
+        --adalora-init orthogonal --tinit 0.2 --tfinal 0.3          # adalora.md round 2's pick
 
 Setup (issue 6): builtin ``minilm`` (pretrained all-MiniLM-L6-v2, 6 layers) with a fresh 2-class head
 (trained in full, as PEFT's SEQ_CLS does), SST-2 (``/work/shared/datasets/sst2``): ``--rows`` seeded random
@@ -14,6 +16,8 @@ the encoder (``all-linear``). Scaling per rank is equal: LoRA alpha 16 / r 8 = 2
 delta_t 1% of the steps), orthogonal regulariser 0.5 (paper's squared form), beta1 = beta2 = 0.85.
 Final budget: target_r 8 on every matrix, LoRA r 8's rank. AdaLoRA needs about 10x LoRA's rate in a run
 this short (its singular values start at 0; ``lorakit.train.lr_rule``): pass ``--adalora-lr 1e-2``.
+``--adalora-init``, ``--lambda-lr-ratio``, ``--tinit``, ``--tfinal``, ``--orth-reg-weight``, ``--init-r`` /
+``--target-r`` (alpha = 2 init_r) change one AdaLoRA setting each; LoRA's side never changes.
 
 Figures: accuracy and mean cross-entropy on the dev set after training (lorakit.train.evaluate),
 mean training loss of the last 10 steps (metrics.jsonl; for AdaLoRA it includes the orthogonal penalty, as
@@ -38,16 +42,21 @@ DATA = os.environ.get("LORAKIT_DATASETS", "/work/shared/datasets")
 
 def run_config(
     method: str, rows: int, out: str, seed: int, lr: float = 1e-3, orth_form: str = "squared",
-    orth_reg_weight: float = 0.5,
+    orth_reg_weight: float = 0.5, init: str | None = None, lambda_lr_ratio: float | None = None,
+    tinit: float | None = None, tfinal: float | None = None, init_r: int = 12, target_r: int = 8,
 ) -> dict:
     adapter = {"method": method, "dropout": 0.0, "target_modules": "all-linear"}
     if method == "lora":
         adapter.update(r=8, alpha=16.0)
-    else:  # the schedule is AdapterConfig's default: tinit 10%, tfinal 40%, delta_t 1% of the steps
-        adapter.update(
-            init_r=12, target_r=8, alpha=24.0, orth_reg_weight=orth_reg_weight,
-            method_options={"orth_form": orth_form},
+    else:  # unset fields (init, λ rate, schedule) are AdapterConfig's defaults
+        options = {"orth_form": orth_form}
+        if lambda_lr_ratio is not None:
+            options["lambda_lr_ratio"] = lambda_lr_ratio
+        adapter.update(  # alpha / init_r = 2, LoRA's alpha / r
+            init_r=init_r, target_r=target_r, alpha=2.0 * init_r, orth_reg_weight=orth_reg_weight,
+            method_options=options,
         )
+        adapter.update({k: v for k, v in (("init", init), ("tinit", tinit), ("tfinal", tfinal)) if v is not None})
     return {
         "model": {"name": "minilm"},
         "data": {
@@ -92,7 +101,10 @@ def run_seed(args, seed: int, out: str) -> tuple[dict, object]:
         grab = Grab()
         lr = args.lr if method == "lora" else (args.adalora_lr or args.lr)
         cfg = RunConfig.from_dict(
-            run_config(method, args.rows, out, seed, lr, args.orth_form, args.orth_reg_weight)
+            run_config(
+                method, args.rows, out, seed, lr, args.orth_form, args.orth_reg_weight, args.adalora_init,
+                args.lambda_lr_ratio, args.tinit, args.tfinal, args.init_r, args.target_r,
+            )
         )
         res = train(cfg, overwrite=True, callbacks=[grab])
         model = grab.model
@@ -128,7 +140,10 @@ def summary_md(args, per_seed: dict[int, dict]) -> str:
     methods = list(next(iter(per_seed.values())))
     lines = [
         f"rows {args.rows}, seeds {args.seeds}, lr lora {args.lr:g} / adalora {args.adalora_lr or args.lr:g}, "
-        f"orth {args.orth_form} x {args.orth_reg_weight:g}, torch threads {args.threads}",
+        f"orth {args.orth_form} x {args.orth_reg_weight:g}, init {args.adalora_init or 'default'}, "
+        f"lambda lr ratio {args.lambda_lr_ratio if args.lambda_lr_ratio is not None else 'default'}, "
+        f"tinit {args.tinit if args.tinit is not None else 'default'}, "
+        f"tfinal {args.tfinal if args.tfinal is not None else 'default'}, torch threads {args.threads}",
         "",
         "| method | steps | dev accuracy per seed | mean | gap to LoRA (points) | singular values kept | wall s per seed |",
         "|---|---|---|---|---|---|---|",
@@ -159,6 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="lora,adalora", help="which of lora,adalora to run (for two processes)")
     p.add_argument("--orth-form", default="squared", choices=("squared", "peft"))
     p.add_argument("--orth-reg-weight", type=float, default=0.5)
+    p.add_argument("--adalora-init", default=None, choices=("default", "gaussian", "orthogonal"),
+                   help="AdaLoRA's init of P, Q (default: AdapterConfig's)")
+    p.add_argument("--lambda-lr-ratio", type=float, default=None,
+                   help="AdaLoRA's lambda rate / --adalora-lr (default: AdapterConfig's)")
+    p.add_argument("--tinit", type=float, default=None, help="AdaLoRA tinit (fraction; default: AdapterConfig's)")
+    p.add_argument("--tfinal", type=float, default=None, help="AdaLoRA tfinal (fraction; default: AdapterConfig's)")
+    p.add_argument("--init-r", type=int, default=12, help="AdaLoRA init_r (alpha = 2 init_r)")
+    p.add_argument("--target-r", type=int, default=8, help="AdaLoRA target_r (8 = LoRA r 8's budget)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--out", default="/tmp/lorakit_bench_adalora")
     args = p.parse_args(argv)

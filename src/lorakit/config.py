@@ -159,13 +159,16 @@ class AdapterConfig:
             "default" (A Kaiming-uniform a=sqrt(5), B = 0), "gaussian" (A ~ N(0, 1/r), B = 0),
             "pissa" (principal singular vectors of W; trains on the residual, W itself unchanged), "olora"
             (QR of W, likewise) or "loftq" (s B A fits a quantized base's error W - Q(W));
-            ``lorakit.adapters.lora_init``.
+            ``lorakit.adapters.lora_init``. AdaLoRA's: "default" = "gaussian" (P, Q ~ N(0, 0.02), PEFT's)
+            or "orthogonal" (P, Q orthonormal); λ = 0 under both (``lorakit.adapters.adalora_setup``).
         bias: only "none" (biases stay frozen).
         init_r, target_r, tinit, tfinal, delta_t, beta1, beta2, orth_reg_weight, total_step: AdaLoRA
             (see ``lorakit.adapters.adalora``; top-level fields from before the registry). ``tinit``,
             ``tfinal``, ``delta_t``: an integer is a step count, a float in (0, 1) a fraction of the total
             steps (resolved once the trainer knows them); defaults 0.1 / 0.4 / 0.01 (warm up 10%, prune,
-            fine-tune the last 40% at the final ranks, mask every 1%: see ``adalora_budget``).
+            fine-tune the last 40% at the final ranks, mask every 1%: see ``adalora_budget``). AdaLoRA's
+            ``method_options``: ``orth_form`` ("squared" | "peft") and ``lambda_lr_ratio`` (λ's rate /
+            ``training.lr``, default 1).
         method_options: the method's own fields (name -> value), as its registry entry declares them
             (``Option``); unknown names and bad values are errors. Read them with :meth:`option`.
     """

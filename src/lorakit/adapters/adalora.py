@@ -2,7 +2,8 @@
 https://arxiv.org/abs/2303.10512).
 
 Each adapted matrix gets ΔW = P diag(λ) Q with P (out, r), λ (r,), Q (r, in), r = init_r; λ = 0 at init so
-training starts at the base, P and Q ~ N(0, 0.02). The layer computes (PEFT's SVDLinear)
+training starts at the base; P and Q as ``AdapterConfig.init`` says (PEFT's N(0, 0.02) or orthonormal:
+``adalora_setup``). The layer computes (PEFT's SVDLinear)
 
     h = W0 x + (alpha / (ranknum + 1e-5)) * P (λ ⊙ (Q x))
 
@@ -32,6 +33,7 @@ from torch import nn
 
 from lorakit.adapters.adalora_budget import BudgetSchedule, RankAllocator, resolve_schedule
 from lorakit.adapters.adalora_peft import ADALORA_PEFT
+from lorakit.adapters.adalora_setup import ADALORA_INITS, ADALORA_LR_OPTIONS, adalora_groups, reset_adalora
 from lorakit.adapters.base import adapter_input
 from lorakit.callbacks import Callback, TrainState
 from lorakit.config import AdapterConfig, ConfigError
@@ -50,6 +52,7 @@ class AdaLoraLinear(nn.Module):
         in_features, out_features: k and d of the base weight W0 (d, k).
         init_r: ranks at the start (and ``ranknum`` of the scaling). alpha: scaling numerator.
         dropout: dropout on the adapter input. dtype, device: of the adapter parameters (fp32 default).
+        init: how P and Q start ("default", "gaussian", "orthogonal": ``adalora_setup``); λ = 0.
 
     Attributes:
         rank_mask: bool (init_r,), the singular values still kept (all True until the first pruning).
@@ -65,6 +68,7 @@ class AdaLoraLinear(nn.Module):
         dropout: float = 0.0,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        init: str = "default",
     ) -> None:
         super().__init__()
         self.init_r, self.alpha = init_r, alpha
@@ -74,8 +78,7 @@ class AdaLoraLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(init_r, in_features, dtype=dtype, device=device))  # Q (r, k)
         self.lora_E = nn.Parameter(torch.zeros(init_r, 1, dtype=dtype, device=device))  # λ (r, 1)
         self.lora_B = nn.Parameter(torch.empty(out_features, init_r, dtype=dtype, device=device))  # P (d, r)
-        nn.init.normal_(self.lora_A, std=0.02)
-        nn.init.normal_(self.lora_B, std=0.02)
+        reset_adalora(self.lora_A, self.lora_E, self.lora_B, init)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.register_buffer(
             "rank_mask", torch.ones(init_r, dtype=torch.bool, device=device), persistent=False
@@ -194,7 +197,8 @@ def _build_adalora(access: WeightAccess, cfg: AdapterConfig, module_name: str) -
                 f"with the same alpha and the budget decides the ranks"
             )
     return AdaLoraLinear(
-        access.in_features, access.out_features, cfg.init_r, cfg.alpha, cfg.dropout, device=access.device
+        access.in_features, access.out_features, cfg.init_r, cfg.alpha, cfg.dropout, device=access.device,
+        init=cfg.init,
     )
 
 
@@ -478,7 +482,12 @@ ADALORA = register(
         peft=ADALORA_PEFT,
         validate=_validate,
         callbacks=adalora_callbacks,
-        options={"orth_form": Option("squared", _check_orth_form, "'squared' (paper's R, mean) or 'peft'")},
+        options={
+            "orth_form": Option("squared", _check_orth_form, "'squared' (paper's R, mean) or 'peft'"),
+            **ADALORA_LR_OPTIONS,
+        },
+        inits=ADALORA_INITS,
+        optimizer=adalora_groups,
         doc="AdaLoRA, adaptive budget allocation (Zhang et al. 2023)",
     )
 )

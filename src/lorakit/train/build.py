@@ -225,7 +225,8 @@ def optimizer_groups(
     """Trainable parameters in a fixed order: matrices with weight decay, biases / norms / vectors without.
 
     When the active adapter's method has optimizer settings that its config turns on (its registry
-    entry's ``optimizer``: LoRA+ with ``method_options.loraplus_lr_ratio``), those groups, with their
+    entry's ``optimizer``: LoRA+ with ``method_options.loraplus_lr_ratio``, AdaLoRA with
+    ``method_options.lambda_lr_ratio``), those groups, with their
     own learning rates from ``lr``, are used instead."""
     name = active_adapter(model)
     cfg = adapter_configs(model).get(name) if name is not None else None
@@ -233,7 +234,7 @@ def optimizer_groups(
     if special is not None:
         groups = special(model, cfg, 1.0 if lr is None else lr, weight_decay)
         if groups is not None and lr is None:
-            raise ConfigError(f"adapter {name!r} has its own optimizer groups (LoRA+): pass lr to optimizer_groups")
+            raise ConfigError(f"adapter {name!r} has its own optimizer groups (LoRA+, AdaLoRA's λ rate): pass lr to optimizer_groups")
         if groups is not None:
             return groups
     decay, no_decay = [], []

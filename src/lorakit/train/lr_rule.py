@@ -27,7 +27,9 @@ so at one rate LoRA's update grows about sqrt(d) times faster. The paper's GLUE 
 thousands of steps) and get there anyway; a run of a few hundred steps does not. Measured on MiniLM +
 SST-2 (``benchmarks/bench_adalora.py``, 128 steps, init_r 12 -> target_r 8, seed 0): AdaLoRA 0.509 dev
 accuracy at 1e-3 (chance), 0.611 at 3e-3, 0.807 at 1e-2, against LoRA r 8's 0.806 at 1e-3 and 0.796 at
-3e-3 (benchmarks/results/adalora.md has the seeds).
+3e-3 (benchmarks/results/adalora.md has the seeds). The 10x goes to every trainable tensor: giving it to
+λ alone (``method_options.lambda_lr_ratio: 10`` at 1e-3) measured lower (0.783, 3 seeds; 0.790-0.794 with
+1e-2 for every tensor: adalora.md, round 2).
 
 This is a starting point, not a tuned value: an explicit ``training.lr`` always wins, and the summary
 records the rate chosen and this rule (``lr_auto`` in summary.json).
