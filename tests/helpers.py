@@ -111,3 +111,30 @@ def write_products(path) -> None:
     rows = [{"prompt": f"{a}*{b}=", "completion": str(a * b)} for a, b in
             ((rng.randint(0, 20), rng.randint(0, 20)) for _ in range(40))]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def trained_group_rates(tmp_path, adapter: dict) -> list[list[float]]:
+    """One trainer step (tiny-llama, lr 1e-3) with ``adapter``; the sorted initial lr of every optimizer
+    group, seen at each step's end: what the trainer really built from the method's groups."""
+    from lorakit.train.callbacks import Callback
+    from lorakit.train.config import RunConfig
+    from lorakit.train.trainer import train
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\n" for i in range(8)))
+    seen: list[list[float]] = []
+
+    class Groups(Callback):
+        def on_step_end(self, state) -> None:
+            seen.append(sorted(g["initial_lr"] for g in state.optimizer.param_groups))
+
+    cfg = RunConfig.from_dict({
+        "model": {"name": "tiny-llama"},
+        "data": {"train": str(data)},
+        "adapter": adapter,
+        "training": dict(max_steps=1, batch_size=4, grad_accumulation=1, lr=1e-3, warmup_steps=0, num_workers=0,
+                         gradient_checkpointing=False, eval_at_start=False),
+        "output": {"dir": str(tmp_path / "out"), "progress": False, "plot": False, "save_every": 0},
+    })
+    train(cfg, callbacks=[Groups()])
+    return seen

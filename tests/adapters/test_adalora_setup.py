@@ -2,13 +2,13 @@
 (``method_options.lambda_lr_ratio``): the bases are what each init says, the model starts at its base, and
 Adam's first step moves λ by lr x ratio and P, Q by lr, in a bare loop and through the trainer."""
 
-import json
 
 import pytest
 import torch
 
 import lorakit as lk
 from adapters.adalora_helpers import TARGETS, adalora_model, token_batch
+from helpers import trained_group_rates
 from lorakit.adapters.adalora import AdaLoraController, AdaLoraLinear, adalora_layers
 from lorakit.adapters.adalora_setup import DEFAULT_INIT, DEFAULT_LAMBDA_LR_RATIO
 from lorakit.config import ConfigError
@@ -95,26 +95,6 @@ def test_options_and_inits_are_checked():
 
 
 def test_the_trainer_uses_the_lambda_rate(tmp_path):
-    from lorakit.train.callbacks import Callback
-    from lorakit.train.config import RunConfig
-    from lorakit.train.trainer import train
-
-    data = tmp_path / "sft.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\n" for i in range(8)))
-    seen = []
-
-    class Groups(Callback):
-        def on_step_end(self, state) -> None:
-            seen.append(sorted(g["initial_lr"] for g in state.optimizer.param_groups))
-
-    cfg = RunConfig.from_dict({
-        "model": {"name": "tiny-llama"},
-        "data": {"train": str(data)},
-        "adapter": {"method": "adalora", "init_r": 4, "target_r": 2, "target_modules": TARGETS,
-                    "method_options": {"lambda_lr_ratio": 8}},
-        "training": dict(max_steps=1, batch_size=4, grad_accumulation=1, lr=1e-3, warmup_steps=0, num_workers=0,
-                         gradient_checkpointing=False, eval_at_start=False),
-        "output": {"dir": str(tmp_path / "out"), "progress": False, "plot": False, "save_every": 0},
-    })
-    train(cfg, callbacks=[Groups()])
-    assert seen == [[1e-3, 8e-3]]
+    adapter = {"method": "adalora", "init_r": 4, "target_r": 2, "target_modules": TARGETS,
+               "method_options": {"lambda_lr_ratio": 8}}
+    assert trained_group_rates(tmp_path, adapter) == [[1e-3, 8e-3]]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from helpers import logits_of
+from helpers import logits_of, trained_group_rates
 from lorakit.config import ConfigError
 from lorakit.io import adapter_state, save_adapter
 from lorakit.train.build import optimizer_groups
@@ -115,27 +115,5 @@ def test_off_by_default_and_bad_options_are_one_line_errors():
 
 
 def test_the_trainer_uses_the_loraplus_groups(tmp_path):
-    import json
-
-    from lorakit.train.callbacks import Callback
-    from lorakit.train.config import RunConfig
-    from lorakit.train.trainer import train
-
-    data = tmp_path / "sft.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\n" for i in range(8)))
-    seen = []
-
-    class Groups(Callback):
-        def on_step_end(self, state) -> None:
-            seen.append(sorted(g["initial_lr"] for g in state.optimizer.param_groups))
-
-    cfg = RunConfig.from_dict({
-        "model": {"name": "tiny-llama"},
-        "data": {"train": str(data)},
-        "adapter": {"r": 4, "target_modules": ["q_proj"], "method_options": {"loraplus_lr_ratio": 8}},
-        "training": dict(max_steps=1, batch_size=4, grad_accumulation=1, lr=1e-3, warmup_steps=0, num_workers=0,
-                         gradient_checkpointing=False, eval_at_start=False),
-        "output": {"dir": str(tmp_path / "out"), "progress": False, "plot": False, "save_every": 0},
-    })
-    train(cfg, callbacks=[Groups()])
-    assert seen == [[1e-3, 8e-3]]
+    adapter = {"r": 4, "target_modules": ["q_proj"], "method_options": {"loraplus_lr_ratio": 8}}
+    assert trained_group_rates(tmp_path, adapter) == [[1e-3, 8e-3]]
