@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lorakit.adapters.base import named_param_groups
 from lorakit.config import ConfigError
 from lorakit.methods import Init, Option
 from lorakit.validation import check_number
@@ -93,11 +94,4 @@ def adalora_groups(
         else:
             groups["decay" if p.ndim >= 2 else "no_decay"].append(p)
     settings = {"decay": (lr, weight_decay), "no_decay": (lr, 0.0), "lambda": (lr * ratio, weight_decay)}
-    out = [
-        {"params": ps, "lr": settings[k][0], "weight_decay": settings[k][1], "name": f"adalora_{k}"}
-        for k, ps in groups.items()
-        if ps
-    ]
-    if not out:
-        raise ConfigError("the adapter config left no trainable parameters (check target_modules)")
-    return out
+    return named_param_groups("adalora", groups, settings)

@@ -11,11 +11,12 @@ method's file registers its entry. The decorators here are the older way to add 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from lorakit import methods
+from lorakit.config import ConfigError
 from lorakit.methods import Builder, CallbackFactory
 from lorakit.state import active_adapter, adapter_configs
 from lorakit.weights import WeightAccess
@@ -123,3 +124,18 @@ def copy_peft_state(owner: str, own: dict[str, torch.Tensor], state: dict[str, t
     for key, t in own.items():
         t.copy_(state[key].to(t.dtype))
 
+
+def named_param_groups(
+    prefix: str, groups: dict[str, list], settings: dict[str, tuple[float, float]]
+) -> list[dict[str, Any]]:
+    """Optimizer groups from ``groups`` (key -> parameters) with ``settings[key] = (lr, weight_decay)``,
+    in ``groups``' order, empty ones left out, each named ``prefix_key``; a method's optimizer setting
+    (LoRA+, AdaLoRA's λ rate) builds its groups with it. No parameter at all is a ConfigError."""
+    out = [
+        {"params": ps, "lr": settings[k][0], "weight_decay": settings[k][1], "name": f"{prefix}_{k}"}
+        for k, ps in groups.items()
+        if ps
+    ]
+    if not out:
+        raise ConfigError("the adapter config left no trainable parameters (check target_modules)")
+    return out

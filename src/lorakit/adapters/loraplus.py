@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from lorakit.adapters.base import named_param_groups
 from lorakit.config import ConfigError
 from lorakit.methods import Option
 from lorakit.validation import check_number
@@ -84,11 +85,4 @@ def loraplus_groups(
         "B": (lr * ratio, weight_decay),
         "B_no_decay": (lr * ratio, 0.0),
     }
-    out = [
-        {"params": ps, "lr": settings[k][0], "weight_decay": settings[k][1], "name": f"loraplus_{k}"}
-        for k, ps in groups.items()
-        if ps
-    ]
-    if not out:
-        raise ConfigError("the adapter config left no trainable parameters (check target_modules)")
-    return out
+    return named_param_groups("loraplus", groups, settings)
