@@ -21,7 +21,8 @@ Variants (all lorakit LoRA r 8 on q_proj / v_proj, AdamW, same seeded model and 
 - ``bf16_autocast``: fp32 base under ``torch.autocast("cpu", bf16)`` (every frozen weight is cast at every matmul);
 - ``bf16_base``: frozen base stored in bf16 under the same autocast, adapters fp32 (what ``model.dtype: auto``
   picks when the precision is bf16);
-- ``bf16_base_compile``: ``bf16_base`` + ``torch.compile`` of the model (compile time reported apart).
+- ``bf16_base_compile``: ``bf16_base`` + what ``training.compile: true`` does (``maybe_compile``: each decoder
+  block compiled in place, static shapes as for packed rows; compile time reported apart).
 """
 
 from __future__ import annotations
@@ -114,7 +115,9 @@ def measure(variant: str, model_name: str, batch: int, seq: int, warmup: int, st
     fwd = model
     compile_s = 0.0
     if variant.endswith("compile"):
-        fwd = torch.compile(model)
+        from lorakit.train.build import maybe_compile
+
+        assert maybe_compile(model, torch.device("cpu"), dynamic=False), "no compiler here"
 
     def step() -> float:
         if compute == torch.bfloat16:

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from lorakit.train.build import build_run_model, compiler_unavailable, maybe_compile
+from lorakit.train.build import build_run_model, compiled_blocks, compiler_unavailable, maybe_compile
 from lorakit.train.precision import resolve_precision
 
 CPU = torch.device("cpu")
@@ -61,14 +61,52 @@ def test_compile_where_the_compiler_is_missing_warns_and_trains_eagerly(tmp_path
     model = build_run_model(_cfg(tmp_path), 2, 256, FP32, CPU)
     with pytest.warns(UserWarning, match=r"training.compile=true: .*C\+\+ compiler.*eager"):
         assert maybe_compile(model, CPU) is False
-    assert getattr(model, "_compiled_call_impl", None) is None
+    assert compiled_blocks(model) == "off"
 
 
-def test_compile_true_compiles_the_model_in_place(tmp_path):
+def _sft_batch() -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = -100  # a prompt: completion-only loss, as the SFT encoder writes it
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_compile_true_compiles_what_the_training_step_runs(tmp_path, quant):
+    """Defect: the SFT loss calls the model's body and head, never ``model(...)``, so a compiled
+    ``model.__call__`` left every training step eager (only the logits probe was compiled, for nothing).
+    Regional compilation compiles each decoder block in place; the probe compiles nothing; the step computes
+    what the eager model computes -- on a 4-bit base too (traced, NF4 dequantizes by PyTorch ops, not
+    bitsandbytes' op, whose CPU output shape disagrees with its registered fake tensor)."""
+    from torch._dynamo.utils import counters
+
+    from lorakit.config import QuantConfig
+    from lorakit.train.loss import TaskLoss
+
     if compiler_unavailable(CPU):
         pytest.skip(compiler_unavailable(CPU))
-    model = build_run_model(_cfg(tmp_path, compile=True), 2, 256, FP32, CPU)
-    assert getattr(model, "_compiled_call_impl", None) is not None  # nn.Module.compile: same module, compiled call
+    cfg = _cfg(tmp_path, compile=True)
+    cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, dropout=0.0),
+                              quant=QuantConfig(dtype=quant) if quant else None)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = build_run_model(cfg, 2, 256, FP32, CPU)
+    eager = build_run_model(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, compile=False)),
+                            2, 256, FP32, CPU)
+    assert compiled_blocks(compiled) == "LlamaDecoderLayer x2" and compiled_blocks(eager) == "off"
+    loss_c, loss_e = TaskLoss(compiled, "sft"), TaskLoss(eager, "sft")
+    assert loss_c.path == "chunked"
+    assert counters["stats"]["unique_graphs"] == 0  # the probe ran eagerly
+    got, _ = loss_c(_sft_batch())
+    got.backward()
+    assert counters["stats"]["unique_graphs"] >= 1  # the step ran compiled code
+    want, _ = loss_e(_sft_batch())
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grads = {n: p.grad for n, p in eager.named_parameters() if p.requires_grad}
+    for n, p in compiled.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
 def _adamw_run(fused: bool | None, steps: int = 6) -> list[torch.Tensor]:

@@ -82,6 +82,7 @@ def test_round_trip_through_dict(tmp_path):
         ({"data": {"train": "x", "task": "regression"}}, "data.task='regression'"),
         ({"adapter": {"r": 0}}, "r=0 is invalid"),
         ({"data": {"train": "x", "validation": "v", "val_fraction": 0.1}}, "not both"),
+        ({"training": {"compile": True, "distributed": "fsdp"}}, "training.compile=true with distributed='fsdp'"),
     ],
 )
 def test_bad_config_is_a_one_line_error_naming_the_field(tmp_path, change, fragment):

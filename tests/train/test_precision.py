@@ -45,7 +45,7 @@ def test_the_run_says_which_precision_and_why_and_which_optimizer(tmp_path, caps
     res = train(run_config(tmp_path, max_steps=2))
     out = capsys.readouterr().out
     assert res.summary["precision_why"].startswith("auto: ") and f"precision {res.summary['precision']} (auto: " in out
-    assert res.summary["optimizer"] == "adamw (fused)"
+    assert res.summary["optimizer"] == "adamw (fused)" and res.summary["compile"] == "off"
 
 
 def test_mixed_precision_no_survives_yaml(tmp_path):

@@ -5,9 +5,9 @@ dequantization rounds level * absmax once from fp32 into the compute dtype, as b
 so the op gives the same tensor bit for bit (tests/quant/test_kernel.py) -- about 3x faster on CPU than
 the PyTorch passes in ``nf4.dequantize_blockwise``, which remain the reference and the fallback.
 
-Used when bitsandbytes is installed (it is optional: ``pip install bitsandbytes``) and the op accepts the
-tensors' device; ``LORAKIT_NF4_KERNEL=torch`` turns it off. Nothing is imported until the first 4-bit
-dequantization, and bitsandbytes' notice about its optional ``kernels`` package is kept out of the log.
+Used when bitsandbytes is installed (it is optional: ``pip install bitsandbytes``), the op accepts the
+tensors' device and the call is not traced by ``torch.compile``; ``LORAKIT_NF4_KERNEL=torch`` turns it off.
+Nothing is imported until the first 4-bit dequantization, and bitsandbytes' notice about its optional ``kernels`` package is kept out of the log.
 """
 
 from __future__ import annotations
@@ -47,6 +47,10 @@ def dequantize_4bit(
     """``numel`` values (flat, ``dtype``) from packed 4-bit ``codes`` and fp32 per-block ``absmax``, by the
     compiled op; None when there is none for these tensors (the caller then dequantizes itself)."""
     global _op
+    if torch.compiler.is_compiling():
+        # traced by torch.compile: bitsandbytes' CPU kernel returns another shape than its registered fake
+        # tensor says (inductor's size check fails), and the PyTorch passes compile into one fused loop anyway
+        return None
     if dtype not in _DTYPES or codes.device.type not in ("cpu", "cuda") or absmax.dtype != torch.float32:
         return None
     if _op is _UNSET:

@@ -250,7 +250,9 @@ def dequantize_blockwise(
     codes = codes.reshape(-1)
     scale = absmax.to(torch.float32).unsqueeze(1)  # (blocks, 1)
     block_bytes = blocksize if quant_type == "int8" else blocksize // 2
-    step = max(1, CPU_PASS_BYTES // block_bytes) if codes.device.type == "cpu" else n_blocks
+    # compiled (torch.compile), one pass: inductor fuses it without the temporaries the passes keep in cache
+    passes = codes.device.type == "cpu" and not torch.compiler.is_compiling()
+    step = max(1, CPU_PASS_BYTES // block_bytes) if passes else n_blocks
     table = None if quant_type == "int8" else _pair_table_on(quant_type, codes.device)
     for b0 in range(0, n_blocks, max(1, step)):
         b1 = min(n_blocks, b0 + step)

@@ -14,7 +14,8 @@ tensors instead of a Python loop per tensor: a full fine-tune of MiniLM's 23M pa
 same update to float rounding, 3e-8 after 11 steps), PyTorch's default implementation under FSDP (its sharded
 DTensor parameters) and anywhere the fused kernel refuses the parameters.
 
-``training.compile: true`` compiles the model with ``torch.compile`` (opt-in; see ``maybe_compile``).
+``training.compile: true`` compiles each decoder block with ``torch.compile`` (opt-in, regional; see
+``maybe_compile``); the summary's ``compile`` field says what was compiled (``compiled_blocks``).
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def build_run_model(
             )
     model = model.to(build_on or device).train()
     if cfg.training.compile:
-        maybe_compile(model, device)
+        maybe_compile(model, device, dynamic=cfg.data.batching != "pack")
     return model
 
 
@@ -174,16 +175,38 @@ def compiler_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def maybe_compile(model: torch.nn.Module, device: torch.device) -> bool:
-    """Compile ``model`` in place (``nn.Module.compile``: the module, its parameters and its state dict stay the
-    same objects, so checkpoints, evaluation and saving are unchanged). Where the compiler is unavailable, warn
-    and train eagerly. True if compiled."""
+def maybe_compile(model: torch.nn.Module, device: torch.device, dynamic: bool = True) -> bool:
+    """Compile ``model``'s repeated blocks in place (regional compilation): each decoder / encoder block is
+    ``nn.Module.compile``d, so the module tree, its parameters and its state dict stay the same objects
+    (checkpoints, evaluation and saving are unchanged), and every call of a block -- from ``model(...)`` or
+    from the trainer's loss, which runs the model's body and head itself -- runs compiled code. The blocks
+    share one code object, so one graph serves them all (compile time is one block's, not the model's).
+    ``dynamic``: compile for any sequence length at once (length-grouped batches change shape every step;
+    otherwise the second shape would recompile); False for fixed shapes (packed rows). The first block
+    compiles a graph of its own (its input, from the frozen embeddings, carries no gradient). Where the
+    compiler is unavailable or lorakit knows no blocks for the model, warn and train eagerly. True if compiled."""
+    from lorakit.models.families import decoder_blocks
+
     why = compiler_unavailable(device)
+    if why is None:
+        try:
+            blocks = decoder_blocks(model)
+        except (ValueError, KeyError) as e:
+            blocks, why = [], f"no repeated blocks to compile ({e})"
+        if not blocks and why is None:
+            why = f"{type(model).__name__} has no repeated blocks to compile"
     if why is not None:
         warnings.warn(f"training.compile=true: {why}; training without it (eager mode)", stacklevel=2)
         return False
-    model.compile()
+    for block in blocks:
+        block.compile(dynamic=dynamic)
     return True
+
+
+def compiled_blocks(model: torch.nn.Module) -> str:
+    """What ``maybe_compile`` compiled, for the run summary: ``"LlamaDecoderLayer x4"``, or ``"off"``."""
+    names = [type(m).__name__ for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    return f"{names[0]} x{len(names)}" if names else "off"
 
 
 def _covariances(

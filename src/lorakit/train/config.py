@@ -92,9 +92,10 @@ class TrainingSection:
     eval_every: steps between evaluations (None: at the end of each epoch). max_nonfinite: consecutive
     steps with a non-finite loss that stop the run. num_workers None: min(4, cpus - 1). lr "auto": a rate
     by method and model size (``lorakit.train.lr_rule``; the summary records it as ``lr_auto``).
-    compile: torch.compile the model (opt-in; where the compiler is unavailable it warns and trains eagerly).
-    Measured on a 2-core AVX512-BF16 CPU (benchmarks/bench_mfu.py): the llama-15m LoRA step -21%, but the
-    compile time is ~50 steps' worth and new batch shapes recompile, so it does not pay for short runs.
+    compile: torch.compile each decoder block (opt-in, regional; where the compiler is unavailable it warns and
+    trains eagerly; not with FSDP). Measured on a 2-core AVX512-BF16 CPU (benchmarks/bench_trl.py, 44M Llama,
+    bf16): a step -27% (0.30 s vs 0.41 s), but the first compile costs ~27 s (~5 s with inductor's warm cache
+    from an earlier run), so it pays after a few hundred steps, not in short runs.
     report_to: experiment trackers fed every metrics.jsonl record, any of tensorboard, mlflow, trackio (a
     string is one; none by default; ``lorakit.train.tracking``).
     return_freed_memory: on Linux (glibc; elsewhere nothing to do), freed tensors of 16 MiB and more go
@@ -331,6 +332,11 @@ class RunConfig:
             raise ConfigError(
                 f"adapter.init={self.adapter.init!r} decomposes the dense base weights; it cannot start from a "
                 "quantized base: drop the quant section"
+            )
+        if t.compile and t.distributed == "fsdp":
+            raise ConfigError(
+                "training.compile=true with distributed='fsdp' is not supported (lorakit compiles the blocks FSDP2 "
+                "shards, a combination it does not test); drop one of them"
             )
         if d.batching == "pack" and d.task != "sft":
             raise ConfigError("data.batching='pack' is for causal-LM SFT; use 'group' for classification")

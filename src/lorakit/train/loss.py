@@ -167,7 +167,8 @@ def _probe(model: nn.Module, body: nn.Module, head: nn.Module) -> str | None:
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.no_grad():
+        # eager: a compiled block would otherwise compile an eval graph for one 8-token probe
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             full = model(**inputs).logits
             hidden = last_hidden(body(**inputs))
             mine = head(hidden)

@@ -39,7 +39,14 @@ import torch
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed as dd
 from lorakit.train import fsdp, host_memory, rundir
-from lorakit.train.build import build_run_model, calibration_run, load_data, make_optimizer, optimizer_groups
+from lorakit.train.build import (
+    build_run_model,
+    calibration_run,
+    compiled_blocks,
+    load_data,
+    make_optimizer,
+    optimizer_groups,
+)
 from lorakit.train.callbacks import Callback, TrainState
 from lorakit.train.collate import BatchPlan, Collator
 from lorakit.train.config import RunConfig, load_run_config
@@ -331,6 +338,7 @@ class _Run:
             "precision": self.precision.name,
             "precision_why": self.precision.why,
             "optimizer": f"adamw ({self.optimizer_impl})",
+            "compile": compiled_blocks(self.model),
             "device": str(d.device),
         }
         summary = run_summary(
