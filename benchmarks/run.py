@@ -31,7 +31,9 @@ from benchmarks.suites import SUITES
 
 TRAIN_CASES = ("lora_qv", "lora_all", "dora_qv", "qlora_qv", "adalora_qv", "lora_qv_bf16", "lora_qv_vocab")
 REFERENCE_CASES = ("floor", "full")
-LORAKIT_ONLY = ("mfu",)  # model-FLOPs utilisation of lorakit's bf16 step (benchmarks/bench_mfu.py)
+# mfu: model-FLOPs utilisation of lorakit's bf16 step (benchmarks/bench_mfu.py); qlora_qv_compile: qlora_qv with
+# ``training.compile: true``'s regional compilation, against qlora_qv/peft
+LORAKIT_ONLY = ("mfu", "qlora_qv_compile")
 FORWARD_CASES = ("infer", "decode")
 SMOKE_CASES = (fsdp_smoke.CASE,)  # run once after the rounds, not timed: one-GPU FSDP (bf16, NF4), gpu suite only
 DECODE_KEYS = ("decode_base_s", "decode_lora_s", "decode_base_cpu_s", "decode_lora_cpu_s")
@@ -68,10 +70,24 @@ def _versions() -> dict[str, str]:
     import transformers
 
     import lorakit
+    from lorakit.train.precision import cpu_bf16_flags
 
     return {"lorakit": lorakit.__version__, "peft": peft.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
-            "machine": f"{platform.machine()} {os.cpu_count()} cpus"}
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus, {_cpu_model()}, bf16 flags: "
+                       f"{','.join(cpu_bf16_flags()) or 'none'}"}
+
+
+def _cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (the figures depend on it: AMX or not)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def run_suite(suite_name: str, cases: list[str], timeout: float = 600.0) -> dict[str, Any]:
@@ -180,6 +196,11 @@ def summarize(suite_name: str, raw: dict[tuple[str, str], list[dict[str, Any]]],
         if full:
             r["time_vs_full"] = a["step_s"] / full
         ratios[case] = r
+    qc, qp = rows.get("qlora_qv_compile/lorakit", {}), rows.get("qlora_qv/peft", {})
+    if "step_s" in qc and "step_s" in qp:
+        ratios["qlora_qv_compile"] = {"time_vs_peft": qc["step_s"] / qp["step_s"],
+                                      "cpu_time_vs_peft": qc["cpu_s"] / qp["cpu_s"],
+                                      "loss_step1_diff": abs(qc["loss_step1"] - qp["loss_step1"])}
     if "step_s" in rows.get("dora_qv/lorakit", {}) and "step_s" in rows.get("lora_qv/lorakit", {}):
         ratios["dora_over_lora_lorakit"] = rows["dora_qv/lorakit"]["step_s"] / rows["lora_qv/lorakit"]["step_s"]
     if "step_s" in rows.get("dora_qv/peft", {}) and "step_s" in rows.get("lora_qv/peft", {}):

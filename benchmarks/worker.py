@@ -1,7 +1,7 @@
 """One benchmark measurement in its own process: ``python -m benchmarks.worker CASE SIDE SUITE OUT.json``.
 
-CASE: floor | full | lora_qv | lora_all | dora_qv | qlora_qv | adalora_qv | lora_qv_bf16 | lora_qv_vocab | mfu | infer
-| decode
+CASE: floor | full | lora_qv | lora_all | dora_qv | qlora_qv | qlora_qv_compile | adalora_qv | lora_qv_bf16 |
+lora_qv_vocab | mfu | infer | decode
 SIDE: lorakit | peft | torch (floor and full are plain PyTorch, the same for both libraries)
 
 ``lora_qv_bf16``: the step under ``torch.autocast("cpu", bf16)`` as each library runs it by default on a bf16 CPU:
@@ -100,7 +100,7 @@ def build(case: str, side: str, suite: Suite) -> tuple[torch.nn.Module, list[Any
     targets = "all-linear" if case == "lora_all" else QV
     total = suite.warmup + suite.steps
     if side == "lorakit":
-        if case == "qlora_qv":
+        if case in ("qlora_qv", "qlora_qv_compile"):
             from lorakit.quant import quantize
 
             quantize(model, lk.QuantConfig(compute_dtype=suite.compute_dtype))
@@ -132,6 +132,11 @@ def build(case: str, side: str, suite: Suite) -> tuple[torch.nn.Module, list[Any
 
             hooks.append(adalora_hook)
             return model, hooks, extra_loss
+        if case == "qlora_qv_compile":  # what training.compile: true does (static shapes: one batch shape)
+            from lorakit.train.build import maybe_compile
+
+            if not maybe_compile(model, torch.device(suite.device), dynamic=False):
+                raise SystemExit("qlora_qv_compile: torch.compile is unavailable here")
         return model, hooks, None
     import peft
 
