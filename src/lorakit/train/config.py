@@ -95,7 +95,8 @@ class TrainingSection:
     compile: torch.compile each decoder block (opt-in, regional; where the compiler is unavailable it warns and
     trains eagerly; not with FSDP). Measured on a 2-core AVX512-BF16 CPU (benchmarks/bench_trl.py, 44M Llama,
     bf16): a step -27% (0.30 s vs 0.41 s), but the first compile costs ~27 s (~5 s with inductor's warm cache
-    from an earlier run), so it pays after a few hundred steps, not in short runs.
+    from an earlier run), so it pays after a few hundred steps, not in short runs. Dropout masks then come from
+    inductor's RNG (with dropout 0 a compiled step matches the eager one to float rounding).
     report_to: experiment trackers fed every metrics.jsonl record, any of tensorboard, mlflow, trackio (a
     string is one; none by default; ``lorakit.train.tracking``).
     return_freed_memory: on Linux (glibc; elsewhere nothing to do), freed tensors of 16 MiB and more go
