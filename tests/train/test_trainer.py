@@ -85,6 +85,25 @@ class Crash(Callback):
             raise KeyboardInterrupt("simulated kill")
 
 
+def test_exact_resume_holds_with_compiled_blocks(tmp_path):
+    """``training.compile: true`` (dropout masks from inductor's RNG): an interrupted, resumed run still ends
+    with the uninterrupted run's adapter bit for bit and the same loss log."""
+    from lorakit.train.build import compiler_unavailable
+
+    if compiler_unavailable(torch.device("cpu")):
+        pytest.skip(compiler_unavailable(torch.device("cpu")))
+    cfg = run_config(tmp_path, max_steps=6, eval_every=6, compile=True)
+    straight = train(with_output(cfg, dir=str(tmp_path / "a"), save_every=3))
+    assert straight.summary["compile"] == "LlamaDecoderLayer x2"
+    b = with_output(cfg, dir=str(tmp_path / "b"), save_every=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(b, callbacks=[Crash(at=4)])
+    train(b, resume=True)
+    ta, tb = adapter_tensors(str(tmp_path / "a")), adapter_tensors(str(tmp_path / "b"))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert losses(str(tmp_path / "a")) == losses(str(tmp_path / "b"))
+
+
 def test_exact_resume_matches_uninterrupted_run(tmp_path):
     # 36 training rows / global batch 4 = 9 steps per epoch: 20 steps cross two epoch boundaries.
     cfg = run_config(tmp_path, max_steps=20, eval_every=5)
