@@ -85,7 +85,7 @@ class Crash(Callback):
             raise KeyboardInterrupt("simulated kill")
 
 
-def test_exact_resume_holds_with_compiled_blocks(tmp_path):
+def test_exact_resume_holds_with_compiled_blocks(tmp_path, capsys):
     """``training.compile: true`` (dropout masks from inductor's RNG): an interrupted, resumed run still ends
     with the uninterrupted run's adapter bit for bit and the same loss log."""
     from lorakit.train.build import compiler_unavailable
@@ -95,6 +95,7 @@ def test_exact_resume_holds_with_compiled_blocks(tmp_path):
     cfg = run_config(tmp_path, max_steps=6, eval_every=6, compile=True)
     straight = train(with_output(cfg, dir=str(tmp_path / "a"), save_every=3))
     assert straight.summary["compile"] == "LlamaDecoderLayer x2"
+    assert "; compiled LlamaDecoderLayer x2 (the first step compiles" in capsys.readouterr().out
     b = with_output(cfg, dir=str(tmp_path / "b"), save_every=3)
     with pytest.raises(KeyboardInterrupt):
         train(b, callbacks=[Crash(at=4)])

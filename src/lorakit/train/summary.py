@@ -28,13 +28,16 @@ class TrainResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def start_line(model: str, report: Any, precision: Any, loss: Any, steps: int, rows: int, device: Any) -> str:
+def start_line(
+    model: str, report: Any, precision: Any, loss: Any, steps: int, rows: int, device: Any, compiled: str = "off"
+) -> str:
     """The line a run prints before its first step: trainable parameters, the precision and loss path
-    chosen (and why), the steps and the device."""
+    chosen (and why), the steps, the device, and what ``training.compile`` compiled (``compiled_blocks``)."""
+    compile_note = "" if compiled == "off" else f"; compiled {compiled} (the first step compiles, ~30 s)"
     return (
         f"model {model}: {report.trainable_params:,} trainable of {report.total_params:,} parameters "
         f"({100 * report.ratio:.4f}%); precision {precision.name} ({precision.why}); loss {loss.path} "
-        f"({loss.why}); {steps} steps of {rows} rows; device {device}"
+        f"({loss.why}); {steps} steps of {rows} rows; device {device}{compile_note}"
     )
 
 

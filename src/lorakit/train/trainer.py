@@ -188,7 +188,7 @@ class _Run:
             if self.lr_auto is not None:
                 print(f"training.lr=auto: {self.lr_auto.lr:g} for {self.lr_auto.why}")
             print(start_line(cfg.model.name, self.report, self.precision, self.loss, self.total, self.global_batch,
-                             d.device))
+                             d.device, compiled_blocks(self.model)))
 
     def _build_batches(self, pad: int) -> None:
         """The batch plan (global batches per epoch), the collators and each example's target count."""
