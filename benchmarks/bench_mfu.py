@@ -240,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summary, indent=2))
     if a.out:
         with open(a.out, "w") as f:
+            from benchmarks.run import _versions
+
             json.dump({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load": os.getloadavg(),
-                       "settings": vars(a), "variants": summary}, f, indent=2)
+                       "versions": _versions(), "settings": vars(a), "variants": summary}, f, indent=2)
     return 0
 
 
