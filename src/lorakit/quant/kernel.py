@@ -7,7 +7,8 @@ the PyTorch passes in ``nf4.dequantize_blockwise``, which remain the reference a
 
 Used when bitsandbytes is installed (it is optional: ``pip install bitsandbytes``), the op accepts the
 tensors' device and the call is not traced by ``torch.compile``; ``LORAKIT_NF4_KERNEL=torch`` turns it off.
-Nothing is imported until the first 4-bit dequantization, and bitsandbytes' notice about its optional ``kernels`` package is kept out of the log.
+Nothing is imported until the first 4-bit dequantization, and bitsandbytes' notice about its optional
+``kernels`` package is kept out of the log.
 """
 
 from __future__ import annotations

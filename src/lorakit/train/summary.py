@@ -33,7 +33,7 @@ def start_line(
 ) -> str:
     """The line a run prints before its first step: trainable parameters, the precision and loss path
     chosen (and why), the steps, the device, and what ``training.compile`` compiled (``compiled_blocks``)."""
-    compile_note = "" if compiled == "off" else f"; compiled {compiled} (the first step compiles, ~30 s)"
+    compile_note = "" if compiled == "off" else f"; compiled {compiled} (the first step compiles: tens of seconds on a CPU)"
     return (
         f"model {model}: {report.trainable_params:,} trainable of {report.total_params:,} parameters "
         f"({100 * report.ratio:.4f}%); precision {precision.name} ({precision.why}); loss {loss.path} "
