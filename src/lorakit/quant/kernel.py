@@ -2,7 +2,7 @@
 
 lorakit's NF4 / FP4 storage is bitsandbytes' layout byte for byte (``lorakit.quant.nf4``), and its
 dequantization rounds level * absmax once from fp32 into the compute dtype, as bitsandbytes' kernels do,
-so the op gives the same tensor bit for bit (tests/quant/test_kernel.py) -- about 3x faster on CPU than
+so the op gives the same tensor bit for bit (tests/quant/test_nf4_dequant.py) -- about 3x faster on CPU than
 the PyTorch passes in ``nf4.dequantize_blockwise``, which remain the reference and the fallback.
 
 Used when bitsandbytes is installed (it is optional: ``pip install bitsandbytes``), the op accepts the
