@@ -117,7 +117,8 @@ def measure(variant: str, model_name: str, batch: int, seq: int, warmup: int, st
     if variant.endswith("compile"):
         from lorakit.train.build import maybe_compile
 
-        assert maybe_compile(model, torch.device("cpu"), dynamic=False), "no compiler here"
+        if not maybe_compile(model, torch.device("cpu"), dynamic=False):
+            raise SystemExit(f"{variant}: torch.compile is unavailable here")
 
     def step() -> float:
         if compute == torch.bfloat16:

@@ -71,24 +71,14 @@ def _versions() -> dict[str, str]:
     import transformers
 
     import lorakit
-    from lorakit.train.precision import cpu_bf16_flags
+    from lorakit.train.precision import cpu_bf16_flags, cpuinfo
 
     return {"lorakit": lorakit.__version__, "peft": peft.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
-            "machine": f"{platform.machine()} {os.cpu_count()} cpus, {_cpu_model()}, bf16 flags: "
+            # the CPU model and its bf16 flags: the figures depend on them (AMX or not)
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus, "
+                       f"{cpuinfo('model name') or platform.processor() or 'unknown CPU'}, bf16 flags: "
                        f"{','.join(cpu_bf16_flags()) or 'none'}"}
-
-
-def _cpu_model() -> str:
-    """The CPU's model name as /proc/cpuinfo gives it (the figures depend on it: AMX or not)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run_suite(suite_name: str, cases: list[str], timeout: float = 600.0) -> dict[str, Any]:

@@ -37,21 +37,25 @@ class Precision:
         return lambda: torch.autocast(device.type, dtype=self.dtype)
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_bf16_flags() -> tuple[str, ...]:
-    """The CPU feature flags that mean native bf16 compute, as /proc/cpuinfo lists them (empty elsewhere)."""
+def cpuinfo(*keys: str) -> str | None:
+    """The value of the first /proc/cpuinfo line whose key (lower case) is one of ``keys``; None where there
+    is none (or no /proc/cpuinfo)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
-                key = line.split(":", 1)[0].strip().lower()
-                if key in ("flags", "features"):
-                    present = set(line.split(":", 1)[1].split())
-                    return tuple(f for f in _CPU_BF16_FLAGS if f in present)
+                key, _, value = line.partition(":")
+                if key.strip().lower() in keys:
+                    return value.strip()
     except OSError:
         pass
-    return ()
+    return None
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_flags() -> tuple[str, ...]:
+    """The CPU feature flags that mean native bf16 compute, as /proc/cpuinfo lists them (empty elsewhere)."""
+    present = set((cpuinfo("flags", "features") or "").split())
+    return tuple(f for f in _CPU_BF16_FLAGS if f in present)
 
 
 def resolve_precision(mode: str, device: torch.device, cpu_flags: tuple[str, ...] | None = None) -> Precision:
