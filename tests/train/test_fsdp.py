@@ -153,13 +153,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(script, args, env, nodes: tuple[int, int] | None = None, port: int = 0):
+def _torchrun(script, args, env, nodes: tuple[int, int] | None = None, port: int = 0, monitor_s: float = 0.1):
+    """``monitor_s``: how often torchrun's agent polls its workers (its default 0.1 s); once one has died it
+    SIGTERMs the others at its next poll."""
     if nodes is None:
         launch = ["--standalone", "--nproc_per_node=2"]
     else:  # one of two "nodes" on localhost, one process each
         launch = [f"--nnodes={nodes[1]}", f"--node_rank={nodes[0]}", "--nproc_per_node=1",
                   "--master_addr=127.0.0.1", f"--master_port={port}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, str(script), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, f"--monitor-interval={monitor_s}", str(script), *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -180,7 +182,10 @@ def runs(tmp_path_factory):
     (root / "adalora-resumed.yaml.from").write_text(str(root / "adalora" / "checkpoints" / "step-00000002"))
     kill = _config(root, "kill", True)  # the lora run, killed after its step-2 checkpoint
     main = _torchrun(script, two, env)
-    killed = _torchrun(script, [kill], dict(env, KILL_AT="3"))
+    # the agent polls every 5 s, not 0.1 s: with four launches on two cores rank 0 can take more than 0.1 s to
+    # reach the collective that reports the lost peer, and the agent's SIGTERM would end it first (that race,
+    # rank 0 stopped by the launcher before it names the checkpoint, is the launcher's; the check is lorakit's)
+    killed = _torchrun(script, [kill], dict(env, KILL_AT="3"), monitor_s=5.0)
     # rank 1 stops (SIGSTOP) after step 3: the collective timeout ends rank 0
     hang = _torchrun(script, [_config(root, "hang", True, timeout_s=HANG_TIMEOUT_S)], dict(env, STOP_AT="3"))
     ones = [_config(root, f"{name}-one", False, a, q) for name, (a, q) in RUNS.items()]
