@@ -40,10 +40,20 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-CHUNK_LOGITS = 1 << 24  # logits per chunk by default (16 M: 64 MB in fp32), whatever the vocabulary
+# rows per chunk by default: about CHUNK_LOGITS logits (4 M: 16 MB in fp32, so a chunk's logits and their fp32
+# log-softmax stay in a CPU's last-level cache and under the 16 MiB mmap threshold that
+# ``training.return_freed_memory`` sets -- 64 MB chunks ran the race's loss ~1.5x slower), but at least
+# MIN_CHUNK_ROWS rows (fewer, and the head's matmul re-reads its whole weight for a handful of rows)
+CHUNK_LOGITS = 4_000_000
+MIN_CHUNK_ROWS = 128
 PROBE_TOKENS = 8
 # config fields (of the config or its text_config) under which transformers changes logits after the head
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+
+
+def default_chunk_rows(vocab: int) -> int:
+    """Rows per cross-entropy chunk for a vocabulary of ``vocab`` (the planner mirrors this rule)."""
+    return max(MIN_CHUNK_ROWS, CHUNK_LOGITS // max(vocab, 1))
 
 
 def forward_loss(
@@ -101,11 +111,11 @@ def chunked_cross_entropy(
 class FrozenHeadCrossEntropy(torch.autograd.Function):
     """sum_i -log softmax(rows_i W^T + b)[targets_i] for a frozen linear head, with the gradient w.r.t. the
     rows computed in forward, chunk by chunk: for a chunk of logits z, d loss / d z = softmax(z) - onehot(t),
-    so the chunk's logits, in fp32, give the loss (logsumexp(z) - z_t) and then, in place, that gradient,
-    which the head's matrix turns into the rows' gradient (chunk, H) at once. Nothing vocabulary-sized
-    outlives its chunk and nothing is recomputed in backward, which only scales the stored gradient by
-    the incoming one. The matmuls run in the ambient autocast dtype, as ``head(rows)`` would; the
-    gradient goes into the second matmul in the logits' dtype, as autograd's would."""
+    so the chunk's fp32 log-softmax (one fused pass over its logits) gives the loss (-log p_t) and then,
+    exponentiated in place, that gradient, which the head's matrix turns into the rows' gradient (chunk, H).
+    Nothing vocabulary-sized outlives its chunk and nothing is recomputed in backward, which only scales the
+    stored gradient by the incoming one. The matmuls run in the ambient autocast dtype, as ``head(rows)``
+    would; the gradient goes into the second matmul in the logits' dtype, as autograd's would."""
 
     @staticmethod
     def forward(ctx, rows, weight, bias, targets, chunk_rows):  # rows (N, H), targets (N,)
@@ -115,15 +125,12 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         chunks = max(1, -(-rows.shape[0] // chunk_rows))
         for r, t in zip(rows.tensor_split(chunks), targets.tensor_split(chunks)):
             logits = F.linear(r, weight, bias)  # (C, V)
-            z = logits.float()
-            lse = torch.logsumexp(z, dim=-1)  # (C,)
-            total += (lse - z.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
+            logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # one fused pass, a new fp32 tensor
+            total -= logp.gather(1, t.unsqueeze(1)).sum()
             if need_grad:
-                if z.data_ptr() == logits.data_ptr():
-                    z = z.clone()  # fp32 logits: .float() was no copy, and logits must stay as they are
-                z.sub_(lse.unsqueeze(1)).exp_()  # softmax
-                z[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                grads.append((z.to(logits.dtype) @ weight.to(logits.dtype)).to(rows.dtype))
+                grad = logp.exp_()  # softmax, in place
+                grad[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                grads.append((grad.to(logits.dtype) @ weight.to(logits.dtype)).to(rows.dtype))
         ctx.save_for_backward(torch.cat(grads) if need_grad else None)
         return total
 
@@ -235,7 +242,7 @@ class TaskLoss(nn.Module):
     Wraps ``model`` (a registered submodule: same parameters, ``train()``/``eval()`` reach it). For SFT
     ``path`` is "chunked" (head only on kept rows, chunked fp32 cross-entropy) or "full" (the reference
     ``forward_loss``, for models whose logits are not provably head(body(x))); ``why`` says why.
-    ``chunk_rows``: rows per cross-entropy chunk (default: ``CHUNK_LOGITS // vocab``, at least 16).
+    ``chunk_rows``: rows per cross-entropy chunk (default: ``default_chunk_rows(vocab)``).
     """
 
     def __init__(self, model: nn.Module, task: str, chunk_rows: int | None = None):
@@ -254,7 +261,7 @@ class TaskLoss(nn.Module):
                 object.__setattr__(self, "_head", head)
                 self.path = "chunked"
         vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 1)
-        self.chunk_rows = chunk_rows or max(16, CHUNK_LOGITS // vocab)
+        self.chunk_rows = chunk_rows or default_chunk_rows(vocab)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch["labels"]
