@@ -33,9 +33,8 @@ TRAIN_CASES = ("lora_qv", "lora_all", "dora_qv", "qlora_qv", "adalora_qv", "lora
                "qlora_qv_bf16")
 REFERENCE_CASES = ("floor", "full")
 # mfu: model-FLOPs utilisation of lorakit's bf16 step (benchmarks/bench_mfu.py); qlora_qv_compile: qlora_qv with
-# ``training.compile: true``'s regional compilation, against qlora_qv/peft; qlora_qv_trainer: qlora_qv_bf16 with
-# lorakit's trainer loss (chunked, target rows only), against qlora_qv_bf16/peft (HF's full-logits loss)
-LORAKIT_ONLY = ("mfu", "qlora_qv_compile", "qlora_qv_trainer")
+# ``training.compile: true``'s regional compilation, against qlora_qv/peft
+LORAKIT_ONLY = ("mfu", "qlora_qv_compile")
 FORWARD_CASES = ("infer", "decode")
 SMOKE_CASES = (fsdp_smoke.CASE,)  # run once after the rounds, not timed: one-GPU FSDP (bf16, NF4), gpu suite only
 DECODE_KEYS = ("decode_base_s", "decode_lora_s", "decode_base_cpu_s", "decode_lora_cpu_s")
@@ -188,11 +187,11 @@ def summarize(suite_name: str, raw: dict[tuple[str, str], list[dict[str, Any]]],
         if full:
             r["time_vs_full"] = a["step_s"] / full
         ratios[case] = r
-    for mine, peer in (("qlora_qv_compile", "qlora_qv"), ("qlora_qv_trainer", "qlora_qv_bf16")):
-        qc, qp = rows.get(f"{mine}/lorakit", {}), rows.get(f"{peer}/peft", {})
-        if "step_s" in qc and "step_s" in qp:
-            ratios[mine] = {"time_vs_peft": qc["step_s"] / qp["step_s"], "cpu_time_vs_peft": qc["cpu_s"] / qp["cpu_s"],
-                            "loss_step1_diff": abs(qc["loss_step1"] - qp["loss_step1"])}
+    qc, qp = rows.get("qlora_qv_compile/lorakit", {}), rows.get("qlora_qv/peft", {})
+    if "step_s" in qc and "step_s" in qp:
+        ratios["qlora_qv_compile"] = {"time_vs_peft": qc["step_s"] / qp["step_s"],
+                                      "cpu_time_vs_peft": qc["cpu_s"] / qp["cpu_s"],
+                                      "loss_step1_diff": abs(qc["loss_step1"] - qp["loss_step1"])}
     if "step_s" in rows.get("dora_qv/lorakit", {}) and "step_s" in rows.get("lora_qv/lorakit", {}):
         ratios["dora_over_lora_lorakit"] = rows["dora_qv/lorakit"]["step_s"] / rows["lora_qv/lorakit"]["step_s"]
     if "step_s" in rows.get("dora_qv/peft", {}) and "step_s" in rows.get("lora_qv/peft", {}):

