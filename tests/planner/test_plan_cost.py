@@ -143,11 +143,12 @@ def test_the_chunked_loss_term_matches_a_measured_step(monkeypatch):
     from lorakit.train import loss as train_loss
 
     assert train_loss.CHUNK_LOGITS == cost.CHUNK_LOGITS  # the planner plans the trainer's chunking
+    assert train_loss.BLOCK_LOGITS == cost.BLOCK_LOGITS
     for v in (256, 30_522, 151_936, 1 << 23):
         assert cost.chunk_rows(v) == train_loss.default_chunk_rows(v)
+        assert cost.block_rows(v) == train_loss.block_rows(v)
     vocab, chunk, seq = 8192, 64, 256
     monkeypatch.setattr(cost, "CHUNK_LOGITS", chunk * vocab)
-    monkeypatch.setattr(cost, "MIN_CHUNK_ROWS", 1)
     config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
     torch.manual_seed(0)

@@ -141,11 +141,18 @@ def test_nothing_vocabulary_sized_is_kept_for_backward():
     assert len(logits) <= 2 and all(s[0] <= 4 for s in logits), chunked
 
 
-def test_a_frozen_head_takes_its_gradient_in_forward_and_keeps_nothing_vocabulary_sized():
+@pytest.mark.parametrize("block", [None, 2])
+def test_a_frozen_head_takes_its_gradient_in_forward_and_keeps_nothing_vocabulary_sized(block, monkeypatch):
     """The fused path (frozen plain linear head): equal to the module path (chunks recomputed) in loss and
-    every adapter gradient, several chunks and one; autograd keeps no tensor with a vocabulary dimension."""
+    every adapter gradient, several chunks and one, each in one row block or in blocks of 2 rows (ragged);
+    autograd keeps no tensor with a vocabulary dimension."""
+    from lorakit.train import loss as loss_mod
+
     model = _adapted("tiny-llama", QV)
     vocab = model.config.vocab_size
+    if block is not None:
+        monkeypatch.setattr(loss_mod, "BLOCK_LOGITS", block * vocab)
+        assert loss_mod.block_rows(vocab) == block
     head = model.get_output_embeddings()
     assert fusable_head(head)
     batch = BATCHES["group"](_examples(LENGTHS))

@@ -19,9 +19,9 @@ Memory (bytes, per GPU)
 - Plus the loss, the backward's transient gradient buffers, and the framework overhead of the GPU table.
   The loss (``Setup.loss``): ``chunked`` is lorakit train's (``lorakit.train.loss``): only the hidden
   rows of target tokens reach the head (counted as every token: the planner does not know the prompt
-  share), fp32 cross-entropy in chunks of ``CHUNK_LOGITS`` logits (at least ``MIN_CHUNK_ROWS`` rows). A
-  frozen head takes the rows' gradient in forward (it keeps h per token; one chunk's logits, fp32
-  log-softmax and gradient in flight); a
+  share), fp32 cross-entropy in chunks of ``CHUNK_LOGITS`` logits. A frozen head takes the rows'
+  gradient in forward (it keeps h per token; one chunk's logits, overwritten by their gradient, and one
+  block of ``BLOCK_LOGITS`` fp32 log-softmax in flight); a
   trained head recomputes every chunk but the last in backward (it keeps the rows and one chunk's fp32
   log-softmax; a chunk's logits and gradients in flight). Nothing vocabulary-sized per token. ``full`` is the
   Hugging Face loss (``model(..., labels=...).loss``, e.g. under the HF Trainer): the logits of every
@@ -61,8 +61,8 @@ ATTENTIONS = ("sdpa", "eager")  # "sdpa": memory-efficient/Flash, no s x s matri
 OPTIMIZERS = {"adamw": 8}  # optimizer -> state bytes per trainable param: exactly what lorakit train runs
 DISTRIBUTED = ("ddp", "fsdp")  # multi-GPU strategies lorakit train runs (training.distributed)
 LOSSES = ("chunked", "full")  # lorakit train's chunked cross-entropy | the model's own full-logits loss
-CHUNK_LOGITS = 4_000_000  # logits per chunk of the chunked loss: lorakit.train.loss.CHUNK_LOGITS (a test)
-MIN_CHUNK_ROWS = 128  # lorakit.train.loss.MIN_CHUNK_ROWS
+CHUNK_LOGITS = 1 << 24  # logits per chunk of the chunked loss: lorakit.train.loss.CHUNK_LOGITS (a test ties them)
+BLOCK_LOGITS = 4_000_000  # a frozen head's row blocks: lorakit.train.loss.BLOCK_LOGITS
 NF4_BITS = {True: 4 + 8 / 64 + 32 / (64 * 256), False: 4 + 32 / 64}
 DEFAULT_MFU = 0.35  # assumption: model FLOPs utilisation of a well-configured single-node fine-tune
 # assumption: throughput relative to LoRA at the same FLOPs. QLoRA dequantizes every base weight per
@@ -317,9 +317,9 @@ def loss_activation_bytes(arch: Arch, setup: Setup, head_trained: bool = False) 
         return tokens * v * (p + 4), tokens * 2 * v * 4
     rows = min(tokens, chunk_rows(v))
     if not head_trained:
-        # a frozen head: the rows' gradient (h per token) is taken in forward; a chunk's logits, their fp32
-        # log-softmax and its gradient in the logits' dtype are in flight, one chunk at a time
-        return tokens * p * arch.hidden, rows * v * (2 * p + 4)
+        # a frozen head: the rows' gradient (h per token) is taken in forward; a chunk's logits (then their
+        # gradient, in place) and one row block's fp32 log-softmax are in flight, one chunk at a time
+        return tokens * p * arch.hidden, rows * v * p + min(rows, block_rows(v)) * v * 4
     # the target rows gathered for the head (kept by every chunk) + the last chunk's fp32 log-softmax (not
     # recomputed); in backward one chunk's logits, log-softmax and their gradients
     return tokens * p * arch.hidden + rows * v * 4, rows * v * (p + 8)
@@ -327,7 +327,12 @@ def loss_activation_bytes(arch: Arch, setup: Setup, head_trained: bool = False) 
 
 def chunk_rows(vocab: int) -> int:
     """Rows per chunk of lorakit train's chunked cross-entropy (``lorakit.train.loss.TaskLoss``)."""
-    return max(MIN_CHUNK_ROWS, CHUNK_LOGITS // max(vocab, 1))
+    return max(16, CHUNK_LOGITS // max(vocab, 1))
+
+
+def block_rows(vocab: int) -> int:
+    """Rows per block of a frozen head's in-forward gradient (``lorakit.train.loss.block_rows``)."""
+    return max(1, BLOCK_LOGITS // max(vocab, 1))
 
 
 def memory(arch: Arch, setup: Setup, gpu: Gpu | None = None, gpus: int = 1) -> Memory:

@@ -40,12 +40,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-# rows per chunk by default: about CHUNK_LOGITS logits (4 M: 16 MB in fp32, so a chunk's logits and their fp32
-# log-softmax stay in a CPU's last-level cache and under the 16 MiB mmap threshold that
-# ``training.return_freed_memory`` sets -- 64 MB chunks ran the race's loss ~1.5x slower), but at least
-# MIN_CHUNK_ROWS rows (fewer, and the head's matmul re-reads its whole weight for a handful of rows)
-CHUNK_LOGITS = 4_000_000
-MIN_CHUNK_ROWS = 128
+CHUNK_LOGITS = 1 << 24  # logits per chunk by default (16 M: 64 MB in fp32), whatever the vocabulary
+# a frozen head's chunk is turned into its loss and gradient in row blocks of about BLOCK_LOGITS logits (4 M:
+# 16 MB in fp32, so a block's fp32 log-softmax stays in a CPU's last-level cache and under the 16 MiB mmap
+# threshold that ``training.return_freed_memory`` sets); the chunk's matmuls stay large
+BLOCK_LOGITS = 4_000_000
 PROBE_TOKENS = 8
 # config fields (of the config or its text_config) under which transformers changes logits after the head
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
@@ -53,7 +52,12 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", 
 
 def default_chunk_rows(vocab: int) -> int:
     """Rows per cross-entropy chunk for a vocabulary of ``vocab`` (the planner mirrors this rule)."""
-    return max(MIN_CHUNK_ROWS, CHUNK_LOGITS // max(vocab, 1))
+    return max(16, CHUNK_LOGITS // max(vocab, 1))
+
+
+def block_rows(vocab: int) -> int:
+    """Rows per block of a frozen head's in-forward gradient (the planner mirrors this rule)."""
+    return max(1, BLOCK_LOGITS // max(vocab, 1))
 
 
 def forward_loss(
@@ -110,12 +114,14 @@ def chunked_cross_entropy(
 
 class FrozenHeadCrossEntropy(torch.autograd.Function):
     """sum_i -log softmax(rows_i W^T + b)[targets_i] for a frozen linear head, with the gradient w.r.t. the
-    rows computed in forward, chunk by chunk: for a chunk of logits z, d loss / d z = softmax(z) - onehot(t),
-    so the chunk's fp32 log-softmax (one fused pass over its logits) gives the loss (-log p_t) and then,
-    exponentiated in place, that gradient, which the head's matrix turns into the rows' gradient (chunk, H).
-    Nothing vocabulary-sized outlives its chunk and nothing is recomputed in backward, which only scales the
-    stored gradient by the incoming one. The matmuls run in the ambient autocast dtype, as ``head(rows)``
-    would; the gradient goes into the second matmul in the logits' dtype, as autograd's would."""
+    rows computed in forward, chunk by chunk: for a chunk of logits z, d loss / d z = softmax(z) - onehot(t).
+    The chunk's logits are turned, in row blocks of ``block_rows(vocab)`` (cache-sized), into their fp32
+    log-softmax (one fused pass), which gives the loss (-log p_t) and then, exponentiated in place, that
+    gradient, written back over the block's logits in their dtype; the head's matrix turns the chunk's gradient
+    into the rows' gradient (chunk, H) in one matmul. Nothing vocabulary-sized outlives its chunk and nothing is
+    recomputed in backward, which only scales the stored gradient by the incoming one. The matmuls run in the
+    ambient autocast dtype, as ``head(rows)`` would; the gradient goes into the second matmul in the logits'
+    dtype, as autograd's would."""
 
     @staticmethod
     def forward(ctx, rows, weight, bias, targets, chunk_rows):  # rows (N, H), targets (N,)
@@ -123,14 +129,21 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
         grads = []
         chunks = max(1, -(-rows.shape[0] // chunk_rows))
+        step = block_rows(weight.shape[0])
         for r, t in zip(rows.tensor_split(chunks), targets.tensor_split(chunks)):
-            logits = F.linear(r, weight, bias)  # (C, V)
-            logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # one fused pass, a new fp32 tensor
-            total -= logp.gather(1, t.unsqueeze(1)).sum()
+            logits = F.linear(r, weight, bias)  # (C, V): a new tensor, overwritten below by its gradient
+            for lo in range(0, logits.shape[0], step):
+                block, tb = logits[lo:lo + step], t[lo:lo + step]
+                logp = torch.log_softmax(block, dim=-1, dtype=torch.float32)  # a new fp32 tensor
+                total -= logp.gather(1, tb.unsqueeze(1)).sum()
+                if need_grad:
+                    logp.exp_()  # softmax, in place
+                    logp[torch.arange(tb.shape[0], device=tb.device), tb] -= 1.0
+                    block.copy_(logp)
+                del logp  # before the next block's (or chunk's) is allocated
             if need_grad:
-                grad = logp.exp_()  # softmax, in place
-                grad[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                grads.append((grad.to(logits.dtype) @ weight.to(logits.dtype)).to(rows.dtype))
+                grads.append((logits @ weight.to(logits.dtype)).to(rows.dtype))
+            del logits
         ctx.save_for_backward(torch.cat(grads) if need_grad else None)
         return total
 
