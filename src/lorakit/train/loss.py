@@ -117,9 +117,9 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
     rows computed in forward, chunk by chunk: for a chunk of logits z, d loss / d z = softmax(z) - onehot(t).
     The chunk's logits are turned, in row blocks of ``block_rows(vocab)`` (cache-sized), into their fp32
     log-softmax (one fused pass), which gives the loss (-log p_t) and then, exponentiated in place, that
-    gradient, written back over the block's logits in their dtype; the head's matrix turns the chunk's gradient
-    into the rows' gradient (chunk, H) in one matmul. Nothing vocabulary-sized outlives its chunk and nothing is
-    recomputed in backward, which only scales the stored gradient by the incoming one. The matmuls run in the
+    gradient, written back over the block's logits in their dtype; the head's matrix turns the chunk's
+    gradient into the rows' gradient (chunk, H) in one matmul. Nothing vocabulary-sized outlives its chunk
+    and nothing is recomputed in backward, which only scales the stored gradient by the incoming one. The matmuls run in the
     ambient autocast dtype, as ``head(rows)`` would; the gradient goes into the second matmul in the logits'
     dtype, as autograd's would."""
 
