@@ -52,9 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         return int(importlib.import_module(f"lorakit.cli.{args._module}").run(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"lorakit {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return int(getattr(e, "exit_code", 130))
     except (ValueError, KeyError, FileNotFoundError, RuntimeError, OSError, TypeError) as e:
         if debug:
             raise

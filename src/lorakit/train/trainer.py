@@ -38,7 +38,7 @@ import torch
 
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed as dd
-from lorakit.train import fsdp, host_memory, rundir
+from lorakit.train import fsdp, host_memory, rundir, stopping
 from lorakit.train.build import (
     build_run_model,
     calibration_run,
@@ -97,7 +97,8 @@ def train(
     """Train an adapter as ``config`` says (a ``RunConfig`` or a YAML path plus ``--set`` overrides).
 
     Under torchrun every process calls this; only rank 0 writes files. Raises ``ConfigError``,
-    ``DataError``, ``OutputDirError``, ``CheckpointError`` or ``NonFiniteLossError`` (one-line messages).
+    ``DataError``, ``OutputDirError``, ``CheckpointError`` or ``NonFiniteLossError`` (one-line messages);
+    Ctrl-C or SIGTERM raise ``TrainingStopped`` (a ``KeyboardInterrupt`` naming the last checkpoint).
     """
     cfg = config if isinstance(config, RunConfig) else load_run_config(config, overrides)
     d = dd.setup(cfg.training.device, cfg.training.distributed_timeout_s)
@@ -106,16 +107,21 @@ def train(
         where, resume_from = rundir.prepare(cfg.output.dir, resume, overwrite, d.is_main)
         dd.barrier(d)
         try:
-            result = _Run(cfg, d, where, resume_from, list(callbacks)).run()
+            with stopping.sigterm_raises():
+                result = _Run(cfg, d, where, resume_from, list(callbacks)).run()
         except BaseException as e:
             where.discard(d.is_main)  # an overwrite that failed before its swap leaves the old run as it was
+            def last() -> str | None:
+                return ckpt.latest_checkpoint(os.path.join(cfg.output.dir, "checkpoints"))
+
             if d.enabled and dd.is_peer_failure(e):
-                last = ckpt.latest_checkpoint(os.path.join(cfg.output.dir, "checkpoints"))
                 first = (str(e).splitlines() or [type(e).__name__])[0][:300]
                 raise dd.PeerLostError(
                     f"rank {d.rank}: lost contact with the other processes ({first}); another rank stopped "
-                    f"(see its log). Last checkpoint: {last or 'none'}; continue with --resume"
+                    f"(see its log). Last checkpoint: {last() or 'none'}; continue with --resume"
                 ) from None
+            if isinstance(e, KeyboardInterrupt) and not isinstance(e, stopping.TrainingStopped):
+                raise stopping.stopped(e, d.rank if d.enabled else None, last()) from None
             raise
         # rank 0 still writes files after the loop; destroying the process group while a peer is
         # mid-collective aborts that process ("terminate called without an active exception")
@@ -280,6 +286,7 @@ class _Run:
                 collate_fn=self.collate,
                 num_workers=self.cfg.workers,
                 generator=torch.Generator().manual_seed(t.seed + pg.epoch),
+                worker_init_fn=stopping.default_sigterm if self.cfg.workers else None,
             )
             it = iter(loader)
             for gb in batches[pg.batch_index :]:
