@@ -119,9 +119,9 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
     log-softmax (one fused pass), which gives the loss (-log p_t) and then, exponentiated in place, that
     gradient, written back over the block's logits in their dtype; the head's matrix turns the chunk's
     gradient into the rows' gradient (chunk, H) in one matmul. Nothing vocabulary-sized outlives its chunk
-    and nothing is recomputed in backward, which only scales the stored gradient by the incoming one. The matmuls run in the
-    ambient autocast dtype, as ``head(rows)`` would; the gradient goes into the second matmul in the logits'
-    dtype, as autograd's would."""
+    and nothing is recomputed in backward, which only scales the stored gradient by the incoming one. The
+    matmuls run in the ambient autocast dtype, as ``head(rows)`` would; the gradient goes into the second
+    matmul in the logits' dtype, as autograd's would."""
 
     @staticmethod
     def forward(ctx, rows, weight, bias, targets, chunk_rows):  # rows (N, H), targets (N,)
