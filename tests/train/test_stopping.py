@@ -39,7 +39,8 @@ def test_sigterm_stops_the_run_naming_its_last_checkpoint_and_resume_is_exact(tm
         train(cfg, callbacks=[Sigterm(at=4)])
     msg = str(err.value)
     assert err.value.exit_code == 143
-    assert msg.startswith("stopped by SIGTERM; last checkpoint: ") and msg.endswith("continue with --resume"), msg
+    assert msg.startswith("stopped by SIGTERM; last checkpoint: "), msg
+    assert msg.endswith("continue with --resume"), msg
     assert "step-00000002" in msg and "\n" not in msg
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
     res = train(cfg, resume=True)
