@@ -183,8 +183,8 @@ def runs(tmp_path_factory):
     kill = _config(root, "kill", True)  # the lora run, killed after its step-2 checkpoint
     main = _torchrun(script, two, env)
     # the agent polls every 5 s, not 0.1 s: with four launches on two cores rank 0 can take more than 0.1 s to
-    # reach the collective that reports the lost peer, and the agent's SIGTERM would end it first (that race,
-    # rank 0 stopped by the launcher before it names the checkpoint, is the launcher's; the check is lorakit's)
+    # reach the collective that reports the lost peer, and the agent's SIGTERM would come first (rank 0 then
+    # says "stopped by SIGTERM ... last checkpoint", lorakit.train.stopping); this launch checks the peer path
     killed = _torchrun(script, [kill], dict(env, KILL_AT="3"), monitor_s=5.0)
     # rank 1 stops (SIGSTOP) after step 3: the collective timeout ends rank 0
     hang = _torchrun(script, [_config(root, "hang", True, timeout_s=HANG_TIMEOUT_S)], dict(env, STOP_AT="3"))
